@@ -1,0 +1,45 @@
+# One entry point. `make demo` and `make test` create the virtualenv themselves.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
+# Tests always run on PostgreSQL and a Redis database of their own (they flush it).
+TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/test
+TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
+
+.PHONY: venv demo test lint migrate simulator web worker beat flower bench
+
+venv: $(STAMP)
+
+$(STAMP): requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+demo: venv
+	$(PY) manage.py demo
+
+test: venv
+	DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) $(PY) -m pytest $(PYTEST_ARGS)
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+migrate: venv
+	$(PY) manage.py migrate
+
+simulator: venv
+	$(PY) manage.py run_simulator
+
+web: venv
+	$(VENV)/bin/gunicorn pushsvc.wsgi --workers 4 --bind 127.0.0.1:8000
+
+worker: venv
+	$(VENV)/bin/celery -A pushsvc worker -E -Q default,priority,apns,fcm,hms,webpush -O fair
+
+beat: venv
+	$(VENV)/bin/celery -A pushsvc beat
+
+flower: venv
+	$(VENV)/bin/celery -A pushsvc flower --port=5555

@@ -1,0 +1,64 @@
+"""The HTTP engine interface under the provider adapters.
+
+An adapter builds an HttpRequest and awaits `Engine.request`; it never sees the transport. An
+engine multiplexes as many requests over its connections as the server's SETTINGS allow and
+re-sends on its own only what the server provably did not process (streams refused, or above a
+GOAWAY's last-stream-id). Anything else that fails without a response raises TransportError,
+which says whether the request may have reached the server, so the caller can count possible
+duplicates instead of hiding them.
+"""
+
+from __future__ import annotations
+
+import abc
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class HttpRequest:
+    method: str
+    url: str
+    headers: dict[str, str]
+    body: bytes = b""
+    timeout: float | None = None
+
+
+@dataclass(slots=True)
+class HttpResponse:
+    status: int
+    headers: dict[str, str]  # names lower-cased
+    body: bytes
+
+
+class TransportError(Exception):
+    """No response. `may_have_reached` is False only when the server provably never processed it."""
+
+    def __init__(self, message: str, *, may_have_reached: bool) -> None:
+        super().__init__(message)
+        self.may_have_reached = may_have_reached
+
+
+@dataclass(slots=True)
+class EngineStats:
+    connections_opened: int = 0
+    requests_sent: int = 0
+    resent_unprocessed: int = 0  # re-sent after REFUSED_STREAM / above GOAWAY last-stream-id
+    in_flight: int = 0
+    peak_in_flight: int = 0
+    peak_streams_per_connection: int = 0
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class Engine(abc.ABC):
+    """One per (provider endpoint, credential) in a worker process; long-lived and shared."""
+
+    @abc.abstractmethod
+    async def request(self, req: HttpRequest) -> HttpResponse:
+        """Send one request; raise TransportError when no response arrives."""
+
+    @abc.abstractmethod
+    async def aclose(self) -> None:
+        """Close connections; pending requests fail with TransportError."""
+
+    @abc.abstractmethod
+    def stats(self) -> EngineStats: ...

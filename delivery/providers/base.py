@@ -1,0 +1,78 @@
+"""The provider adapter interface and the normalized result every adapter returns.
+
+Callers (the fan-out, direct sends, tests) only ever see `Target`, `PushMessage` and `Result`;
+provider formats stay inside the adapter modules.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import enum
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, ClassVar
+
+if TYPE_CHECKING:
+    from delivery.payload import PushMessage
+    from tokens.models import App
+
+
+class Outcome(enum.StrEnum):
+    DELIVERED = "delivered"
+    RETRY = "retry"  # transient: try again later (see Result.retry_after)
+    INVALID_TOKEN = "invalid_token"  # unambiguous: the token is dead, prune it
+    REJECTED = "rejected"  # our request is wrong: keep the token, do not retry
+    AUTH_FAILURE = "auth_failure"  # credentials: pause the adapter, never touch tokens
+
+
+@dataclass(slots=True, frozen=True)
+class Target:
+    """Where one push goes: a DeviceToken row, reduced to what a provider call needs.
+
+    `kind` leaves room for targets that are not registration tokens (e.g. FCM's Firebase
+    Installation ID) without changing the interface.
+    """
+
+    device_id: int
+    token: str
+    kind: str = "token"
+    p256dh: str = ""  # Web Push subscription keys (base64url)
+    auth: str = ""
+
+
+@dataclass(slots=True)
+class Result:
+    target: Target
+    outcome: Outcome
+    status: int | None = None  # provider HTTP status (None: no response)
+    reason: str = ""  # provider reason / error code, or a transport description
+    provider_message_id: str = ""  # apns-id, FCM message name, HMS requestId
+    retry_after: float | None = None  # seconds; set on RETRY
+    invalid_since: datetime | None = None  # APNs 410 timestamp
+    maybe_duplicate: bool = False  # no response, but the request may have been delivered
+
+
+class Provider(abc.ABC):
+    """One adapter instance per (App, credential) in a worker process, long-lived.
+
+    `send_many` keeps as many requests in flight as the engine allows and returns results in
+    the order of `targets`.
+    """
+
+    platform: ClassVar[str]  # tokens.models.Platform value
+    queue: ClassVar[str]  # Celery queue for this provider's send tasks
+
+    @classmethod
+    @abc.abstractmethod
+    def from_app(cls, app: App) -> Provider:
+        """Build the adapter from the App's stored credentials and settings."""
+
+    @abc.abstractmethod
+    async def send(self, target: Target, message: PushMessage) -> Result: ...
+
+    async def send_many(self, targets: list[Target], message: PushMessage) -> list[Result]:
+        return list(await asyncio.gather(*(self.send(t, message) for t in targets)))
+
+    async def aclose(self) -> None:
+        return None

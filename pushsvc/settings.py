@@ -1,0 +1,211 @@
+"""pushsvc settings.
+
+Every knob is read here, once, from the environment; nothing else in the code base reads
+os.environ. Each variable is documented in the README ("Configuration") with its default.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dj_database_url
+from kombu import Queue
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+
+def _env(name: str, default: str = "") -> str:
+    return os.environ.get(name, default)
+
+
+def _env_bool(name: str, default: bool) -> bool:
+    raw = os.environ.get(name)
+    if raw is None or raw == "":
+        return default
+    return raw.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def _env_int(name: str, default: int) -> int:
+    raw = os.environ.get(name)
+    return int(raw) if raw not in (None, "") else default
+
+
+def _env_float(name: str, default: float) -> float:
+    raw = os.environ.get(name)
+    return float(raw) if raw not in (None, "") else default
+
+
+def _env_list(name: str, default: str) -> list[str]:
+    return [item.strip() for item in _env(name, default).split(",") if item.strip()]
+
+
+# --- Django core -----------------------------------------------------------------------------
+DEBUG = _env_bool("DEBUG", False)
+# A fixed development key is only acceptable while DEBUG or in the demo; production sets SECRET_KEY.
+SECRET_KEY = _env("SECRET_KEY", "pushsvc-insecure-development-key-change-me")
+ALLOWED_HOSTS = _env_list("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver")
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "drf_spectacular",
+    "tokens",
+    "campaigns",
+    "delivery",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "pushsvc.urls"
+WSGI_APPLICATION = "pushsvc.wsgi.application"
+ASGI_APPLICATION = "pushsvc.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "pushsvc" / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# DATABASE_URL: PostgreSQL in production, tests and CI. The default is a SQLite file so that the
+# demo runs with nothing installed.
+DATABASE_URL = _env("DATABASE_URL", f"sqlite:///{BASE_DIR / 'var' / 'pushsvc.sqlite3'}")
+DATABASES = {
+    "default": dj_database_url.parse(
+        DATABASE_URL,
+        # Persistent connections: the registration API and workers must not reconnect per request.
+        conn_max_age=_env_int("DB_CONN_MAX_AGE", 600),
+        conn_health_checks=True,
+    )
+}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    (BASE_DIR / "var").mkdir(exist_ok=True)
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    DATABASES["default"]["OPTIONS"] = {
+        "timeout": 30,
+        # WAL lets the demo's web server and workers read while one of them writes.
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        "transaction_mode": "IMMEDIATE",
+    }
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "var" / "static"
+
+# Request bodies: a registration is well under 8 KiB; a campaign message under 64 KiB.
+DATA_UPLOAD_MAX_MEMORY_SIZE = _env_int("DATA_UPLOAD_MAX_MEMORY_SIZE", 1024 * 1024)
+
+# --- Redis and Celery ------------------------------------------------------------------------
+REDIS_URL = _env("REDIS_URL", "redis://127.0.0.1:6379/0")
+CELERY_BROKER_URL = _env("CELERY_BROKER_URL", REDIS_URL)
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TIMEZONE = "UTC"
+# At-least-once: a task is acknowledged after it ran, and a worker that dies mid-task gives it
+# back to the broker instead of losing it.
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_REJECT_ON_WORKER_LOST = True
+# Send tasks are long (a shard of ~1,000 requests); prefetching more would park shards on a busy
+# worker while another idles.
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+# Redis broker: an unacknowledged message comes back after this many seconds. It must exceed the
+# longest task (a shard) plus its longest scheduled retry countdown.
+CELERY_BROKER_TRANSPORT_OPTIONS = {
+    "visibility_timeout": _env_int("CELERY_VISIBILITY_TIMEOUT", 3600),
+}
+CELERY_WORKER_SEND_TASK_EVENTS = True
+CELERY_TASK_SEND_SENT_EVENT = True
+CELERY_TASK_DEFAULT_QUEUE = "default"
+
+# One queue per provider so that a slow or paused provider never blocks another; `priority`
+# carries direct (transactional) sends so they never wait behind a broadcast.
+PUSH_QUEUES = ("apns", "fcm", "hms", "webpush")
+CELERY_TASK_QUEUES = tuple(Queue(name) for name in ("default", "priority", *PUSH_QUEUES))
+# Task routes, in one place. Send tasks choose their provider queue per call (queue=...), see
+# campaigns/fanout.py; the entries below are the defaults for everything else.
+CELERY_TASK_ROUTES: dict[str, dict[str, str]] = {}
+# Beat schedule: filled by the hygiene and campaign modules' entries below.
+CELERY_BEAT_SCHEDULE: dict[str, dict] = {}
+
+# --- Provider endpoints and trust --------------------------------------------------------------
+# Production values by default; tests and the demo point them at the simulator.
+APNS_ENDPOINT_PRODUCTION = _env("APNS_ENDPOINT_PRODUCTION", "https://api.push.apple.com")
+APNS_ENDPOINT_SANDBOX = _env("APNS_ENDPOINT_SANDBOX", "https://api.sandbox.push.apple.com")
+FCM_ENDPOINT = _env("FCM_ENDPOINT", "https://fcm.googleapis.com")
+HMS_ENDPOINT = _env("HMS_ENDPOINT", "https://push-api.cloud.huawei.com")
+HMS_TOKEN_URL = _env("HMS_TOKEN_URL", "https://oauth-login.cloud.huawei.com/oauth2/v3/token")
+# CA bundle used to verify provider TLS (empty: the system store). The simulator's CA in tests.
+PUSH_CA_BUNDLE = _env("PUSH_CA_BUNDLE", "")
+# Web Push subscription endpoints come from clients: only these hosts (suffix match) are accepted.
+WEBPUSH_ALLOWED_HOSTS = _env_list(
+    "WEBPUSH_ALLOWED_HOSTS",
+    "fcm.googleapis.com,updates.push.services.mozilla.com,push.services.mozilla.com,"
+    "web.push.apple.com,notify.windows.com,push.api.chromium.org",
+)
+# Web Push: allow plain http and private addresses (the local simulator). Never in production.
+WEBPUSH_ALLOW_INSECURE = _env_bool("WEBPUSH_ALLOW_INSECURE", False)
+# Connections per (provider, credential) pool and the request timeout, in seconds.
+PUSH_CONNECTIONS_PER_POOL = _env_int("PUSH_CONNECTIONS_PER_POOL", 2)
+PUSH_REQUEST_TIMEOUT = _env_float("PUSH_REQUEST_TIMEOUT", 15.0)
+
+# --- REST framework ---------------------------------------------------------------------------
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": ["tokens.auth.ApiKeyAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["tokens.auth.HasApiKey"],
+    "DEFAULT_RENDERER_CLASSES": ["rest_framework.renderers.JSONRenderer"],
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "pushsvc.api.exception_handler",
+    "UNAUTHENTICATED_USER": None,
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "pushsvc API",
+    "DESCRIPTION": "Push notification gateway: device registry, campaigns and direct sends.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    "SERVE_AUTHENTICATION": [],
+}
+
+# --- Logging ----------------------------------------------------------------------------------
+LOG_LEVEL = _env("LOG_LEVEL", "INFO")
+LOG_JSON = _env_bool("LOG_JSON", False)
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {
+        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
+    },
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {"django.db.backends": {"level": "INFO"}},
+}
