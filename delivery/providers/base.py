@@ -62,6 +62,14 @@ class Provider(abc.ABC):
 
     platform: ClassVar[str]  # tokens.models.Platform value
     queue: ClassVar[str]  # Celery queue for this provider's send tasks
+    payload_limit: ClassVar[int] = 4096  # bytes of what `payload_size` measures
+
+    @classmethod
+    def payload_size(cls, message: PushMessage) -> int:
+        """Bytes of the part of this provider's rendering that its size limit applies to."""
+        import orjson
+
+        return len(orjson.dumps(message.to_dict()))
 
     @classmethod
     @abc.abstractmethod

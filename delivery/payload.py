@@ -1,0 +1,294 @@
+"""The one message model every provider adapter translates: `PushMessage`.
+
+A message is validated once, where it enters the system (`PushMessage.from_dict`, used by the API and by
+campaigns), so adapters can trust it. It is stored as `to_dict()` (a JSON object) and rebuilt with
+`from_dict`, which round-trips exactly.
+
+Size: APNs payloads, FCM messages and Web Push records are limited to 4 KB. An adapter renders a message
+through `fit_message`, which shortens the body (on a character, hence UTF-8, boundary, ending in "…")
+until the provider's rendering fits, and marks the data with `TRUNCATED_KEY` so the app knows to fetch
+the full text by `MESSAGE_ID_KEY`. `check_fits` lets the API refuse, with a 400, a message that would not
+fit even with an empty body, so nothing oversized is ever sent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Literal
+
+# Every rendering carries the message id in the data: the app can fetch a truncated body by it, and
+# dedupe the rare duplicate that at-least-once delivery produces.
+MESSAGE_ID_KEY = "pushsvc_message_id"
+TRUNCATED_KEY = "pushsvc_truncated"
+ELLIPSIS = "…"
+
+PAYLOAD_LIMIT = 4096  # bytes: APNs payload, FCM message, Web Push record, HMS message
+TTL_MAX = 2_419_200  # 28 days: FCM's maximum; APNs stores for less anyway
+COLLAPSE_KEY_MAX_BYTES = 64  # apns-collapse-id limit
+BODY_MAX_BYTES = 65_536  # longer bodies would only ever be truncated; refuse instead of storing them
+DATA_MAX_KEYS = 100
+SHORT_TEXT_MAX = 256  # sound, category, thread_id, data keys
+TITLE_MAX = 512
+URL_MAX = 2048
+MESSAGE_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+# FCM refuses these data keys ("from", "notification", "message_type", and the google./gcm. prefixes);
+# "aps" would collide with the APNs dictionary the data is merged into; ours are set by the gateway.
+RESERVED_DATA_KEYS = frozenset({"from", "notification", "message_type", "aps", MESSAGE_ID_KEY, TRUNCATED_KEY})
+RESERVED_DATA_PREFIXES = ("google", "gcm")
+
+Priority = Literal["high", "normal"]
+FIELDS = (
+    "title",
+    "body",
+    "data",
+    "badge",
+    "sound",
+    "category",
+    "thread_id",
+    "image",
+    "url",
+    "collapse_key",
+    "priority",
+    "ttl",
+    "silent",
+    "mutable_content",
+    "message_id",
+)
+
+
+class PayloadError(ValueError):
+    """A message field is wrong; `field` names it (dotted for data keys) so the API can point at it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class PayloadTooLarge(PayloadError):
+    """The message cannot fit a provider's limit even with its body cut to nothing."""
+
+    def __init__(self, platform: str, size: int, limit: int) -> None:
+        super().__init__(
+            "body",
+            f"the message is too large for {platform}: {size} bytes with an empty body, the limit is "
+            f"{limit}; shorten the title or the data",
+        )
+        self.platform = platform
+        self.size = size
+        self.limit = limit
+
+
+def _new_message_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True, slots=True)
+class PushMessage:
+    """One notification, provider-neutral. Immutable: adapters cache renderings per message."""
+
+    title: str = ""
+    body: str = ""
+    data: Mapping[str, str] = field(default_factory=dict)
+    badge: int | None = None
+    sound: str = ""
+    category: str = ""
+    thread_id: str = ""
+    image: str = ""
+    url: str = ""
+    collapse_key: str = ""
+    priority: Priority = "high"
+    ttl: int | None = None  # seconds the provider may keep trying; None: the provider's default
+    silent: bool = False  # background / data-only push: no alert, no sound
+    mutable_content: bool = False
+    message_id: str = field(default_factory=_new_message_id)
+
+    def __post_init__(self) -> None:
+        # A read-only view, so that a rendering cached by message id cannot go stale by mutation.
+        if not isinstance(self.data, MappingProxyType):
+            object.__setattr__(self, "data", MappingProxyType(dict(self.data)))
+
+    def __hash__(self) -> int:
+        return hash(self.message_id)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> PushMessage:
+        """Validate a decoded JSON object and build the message; raise PayloadError on the first problem."""
+        if not isinstance(d, Mapping):
+            raise PayloadError("message", "expected a JSON object")
+        unknown = sorted(set(d) - set(FIELDS))
+        if unknown:
+            raise PayloadError(unknown[0], f"unknown field (known fields: {', '.join(FIELDS)})")
+        kw: dict[str, Any] = {}
+        kw["title"] = _text(d, "title", TITLE_MAX)
+        kw["body"] = _text(d, "body", BODY_MAX_BYTES, count_bytes=True, allow_newlines=True)
+        kw["sound"] = _text(d, "sound", SHORT_TEXT_MAX)
+        kw["category"] = _text(d, "category", SHORT_TEXT_MAX)
+        kw["thread_id"] = _text(d, "thread_id", SHORT_TEXT_MAX)
+        kw["image"] = _url(d, "image")
+        kw["url"] = _url(d, "url")
+        kw["collapse_key"] = _text(d, "collapse_key", COLLAPSE_KEY_MAX_BYTES, count_bytes=True)
+        kw["badge"] = _int_or_none(d, "badge", 0, 2**31 - 1)
+        kw["ttl"] = _int_or_none(d, "ttl", 0, TTL_MAX)
+        kw["silent"] = _bool(d, "silent")
+        kw["mutable_content"] = _bool(d, "mutable_content")
+        priority = d.get("priority", "high")
+        if priority not in ("high", "normal"):
+            raise PayloadError("priority", 'must be "high" or "normal"')
+        kw["priority"] = priority
+        kw["data"] = _data(d.get("data", {}), kw)
+        message_id = d.get("message_id")
+        if message_id is None:
+            message_id = _new_message_id()
+        elif not isinstance(message_id, str) or not MESSAGE_ID_RE.fullmatch(message_id):
+            raise PayloadError("message_id", "must be 1 to 64 characters of A-Z, a-z, 0-9, '_' or '-'")
+        kw["message_id"] = message_id
+        _check_combination(kw)
+        return cls(**kw)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict that `from_dict` turns back into an equal message."""
+        out = {name: getattr(self, name) for name in FIELDS}
+        out["data"] = dict(self.data)
+        return out
+
+    def rendered_data(self) -> dict[str, str]:
+        """The data every provider carries: the caller's keys plus the message id."""
+        data = dict(self.data)
+        data[MESSAGE_ID_KEY] = self.message_id
+        return data
+
+    @property
+    def truncated(self) -> bool:
+        return TRUNCATED_KEY in self.data
+
+    def check_fits(self, platforms: Iterable[str]) -> None:
+        """Raise PayloadTooLarge if, for one of `platforms`, even an empty body would not fit."""
+        from delivery.providers.registry import provider_class
+
+        for platform in platforms:
+            cls = provider_class(platform)
+            fit_message(self, cls.payload_size, cls.payload_limit, platform)
+
+
+def fit_message(
+    message: PushMessage, measure: Callable[[PushMessage], int], limit: int, platform: str
+) -> PushMessage:
+    """Return `message` if `measure(message) <= limit`, else a copy with the longest body prefix that fits.
+
+    `measure` is the adapter's own size of its rendering, so JSON escaping and per-provider layout are
+    counted exactly. Runs once per message (adapters cache the result), so a bisection is cheap enough.
+    """
+    if measure(message) <= limit:
+        return message
+
+    def cut(n: int) -> PushMessage:
+        data = dict(message.data)
+        data[TRUNCATED_KEY] = "1"
+        return dataclasses.replace(message, body=message.body[:n] + ELLIPSIS, data=data)
+
+    if measure(cut(0)) > limit:
+        shortest = dataclasses.replace(message, body="")
+        raise PayloadTooLarge(platform, measure(shortest), limit)
+    lo, hi = 0, len(message.body) - 1  # cut(lo) fits; cut(hi + 1) is known not to fit
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if measure(cut(mid)) <= limit:
+            lo = mid
+        else:
+            hi = mid - 1
+    return cut(lo)
+
+
+def _text(
+    d: Mapping[str, Any], name: str, limit: int, *, count_bytes: bool = False, allow_newlines: bool = False
+) -> str:
+    value = d.get(name)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise PayloadError(name, f"must be a string, got {type(value).__name__}")
+    size = len(value.encode()) if count_bytes else len(value)
+    if size > limit:
+        unit = "bytes (UTF-8)" if count_bytes else "characters"
+        raise PayloadError(name, f"must be at most {limit} {unit}, got {size}")
+    if "\x00" in value or (not allow_newlines and ("\n" in value or "\r" in value)):
+        raise PayloadError(name, "must not contain control characters")
+    return value
+
+
+def _url(d: Mapping[str, Any], name: str) -> str:
+    value = _text(d, name, URL_MAX)
+    if value and any(c.isspace() for c in value):
+        raise PayloadError(name, "must be a URL without spaces")
+    # The image is fetched by the device; `url` may also be an app deep link (myapp://...).
+    if name == "image" and value and not value.startswith(("https://", "http://")):
+        raise PayloadError(name, "must be an http(s) URL")
+    return value
+
+
+def _int_or_none(d: Mapping[str, Any], name: str, lo: int, hi: int) -> int | None:
+    value = d.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise PayloadError(name, f"must be an integer, got {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise PayloadError(name, f"must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _bool(d: Mapping[str, Any], name: str) -> bool:
+    value = d.get(name, False)
+    if not isinstance(value, bool):
+        raise PayloadError(name, f"must be true or false, got {type(value).__name__}")
+    return value
+
+
+def _data(value: Any, kw: Mapping[str, Any]) -> dict[str, str]:
+    if not isinstance(value, Mapping):
+        raise PayloadError("data", "must be an object of string keys to string values")
+    if len(value) > DATA_MAX_KEYS:
+        raise PayloadError("data", f"must have at most {DATA_MAX_KEYS} keys, got {len(value)}")
+    out: dict[str, str] = {}
+    for key, item in value.items():
+        where = f"data.{key}"
+        if not isinstance(key, str) or not key:
+            raise PayloadError("data", "keys must be non-empty strings")
+        if len(key) > SHORT_TEXT_MAX:
+            raise PayloadError(where, f"keys must be at most {SHORT_TEXT_MAX} characters")
+        if key in RESERVED_DATA_KEYS or key.lower().startswith(RESERVED_DATA_PREFIXES):
+            raise PayloadError(
+                where,
+                "reserved key (FCM refuses from, notification, message_type and keys starting with "
+                "google or gcm; aps and pushsvc_* are used by the gateway)",
+            )
+        if key in ("url", "image") and kw.get(key):
+            raise PayloadError(where, f"clashes with the message's {key} field, which is sent under this key")
+        if not isinstance(item, str):
+            raise PayloadError(
+                where, f"values must be strings (FCM carries only strings), got {type(item).__name__}"
+            )
+        out[key] = item
+    return out
+
+
+def _check_combination(kw: Mapping[str, Any]) -> None:
+    if kw["silent"]:
+        # Apple: a background notification's aps holds only content-available; anything the user would
+        # see or hear makes it an alert, which APNs then throttles or drops as a background push.
+        for name in ("title", "body", "sound", "badge"):
+            if kw[name] not in ("", None):
+                raise PayloadError(name, "a silent (background) push carries no title, body, sound or badge")
+        if kw["mutable_content"]:
+            raise PayloadError("mutable_content", "applies to visible notifications, not silent pushes")
+    elif not (kw["title"] or kw["body"] or kw["badge"] is not None or kw["sound"]):
+        raise PayloadError(
+            "body", "a visible notification needs a title, body, badge or sound; set silent for data only"
+        )
