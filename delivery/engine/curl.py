@@ -1,0 +1,412 @@
+"""The default engine: libcurl (pycurl) + nghttp2, driven by the asyncio event loop.
+
+One `CurlMulti` per engine multiplexes every request over at most `max_connections` HTTP/2
+connections. libcurl tells us which sockets it cares about (M_SOCKETFUNCTION) and when it wants
+to be woken (M_TIMERFUNCTION); the loop watches those sockets and calls `socket_action`, so there
+is no polling and no thread. Finished transfers are collected with `info_read` right after each
+`socket_action`.
+
+Resends: libcurl re-sends on its own a stream the server refused (REFUSED_STREAM, which nghttp2
+also reports for streams above a GOAWAY's last-stream-id) and a request whose reused connection
+died before a single response byte arrived. PREREQFUNCTION runs once per attempt, so a second
+call for the same transfer is such a resend: it is counted, never hidden.
+
+may_have_reached: PREREQFUNCTION runs after the connection is up and before the request is
+written. A transfer that failed before it ever ran (resolve, connect, TLS, or a timeout while
+queued for a connection or a stream slot) provably never reached the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import io
+from typing import Any
+
+import pycurl
+
+from delivery.engine.base import Engine, EngineStats, HttpRequest, HttpResponse, TransportError
+
+_CSELECT_IN = pycurl.CSELECT_IN
+_CSELECT_OUT = pycurl.CSELECT_OUT
+_POLL_IN = pycurl.POLL_IN
+_POLL_OUT = pycurl.POLL_OUT
+_POLL_REMOVE = pycurl.POLL_REMOVE
+_SOCKET_TIMEOUT = pycurl.SOCKET_TIMEOUT
+_RESPONSE_CODE = pycurl.RESPONSE_CODE
+_NUM_CONNECTS = pycurl.NUM_CONNECTS
+_PREREQ_OK = pycurl.PREREQFUNC_OK
+
+# libcurl caps streams per connection at 100 unless told otherwise; the server's
+# SETTINGS_MAX_CONCURRENT_STREAMS is the real limit (APNs: ~1,000-1,500 once authenticated).
+_MAX_STREAMS_PER_CONNECTION = 4096
+# Requests beyond this many per connection wait in Python rather than as parked libcurl
+# handles: libcurl rescans its pending list on every state change.
+_HANDLES_PER_CONNECTION = 2048
+# Providers ask for long-lived connections; libcurl's default drops idle ones after 118 s.
+_IDLE_CONNECTION_MAX_AGE_S = 600
+_CONNECT_TIMEOUT_CAP_S = 10.0
+
+
+class _Transfer:
+    """A pooled easy handle with its response buffers; reused for many requests."""
+
+    __slots__ = ("attempts", "body", "curl", "engine", "future", "headers", "method", "port")
+
+    def __init__(self, engine: CurlEngine) -> None:
+        self.engine = engine
+        self.curl = curl = pycurl.Curl()
+        self.body = io.BytesIO()
+        self.headers = io.BytesIO()
+        self.future: asyncio.Future[HttpResponse] | None = None
+        self.attempts = 0
+        self.port = 0
+        self.method = "POST"
+        curl.transfer = self  # lets info_read's handle lead back here without a dict lookup
+        engine._configure(curl)
+        # Bound C methods: libcurl writes straight into the buffers, no Python frame per chunk.
+        curl.setopt(pycurl.WRITEFUNCTION, self.body.write)
+        curl.setopt(pycurl.HEADERFUNCTION, self.headers.write)
+        curl.setopt(pycurl.PREREQFUNCTION, self._prereq)
+
+    def _prereq(self, remote_ip: str, local_ip: str, remote_port: int, local_port: int) -> int:
+        self.engine._on_attempt(self, local_port)
+        return _PREREQ_OK
+
+
+class CurlEngine(Engine):
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        ca_file: str | None = None,
+        max_connections: int = 2,
+        timeout: float = 15.0,
+        h2c: bool = False,
+    ) -> None:
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        self._base_url = base_url.rstrip("/")
+        self._ca_file = ca_file
+        self._max_connections = max_connections
+        self._timeout_ms = max(1, int(timeout * 1000))
+        self._http_version = (
+            pycurl.CURL_HTTP_VERSION_2_PRIOR_KNOWLEDGE if h2c else pycurl.CURL_HTTP_VERSION_2TLS
+        )
+        self._max_active = _HANDLES_PER_CONNECTION * max_connections
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._multi: pycurl.CurlMulti | None = None
+        self._timer: asyncio.TimerHandle | asyncio.Handle | None = None
+        self._watched: dict[int, int] = {}  # fd -> POLL_* mask currently registered with the loop
+        self._pool: list[_Transfer] = []
+        self._active: set[_Transfer] = set()
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._streams_by_port: dict[int, int] = {}
+        self._closed = False
+        self._stats = EngineStats()
+
+    # --- public interface ------------------------------------------------------------------
+    async def request(self, req: HttpRequest) -> HttpResponse:
+        if self._closed:
+            raise TransportError("engine is closed", may_have_reached=False)
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:
+            self._bind(loop)
+        while len(self._active) >= self._max_active:
+            waiter = loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                await waiter
+            except BaseException:
+                self._wake_next_if_free()
+                raise
+            if self._closed:
+                raise TransportError("engine is closed", may_have_reached=False)
+
+        transfer = self._pool.pop() if self._pool else _Transfer(self)
+        curl = transfer.curl
+        url = req.url if "://" in req.url else self._base_url + req.url
+        curl.setopt(pycurl.URL, url)
+        curl.setopt(pycurl.HTTPHEADER, _header_lines(req.headers))
+        method = req.method.upper()
+        if method != transfer.method:
+            _set_method(curl, method)
+            transfer.method = method
+        if method != "GET":
+            curl.setopt(pycurl.POSTFIELDS, req.body)
+        if req.timeout is not None:
+            curl.setopt(pycurl.TIMEOUT_MS, max(1, int(req.timeout * 1000)))
+        else:
+            curl.setopt(pycurl.TIMEOUT_MS, self._timeout_ms)
+        transfer.attempts = 0
+        transfer.port = 0
+        future = transfer.future = loop.create_future()
+        self._multi.add_handle(curl)
+        self._active.add(transfer)
+        stats = self._stats
+        stats.requests_sent += 1
+        n = len(self._active)
+        stats.in_flight = n
+        if n > stats.peak_in_flight:
+            stats.peak_in_flight = n
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if transfer in self._active:
+                self._abandon(transfer)
+            raise
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._teardown(TransportError("engine closed with the request in flight", may_have_reached=True))
+        for transfer in self._pool:
+            transfer.curl.close()
+        self._pool.clear()
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()
+
+    def stats(self) -> EngineStats:
+        s = self._stats
+        s.in_flight = len(self._active)
+        return EngineStats(
+            connections_opened=s.connections_opened,
+            requests_sent=s.requests_sent,
+            resent_unprocessed=s.resent_unprocessed,
+            in_flight=s.in_flight,
+            peak_in_flight=s.peak_in_flight,
+            peak_streams_per_connection=s.peak_streams_per_connection,
+            extra=dict(s.extra),
+        )
+
+    # --- binding to a loop -------------------------------------------------------------------
+    def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Attach to the running loop; a new loop (the old one closed) gets a fresh multi."""
+        if self._multi is not None:
+            self._teardown(
+                TransportError("event loop changed with the request in flight", may_have_reached=True)
+            )
+        self._loop = loop
+        multi = self._multi = pycurl.CurlMulti()
+        multi.setopt(pycurl.M_PIPELINING, pycurl.PIPE_MULTIPLEX)
+        multi.setopt(pycurl.M_MAX_HOST_CONNECTIONS, self._max_connections)
+        multi.setopt(pycurl.M_MAX_TOTAL_CONNECTIONS, self._max_connections)
+        multi.setopt(pycurl.M_MAXCONNECTS, self._max_connections)
+        multi.setopt(pycurl.M_MAX_CONCURRENT_STREAMS, _MAX_STREAMS_PER_CONNECTION)
+        multi.setopt(pycurl.M_SOCKETFUNCTION, self._on_socket)
+        multi.setopt(pycurl.M_TIMERFUNCTION, self._on_timer)
+
+    def _teardown(self, error: TransportError) -> None:
+        """Fail everything in flight and drop the multi handle (its connections close with it)."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        multi = self._multi
+        for transfer in list(self._active):
+            self._active.discard(transfer)
+            if multi is not None:
+                multi.remove_handle(transfer.curl)
+            future = transfer.future
+            transfer.future = None
+            if future is not None and not future.done():
+                reached = transfer.attempts > 0
+                future.set_exception(TransportError(str(error), may_have_reached=reached))
+            self._pool.append(transfer)
+        self._stats.in_flight = 0
+        self._streams_by_port.clear()
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            for fd in self._watched:
+                loop.remove_reader(fd)
+                loop.remove_writer(fd)
+        self._watched.clear()
+        if multi is not None:
+            multi.close()
+        self._multi = None
+        self._loop = None
+
+    def _configure(self, curl: pycurl.Curl) -> None:
+        """Options set once per pooled handle; only URL, headers, body and timeout vary."""
+        curl.setopt(pycurl.NOSIGNAL, 1)
+        curl.setopt(pycurl.HTTP_VERSION, self._http_version)
+        # Wait for an existing connection to confirm multiplexing instead of opening another:
+        # a cold start then sends one request and lets the server's SETTINGS decide the rest.
+        curl.setopt(pycurl.PIPEWAIT, 1)
+        curl.setopt(pycurl.TCP_KEEPALIVE, 1)
+        curl.setopt(pycurl.TCP_KEEPIDLE, 30)
+        curl.setopt(pycurl.TCP_KEEPINTVL, 15)
+        curl.setopt(pycurl.MAXAGE_CONN, _IDLE_CONNECTION_MAX_AGE_S)
+        curl.setopt(
+            pycurl.CONNECTTIMEOUT_MS, int(min(self._timeout_ms / 1000, _CONNECT_TIMEOUT_CAP_S) * 1000)
+        )
+        if self._ca_file:
+            curl.setopt(pycurl.CAINFO, self._ca_file)
+        curl.setopt(pycurl.POST, 1)
+
+    # --- libcurl callbacks (run inside socket_action / add_handle: never re-enter libcurl) ---
+    def _on_socket(self, what: int, fd: int, multi: Any, socketp: Any) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        old = self._watched.get(fd, 0)
+        new = 0 if what == _POLL_REMOVE else what & (_POLL_IN | _POLL_OUT)
+        if (old ^ new) & _POLL_IN:
+            if new & _POLL_IN:
+                loop.add_reader(fd, self._drive, fd, _CSELECT_IN)
+            else:
+                loop.remove_reader(fd)
+        if (old ^ new) & _POLL_OUT:
+            if new & _POLL_OUT:
+                loop.add_writer(fd, self._drive, fd, _CSELECT_OUT)
+            else:
+                loop.remove_writer(fd)
+        if new:
+            self._watched[fd] = new
+        else:
+            self._watched.pop(fd, None)
+
+    def _on_timer(self, timeout_ms: int) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        loop = self._loop
+        if timeout_ms < 0 or loop is None:
+            return
+        if timeout_ms == 0:
+            self._timer = loop.call_soon(self._on_timeout)
+        else:
+            self._timer = loop.call_later(timeout_ms / 1000, self._on_timeout)
+
+    def _on_attempt(self, transfer: _Transfer, local_port: int) -> None:
+        stats = self._stats
+        if transfer.attempts:
+            stats.resent_unprocessed += 1
+            self._release_stream(transfer)
+        transfer.attempts += 1
+        transfer.port = local_port
+        streams = self._streams_by_port.get(local_port, 0) + 1
+        self._streams_by_port[local_port] = streams
+        if streams > stats.peak_streams_per_connection:
+            stats.peak_streams_per_connection = streams
+
+    # --- driving libcurl -------------------------------------------------------------------------
+    def _on_timeout(self) -> None:
+        self._timer = None
+        self._drive(_SOCKET_TIMEOUT, 0)
+
+    def _drive(self, fd: int, mask: int) -> None:
+        multi = self._multi
+        if multi is None:
+            return
+        try:
+            multi.socket_action(fd, mask)
+        except pycurl.error as exc:
+            self._teardown(TransportError(f"libcurl multi failed: {exc}", may_have_reached=True))
+            return
+        while True:
+            queued, ok, failed = multi.info_read()
+            for curl in ok:
+                self._finish(curl.transfer, 0, "")
+            for curl, code, message in failed:
+                self._finish(curl.transfer, code, message)
+            if not queued:
+                break
+
+    def _finish(self, transfer: _Transfer, code: int, message: str) -> None:
+        curl = transfer.curl
+        self._multi.remove_handle(curl)
+        self._active.discard(transfer)
+        self._release_stream(transfer)
+        self._stats.connections_opened += curl.getinfo(_NUM_CONNECTS)
+        future = transfer.future
+        transfer.future = None
+        if future is not None and not future.done():
+            if code:
+                future.set_exception(
+                    TransportError(f"curl error {code}: {message}", may_have_reached=transfer.attempts > 0)
+                )
+            else:
+                future.set_result(
+                    HttpResponse(
+                        curl.getinfo(_RESPONSE_CODE),
+                        _parse_headers(transfer.headers.getvalue()),
+                        transfer.body.getvalue(),
+                    )
+                )
+        self._recycle(transfer)
+        if self._waiters:
+            self._wake_next_if_free()
+
+    def _abandon(self, transfer: _Transfer) -> None:
+        """The caller gave up (cancelled): detach the handle; the stream is reset by libcurl."""
+        self._multi.remove_handle(transfer.curl)
+        self._active.discard(transfer)
+        self._release_stream(transfer)
+        transfer.future = None
+        self._recycle(transfer)
+        self._wake_next_if_free()
+
+    def _release_stream(self, transfer: _Transfer) -> None:
+        port = transfer.port
+        if port:
+            transfer.port = 0
+            left = self._streams_by_port.get(port, 1) - 1
+            if left > 0:
+                self._streams_by_port[port] = left
+            else:
+                self._streams_by_port.pop(port, None)
+
+    def _recycle(self, transfer: _Transfer) -> None:
+        body = transfer.body
+        body.seek(0)
+        body.truncate()
+        headers = transfer.headers
+        headers.seek(0)
+        headers.truncate()
+        self._pool.append(transfer)
+
+    def _wake_next_if_free(self) -> None:
+        waiters = self._waiters
+        while waiters and len(self._active) < self._max_active:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+
+def _header_lines(headers: dict[str, str]) -> list[str]:
+    lines = [f"{name}: {value}" for name, value in headers.items()]
+    # libcurl adds these by default; providers don't need them and they cost bytes per request.
+    lower = {name.lower() for name in headers}
+    if "accept" not in lower:
+        lines.append("Accept:")
+    if "content-type" not in lower:
+        lines.append("Content-Type:")
+    return lines
+
+
+def _set_method(curl: pycurl.Curl, method: str) -> None:
+    if method == "GET":
+        curl.unsetopt(pycurl.CUSTOMREQUEST)
+        curl.setopt(pycurl.HTTPGET, 1)
+    elif method == "POST":
+        curl.unsetopt(pycurl.CUSTOMREQUEST)
+        curl.setopt(pycurl.POST, 1)
+    else:
+        curl.setopt(pycurl.POST, 1)
+        curl.setopt(pycurl.CUSTOMREQUEST, method)
+
+
+def _parse_headers(raw: bytes) -> dict[str, str]:
+    """The last header block (earlier ones are interim 1xx responses), names lower-cased."""
+    start = raw.rfind(b"\r\n\r\n", 0, len(raw) - 4)
+    block = raw[start + 4 :] if start >= 0 else raw
+    headers: dict[str, str] = {}
+    for line in block.split(b"\r\n")[1:]:
+        name, sep, value = line.partition(b":")
+        if sep:
+            headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+    return headers
