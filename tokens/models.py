@@ -115,7 +115,10 @@ class ApiKey(models.Model):
         if not raw.startswith(ApiKey.KEY_PREFIX):
             return None
         prefix, sep, _ = raw[len(ApiKey.KEY_PREFIX) :].partition("_")
-        return prefix if sep and len(prefix) == 12 else None
+        # Checked before it reaches a query: a header can carry any byte, PostgreSQL takes no NUL.
+        if not sep or len(prefix) != 12 or prefix.strip("0123456789abcdef"):
+            return None
+        return prefix
 
     def matches(self, raw: str) -> bool:
         return hmac.compare_digest(self.key_hash, self.hash_key(raw))

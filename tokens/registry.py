@@ -1,0 +1,149 @@
+"""The device upsert: the one write path for registrations (API and single-row callers).
+
+One transaction of two raw statements, portable between PostgreSQL and SQLite:
+
+1. the same (app, platform, token) on another device_id is deleted: the token moved to a new
+   device (reinstall, restore, a shared web browser profile) and must never be pushed twice;
+2. `INSERT ... ON CONFLICT (app_id, device_id) DO UPDATE ... RETURNING`: a new device is
+   created; a known one takes the new token (rotation), is re-activated if hygiene or an
+   unregister had deactivated it, moves to the new user and gets last_seen and updated_at set to
+   this registration's time (the APNs 410 rule compares updated_at with Apple's timestamp).
+
+Concurrency: two upserts of one device are serialized by the (app, device_id) arbiter of
+ON CONFLICT and never make two rows. Two devices racing for one token can both pass step 1
+before either commits; the loser's insert then violates (app, platform, token_hash) and the
+whole transaction is retried, and this time step 1 removes the winner's row.
+
+Nothing may reference DeviceToken rows through a database foreign key without ON DELETE: a moved
+token's row is deleted here with plain SQL.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from django.db import DatabaseError, IntegrityError, connection, transaction
+from django.utils import timezone
+from django.utils.dateparse import parse_datetime
+
+from .models import App, DeviceToken
+from .validation import Registration
+
+logger = logging.getLogger(__name__)
+
+MAX_ATTEMPTS = 5
+# PostgreSQL SQLSTATEs that mean "someone else won, run it again".
+_RETRYABLE_PG = {"23505", "40001", "40P01"}
+
+_TABLE = DeviceToken._meta.db_table
+_DELETE_MOVED = (
+    f"DELETE FROM {_TABLE} WHERE app_id = %s AND platform = %s AND token_hash = %s AND device_id <> %s"
+)
+_UPSERT = f"""
+INSERT INTO {_TABLE} (
+    app_id, device_id, platform, token, token_hash, web_p256dh, web_auth, user_id, app_version,
+    locale, last_seen, last_success_at, is_active, deactivated_at, deactivation_reason,
+    created_at, updated_at
+) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, NULL, TRUE, NULL, '', %s, %s)
+ON CONFLICT (app_id, device_id) DO UPDATE SET
+    platform = EXCLUDED.platform,
+    token = EXCLUDED.token,
+    token_hash = EXCLUDED.token_hash,
+    web_p256dh = EXCLUDED.web_p256dh,
+    web_auth = EXCLUDED.web_auth,
+    user_id = EXCLUDED.user_id,
+    app_version = EXCLUDED.app_version,
+    locale = EXCLUDED.locale,
+    last_seen = EXCLUDED.last_seen,
+    -- a delivery success belongs to a token, not to the device: a rotated token has none yet
+    last_success_at = CASE WHEN {_TABLE}.token_hash = EXCLUDED.token_hash
+                           THEN {_TABLE}.last_success_at END,
+    is_active = TRUE,
+    deactivated_at = NULL,
+    deactivation_reason = '',
+    updated_at = EXCLUDED.updated_at
+RETURNING id, created_at, last_success_at"""
+# PostgreSQL runs a multi-statement simple query as one implicit transaction: one round trip
+# instead of four (BEGIN, DELETE, INSERT, COMMIT) on the hottest path of the API.
+_PG_ONE_TRIP = _DELETE_MOVED + ";\n" + _UPSERT
+
+_device_field = DeviceToken._meta.get_field("device_id")
+_datetime_field = DeviceToken._meta.get_field("updated_at")
+
+
+@dataclass(slots=True, frozen=True)
+class UpsertResult:
+    id: int
+    created: bool
+    created_at: datetime
+    registered_at: datetime
+    last_success_at: datetime | None
+
+
+def upsert_device(app: App | int, reg: Registration, *, now: datetime | None = None) -> UpsertResult:
+    """Create or update the device `reg.device_id` of `app`; see the module docstring."""
+    app_id = app if isinstance(app, int) else app.pk
+    now = now or timezone.now()
+    device_db = _device_field.get_db_prep_value(reg.device_id, connection)
+    now_db = _datetime_field.get_db_prep_value(now, connection)
+    token_hash = reg.token_hash
+    delete_params = (app_id, reg.platform, token_hash, device_db)
+    upsert_params = (
+        app_id,
+        device_db,
+        reg.platform,
+        reg.token,
+        token_hash,
+        reg.web_p256dh,
+        reg.web_auth,
+        reg.user_id,
+        reg.app_version,
+        reg.locale,
+        now_db,
+        now_db,
+        now_db,
+    )
+    one_trip = connection.vendor == "postgresql" and not connection.in_atomic_block
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        try:
+            if one_trip:
+                with connection.cursor() as cursor:
+                    cursor.execute(_PG_ONE_TRIP, delete_params + upsert_params)
+                    row = cursor.fetchone()
+            else:
+                with transaction.atomic(), connection.cursor() as cursor:
+                    cursor.execute(_DELETE_MOVED, delete_params)
+                    cursor.execute(_UPSERT, upsert_params)
+                    row = cursor.fetchone()
+        except DatabaseError as exc:
+            if attempt == MAX_ATTEMPTS or not _retryable(exc):
+                raise
+            logger.debug("upsert of device %s lost a race (attempt %d), retrying", reg.device_id, attempt)
+            continue
+        device_pk, created_at, last_success_at = row
+        # created_at is only ever written by the INSERT branch, with this call's `now`.
+        created = created_at == now_db
+        return UpsertResult(
+            id=device_pk,
+            created=created,
+            created_at=now if created else _as_datetime(created_at),
+            registered_at=now,
+            last_success_at=None if last_success_at is None else _as_datetime(last_success_at),
+        )
+    raise AssertionError("unreachable")
+
+
+def _as_datetime(value: datetime | str) -> datetime:
+    if isinstance(value, datetime):
+        return value
+    parsed = parse_datetime(value)  # SQLite hands raw text back
+    return parsed if timezone.is_aware(parsed) else timezone.make_aware(parsed, UTC)
+
+
+def _retryable(exc: DatabaseError) -> bool:
+    if isinstance(exc, IntegrityError) and connection.vendor != "postgresql":
+        return True
+    pgcode = getattr(exc.__cause__, "pgcode", None)
+    return pgcode in _RETRYABLE_PG

@@ -1,0 +1,221 @@
+"""Device registry API v1: register (upsert), list, read, unregister.
+
+Every query is scoped to the App of the request's API key; another App's device answers 404,
+exactly like a device that does not exist.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import uuid
+
+import orjson
+from django.db.models import QuerySet
+from django.http import HttpResponse
+from django.utils import timezone
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
+from rest_framework import exceptions, serializers
+from rest_framework.request import Request
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from .auth import DevicesScope
+from .models import ApiKey, DeviceToken
+from .registry import upsert_device
+from .serializers import DeviceRegistrationSerializer, DeviceSerializer, device_payload
+from .validation import PLATFORMS, RegistrationError, validate_registration
+
+# A registration is a few hundred bytes; a web subscription under 3 KiB; an FCM token up to 4 KiB.
+MAX_REGISTRATION_BYTES = 16 * 1024
+PAGE_DEFAULT = 100
+PAGE_MAX = 1000
+
+_ERROR = OpenApiResponse(
+    response=inline_serializer(
+        "Error",
+        {"detail": serializers.CharField(), "errors": serializers.DictField(required=False)},
+    )
+)
+
+
+class PayloadTooLarge(exceptions.APIException):
+    status_code = 413
+    default_detail = f"The request body must be at most {MAX_REGISTRATION_BYTES} bytes."
+    default_code = "payload_too_large"
+
+
+class DeviceCollectionView(APIView):
+    permission_classes = (DevicesScope,)
+
+    @extend_schema(
+        operation_id="devices_register",
+        summary="Register a device (upsert by device_id)",
+        description=(
+            "Creates the device or updates it: a rotated token replaces the old one, a token known on "
+            "another device_id moves here, a deactivated device is re-activated, last_seen and "
+            "updated_at become now. Call it on every app launch."
+        ),
+        request=DeviceRegistrationSerializer,
+        responses={201: DeviceSerializer, 200: DeviceSerializer, 400: _ERROR, 401: _ERROR, 403: _ERROR},
+    )
+    def post(self, request: Request) -> HttpResponse:
+        # The hot path: raw body, orjson and plain validation functions, no serializer, no
+        # renderer (a registration arrives on every app launch of every user).
+        django_request = request._request
+        if request.content_type.split(";", 1)[0].strip().lower() != "application/json":
+            raise exceptions.UnsupportedMediaType(request.content_type or "(none)")
+        try:
+            length = int(django_request.META.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            length = 0
+        if length > MAX_REGISTRATION_BYTES:
+            raise PayloadTooLarge()
+        try:
+            data = orjson.loads(django_request.body)
+        except orjson.JSONDecodeError as exc:
+            raise exceptions.ParseError(f"The body is not valid JSON: {exc}") from None
+        try:
+            reg = validate_registration(data)
+        except RegistrationError as exc:
+            raise exceptions.ValidationError(exc.errors) from None
+        key: ApiKey = request.auth
+        result = upsert_device(key.app_id, reg, now=timezone.now())
+        body = device_payload(
+            device_id=reg.device_id,
+            platform=reg.platform,
+            token=reg.token,
+            user_id=reg.user_id,
+            app_version=reg.app_version,
+            locale=reg.locale,
+            is_active=True,
+            deactivated_at=None,
+            deactivation_reason="",
+            last_seen=result.registered_at,
+            last_success_at=result.last_success_at,
+            created_at=result.created_at,
+            updated_at=result.registered_at,
+        )
+        return HttpResponse(
+            orjson.dumps(body), status=201 if result.created else 200, content_type="application/json"
+        )
+
+    @extend_schema(
+        operation_id="devices_list",
+        summary="List devices, newest registration order by id, keyset-paginated",
+        parameters=[
+            OpenApiParameter("user_id", OpenApiTypes.STR, description="Only this user's devices"),
+            OpenApiParameter("platform", OpenApiTypes.STR, description="ios, android, huawei or web"),
+            OpenApiParameter("limit", OpenApiTypes.INT, description=f"Page size, 1-{PAGE_MAX}"),
+            OpenApiParameter("cursor", OpenApiTypes.STR, description="`next_cursor` of the previous page"),
+        ],
+        responses={
+            200: inline_serializer(
+                "DevicePage",
+                {
+                    "results": DeviceSerializer(many=True),
+                    "next_cursor": serializers.CharField(allow_null=True),
+                },
+            ),
+            400: _ERROR,
+            401: _ERROR,
+            403: _ERROR,
+        },
+    )
+    def get(self, request: Request) -> Response:
+        params = request.query_params
+        errors: dict[str, list[str]] = {}
+        qs = DeviceToken.objects.filter(app_id=request.auth.app_id)
+        user_id = params.get("user_id")
+        if user_id is not None:
+            if len(user_id) > 255 or not user_id.isprintable():
+                errors["user_id"] = ["Must be at most 255 printable characters."]
+            else:
+                qs = qs.filter(user_id=user_id)
+        platform = params.get("platform")
+        if platform is not None:
+            if platform not in PLATFORMS:
+                errors["platform"] = ["Must be one of: android, huawei, ios, web."]
+            else:
+                qs = qs.filter(platform=platform)
+        limit = _int_param(params.get("limit"), PAGE_DEFAULT)
+        if limit is None or not 1 <= limit <= PAGE_MAX:
+            errors["limit"] = [f"Must be an integer from 1 to {PAGE_MAX}."]
+        after = 0
+        if params.get("cursor"):
+            after = _decode_cursor(params["cursor"])
+            if after is None:
+                errors["cursor"] = ["Invalid cursor: pass the next_cursor of the previous page."]
+        if errors:
+            raise exceptions.ValidationError(errors)
+        page = list(qs.filter(id__gt=after).order_by("id")[: limit + 1])
+        more = len(page) > limit
+        page = page[:limit]
+        return Response(
+            {
+                "results": DeviceSerializer(page, many=True).data,
+                "next_cursor": _encode_cursor(page[-1].id) if more else None,
+            }
+        )
+
+
+class DeviceDetailView(APIView):
+    permission_classes = (DevicesScope,)
+
+    def _devices(self, request: Request, device_id: str) -> QuerySet[DeviceToken]:
+        try:
+            parsed = uuid.UUID(device_id)
+        except ValueError:
+            raise exceptions.NotFound("No such device.") from None
+        return DeviceToken.objects.filter(app_id=request.auth.app_id, device_id=parsed)
+
+    @extend_schema(
+        operation_id="devices_retrieve",
+        summary="Read one device",
+        responses={200: DeviceSerializer, 401: _ERROR, 403: _ERROR, 404: _ERROR},
+    )
+    def get(self, request: Request, device_id: str) -> Response:
+        device = self._devices(request, device_id).first()
+        if device is None:
+            raise exceptions.NotFound("No such device.")
+        return Response(DeviceSerializer(device).data)
+
+    @extend_schema(
+        operation_id="devices_unregister",
+        summary="Unregister a device (deactivates it with reason 'unregistered')",
+        description="The row is kept, inactive; registering the device again re-activates it.",
+        responses={204: None, 401: _ERROR, 403: _ERROR, 404: _ERROR},
+    )
+    def delete(self, request: Request, device_id: str) -> Response:
+        devices = self._devices(request, device_id)
+        # updated_at is deliberately untouched: it is the last *registration* time.
+        changed = devices.filter(is_active=True).update(
+            is_active=False, deactivated_at=timezone.now(), deactivation_reason="unregistered"
+        )
+        if not changed and not devices.exists():
+            raise exceptions.NotFound("No such device.")
+        return Response(status=204)
+
+
+def _int_param(raw: str | None, default: int) -> int | None:
+    if raw is None:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        return None
+
+
+def _encode_cursor(last_id: int) -> str:
+    return base64.urlsafe_b64encode(str(last_id).encode()).rstrip(b"=").decode()
+
+
+def _decode_cursor(raw: str) -> int | None:
+    if len(raw) > 32:
+        return None
+    try:
+        value = int(base64.urlsafe_b64decode(raw + "=" * (-len(raw) % 4)).decode())
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        return None
+    return value if 0 <= value < 2**63 else None
