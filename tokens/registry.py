@@ -10,9 +10,11 @@ One transaction of two raw statements, portable between PostgreSQL and SQLite:
    this registration's time (the APNs 410 rule compares updated_at with Apple's timestamp).
 
 Concurrency: two upserts of one device are serialized by the (app, device_id) arbiter of
-ON CONFLICT and never make two rows. Two devices racing for one token can both pass step 1
-before either commits; the loser's insert then violates (app, platform, token_hash) and the
-whole transaction is retried, and this time step 1 removes the winner's row.
+ON CONFLICT and never make two rows. Two devices racing for one token could both pass step 1
+before either commits, and the loser's insert would violate (app, platform, token_hash): on
+PostgreSQL a transaction-scoped advisory lock on the token makes them take turns, so the second
+one's step 1 sees and removes the first one's row. What still loses a race (a deadlock when two
+devices swap tokens, a unique violation on SQLite or with another writer) is retried whole.
 
 Nothing may reference DeviceToken rows through a database foreign key without ON DELETE: a moved
 token's row is deleted here with plain SQL.
@@ -65,9 +67,14 @@ ON CONFLICT (app_id, device_id) DO UPDATE SET
     deactivation_reason = '',
     updated_at = EXCLUDED.updated_at
 RETURNING id, created_at, last_success_at"""
-# PostgreSQL runs a multi-statement simple query as one implicit transaction: one round trip
-# instead of four (BEGIN, DELETE, INSERT, COMMIT) on the hottest path of the API.
-_PG_ONE_TRIP = _DELETE_MOVED + ";\n" + _UPSERT
+# PostgreSQL: registrations of one token queue behind each other on a transaction-scoped
+# advisory lock, so racing devices take turns instead of failing and retrying (with eight racers
+# for one token the unlucky one could otherwise lose round after round).
+_PG_LOCK_TOKEN = "SELECT pg_advisory_xact_lock(%s, %s)"
+_LOCK_NAMESPACE = 0x70757368  # "push": keeps these locks apart from other advisory-lock users
+# A multi-statement simple query runs as one implicit transaction: one round trip instead of
+# five (BEGIN, lock, DELETE, INSERT, COMMIT) on the hottest path of the API.
+_PG_ONE_TRIP = ";\n".join((_PG_LOCK_TOKEN, _DELETE_MOVED, _UPSERT))
 
 _device_field = DeviceToken._meta.get_field("device_id")
 _datetime_field = DeviceToken._meta.get_field("updated_at")
@@ -105,15 +112,20 @@ def upsert_device(app: App | int, reg: Registration, *, now: datetime | None = N
         now_db,
         now_db,
     )
-    one_trip = connection.vendor == "postgresql" and not connection.in_atomic_block
+    postgres = connection.vendor == "postgresql"
+    lock_params = (_LOCK_NAMESPACE, int(token_hash[:8], 16) - 2**31)
+    one_trip = postgres and not connection.in_atomic_block
     for attempt in range(1, MAX_ATTEMPTS + 1):
         try:
             if one_trip:
                 with connection.cursor() as cursor:
-                    cursor.execute(_PG_ONE_TRIP, delete_params + upsert_params)
+                    cursor.execute(_PG_ONE_TRIP, lock_params + delete_params + upsert_params)
                     row = cursor.fetchone()
             else:
+                # SQLite: IMMEDIATE transactions (settings) already serialize writers.
                 with transaction.atomic(), connection.cursor() as cursor:
+                    if postgres:
+                        cursor.execute(_PG_LOCK_TOKEN, lock_params)
                     cursor.execute(_DELETE_MOVED, delete_params)
                     cursor.execute(_UPSERT, upsert_params)
                     row = cursor.fetchone()
