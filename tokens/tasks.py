@@ -1,0 +1,39 @@
+"""Celery entry points of the token hygiene jobs (scheduled in settings.CELERY_BEAT_SCHEDULE).
+
+Thin on purpose: the work lives in tokens/feedback.py and tokens/hygiene.py, where tests and the
+management commands call it directly. Each task returns a small JSON summary for the worker log
+and Flower. Re-running any of them (acks_late redelivery, two beats) is harmless.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from celery import shared_task
+
+from . import feedback, hygiene
+
+
+def _summary(report: hygiene.JobReport) -> dict[str, Any]:
+    data = asdict(report)
+    data["cutoff"] = report.cutoff.isoformat()
+    return data
+
+
+@shared_task(name="tokens.drain_feedback")
+def drain_feedback() -> dict[str, Any]:
+    """Apply the provider feedback waiting in the stream (beat: every HYGIENE_FEEDBACK_FLUSH_S)."""
+    return asdict(feedback.drain_feedback())
+
+
+@shared_task(name="tokens.prune_inactive")
+def prune_inactive() -> dict[str, Any]:
+    """Nightly: delete tokens inactive for more than HYGIENE_PRUNE_AFTER_DAYS."""
+    return _summary(hygiene.prune_inactive())
+
+
+@shared_task(name="tokens.sweep_stale")
+def sweep_stale() -> dict[str, Any]:
+    """Daily: deactivate tokens not seen for HYGIENE_STALE_AFTER_DAYS."""
+    return _summary(hygiene.sweep_stale())
