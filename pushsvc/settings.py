@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import dj_database_url
+from celery.schedules import crontab
 from kombu import Queue
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -155,6 +156,63 @@ CELERY_TASK_QUEUES = tuple(Queue(name) for name in ("default", "priority", *PUSH
 CELERY_TASK_ROUTES: dict[str, dict[str, str]] = {}
 # Beat schedule: filled by the hygiene and campaign modules' entries below.
 CELERY_BEAT_SCHEDULE: dict[str, dict] = {}
+
+# --- Token hygiene (tokens/feedback.py, tokens/hygiene.py) -------------------------------------
+# Inactive tokens are kept this long before the nightly prune deletes them, so a wrongly
+# deactivated user base can still be restored from its rows.
+HYGIENE_PRUNE_AFTER_DAYS = _env_int("HYGIENE_PRUNE_AFTER_DAYS", 30)
+# Active tokens whose last_seen is older than this are deactivated with reason "stale" (FCM calls
+# a token stale after a month without contact; Android expires them after 270 days).
+HYGIENE_STALE_AFTER_DAYS = _env_int("HYGIENE_STALE_AFTER_DAYS", 90)
+# The campaign guard reports the share of a target not seen for this many days.
+HYGIENE_GUARD_UNSEEN_DAYS = _env_int("HYGIENE_GUARD_UNSEEN_DAYS", 30)
+# Rows per prune/sweep statement: small enough that one statement's row locks last well under 1 s.
+HYGIENE_BATCH_SIZE = _env_int("HYGIENE_BATCH_SIZE", 5000)
+# Invalidations applied per UPDATE, and how often the beat drains the stream (seconds): together
+# "every 5 s or 2,500 tokens, whichever comes first".
+HYGIENE_FEEDBACK_BATCH = _env_int("HYGIENE_FEEDBACK_BATCH", 2500)
+HYGIENE_FEEDBACK_FLUSH_S = _env_float("HYGIENE_FEEDBACK_FLUSH_S", 5.0)
+# Entries read by a consumer that has not acknowledged them after this long are presumed
+# orphaned by a dead consumer and reclaimed (a healthy batch is applied in well under a second).
+HYGIENE_FEEDBACK_CLAIM_IDLE_S = _env_float("HYGIENE_FEEDBACK_CLAIM_IDLE_S", 60.0)
+# TTL of the Redis lock that keeps two beats from running the same job; renewed after each batch,
+# so it only has to outlive one batch, and frees itself soon after a crashed run.
+HYGIENE_LOCK_TTL_S = _env_int("HYGIENE_LOCK_TTL_S", 60)
+# Spike flag: invalid results above this share of a campaign's first N sends per provider
+# (UNREGISTERED at 20 % of the first 1,000 suggests a bad import or a wrong environment).
+HYGIENE_SPIKE_WINDOW = _env_int("HYGIENE_SPIKE_WINDOW", 1000)
+HYGIENE_SPIKE_SHARE = _env_float("HYGIENE_SPIKE_SHARE", 0.20)
+# Nightly prune and daily sweep times (UTC, "HH:MM"); staggered so they never compete.
+HYGIENE_PRUNE_AT = _env("HYGIENE_PRUNE_AT", "03:15")
+HYGIENE_SWEEP_AT = _env("HYGIENE_SWEEP_AT", "04:15")
+
+
+def _daily_at(hhmm: str) -> crontab:
+    hour, _, minute = hhmm.partition(":")
+    return crontab(hour=int(hour), minute=int(minute or 0))
+
+
+CELERY_BEAT_SCHEDULE.update(
+    {
+        # Drains the feedback stream; `expires` drops a drain that waited longer than one interval
+        # in the queue, since the next one does the same work.
+        "tokens-drain-feedback": {
+            "task": "tokens.drain_feedback",
+            "schedule": HYGIENE_FEEDBACK_FLUSH_S,
+            "options": {"queue": "default", "expires": HYGIENE_FEEDBACK_FLUSH_S},
+        },
+        "tokens-prune-inactive": {
+            "task": "tokens.prune_inactive",
+            "schedule": _daily_at(HYGIENE_PRUNE_AT),
+            "options": {"queue": "default"},
+        },
+        "tokens-sweep-stale": {
+            "task": "tokens.sweep_stale",
+            "schedule": _daily_at(HYGIENE_SWEEP_AT),
+            "options": {"queue": "default"},
+        },
+    }
+)
 
 # --- Provider endpoints and trust --------------------------------------------------------------
 # Production values by default; tests and the demo point them at the simulator.
