@@ -214,6 +214,50 @@ CELERY_BEAT_SCHEDULE.update(
     }
 )
 
+# --- Campaigns and fan-out (campaigns/fanout.py, delivery/tasks.py) ---------------------------
+# CAMPAIGN_SHARD_SIZE: active devices per shard (one send task). CAMPAIGN_CHUNK_SIZE: devices sent
+# between two checks of the campaign's pause/cancel flag and the rate limiter, so a pause takes
+# effect within one chunk. CAMPAIGN_MAX_ATTEMPTS: sends per device before a transient failure is
+# dead-lettered; retries wait CAMPAIGN_RETRY_BASE_S * 2^(attempt-1) (jittered, at least the
+# provider's Retry-After) up to CAMPAIGN_RETRY_MAX_S. CAMPAIGN_HALT_MIN_SENDS: sends before the
+# error-rate halt is checked. Mass-prune guard: once CAMPAIGN_PRUNE_GUARD_MIN of the first
+# CAMPAIGN_PRUNE_GUARD_WINDOW results of one provider are in, an invalid-token share above
+# CAMPAIGN_PRUNE_GUARD_RATIO pauses the campaign instead of deactivating tokens.
+# CAMPAIGN_SCHEDULER_INTERVAL_S: how often beat launches campaigns whose send_at has passed.
+# DIRECT_SEND_MAX_RECIPIENTS: user_ids/device_ids accepted by POST /api/v1/notifications/.
+CAMPAIGN_SHARD_SIZE = _env_int("CAMPAIGN_SHARD_SIZE", 1000)
+CAMPAIGN_CHUNK_SIZE = _env_int("CAMPAIGN_CHUNK_SIZE", 250)
+CAMPAIGN_MAX_ATTEMPTS = _env_int("CAMPAIGN_MAX_ATTEMPTS", 5)
+CAMPAIGN_RETRY_BASE_S = _env_float("CAMPAIGN_RETRY_BASE_S", 2.0)
+CAMPAIGN_RETRY_MAX_S = _env_float("CAMPAIGN_RETRY_MAX_S", 300.0)
+CAMPAIGN_HALT_MIN_SENDS = _env_int("CAMPAIGN_HALT_MIN_SENDS", 1000)
+CAMPAIGN_PRUNE_GUARD_MIN = _env_int("CAMPAIGN_PRUNE_GUARD_MIN", 200)
+CAMPAIGN_PRUNE_GUARD_WINDOW = _env_int("CAMPAIGN_PRUNE_GUARD_WINDOW", 1000)
+CAMPAIGN_PRUNE_GUARD_RATIO = _env_float("CAMPAIGN_PRUNE_GUARD_RATIO", 0.5)
+CAMPAIGN_SCHEDULER_INTERVAL_S = _env_float("CAMPAIGN_SCHEDULER_INTERVAL_S", 5.0)
+DIRECT_SEND_MAX_RECIPIENTS = _env_int("DIRECT_SEND_MAX_RECIPIENTS", 10_000)
+# Per (app, provider) send rate shared by all workers (token bucket in Redis), in messages per
+# second; 0 = unlimited. FCM publishes 600,000/min per project; APNs, HMS and Web Push publish
+# no fixed quota (they answer 429/503 when pushed too hard, which the retries honour).
+PUSH_RATE_LIMITS = {
+    "ios": _env_float("PUSH_RATE_LIMIT_APNS", 0),
+    "android": _env_float("PUSH_RATE_LIMIT_FCM", 600_000 / 60),
+    "huawei": _env_float("PUSH_RATE_LIMIT_HMS", 0),
+    "web": _env_float("PUSH_RATE_LIMIT_WEBPUSH", 0),
+}
+# PUSH_EVENT_LOOP: "asyncio" or "uvloop", the loop each worker process runs its providers on.
+PUSH_EVENT_LOOP = _env("PUSH_EVENT_LOOP", "asyncio")
+CELERY_TASK_ROUTES.update(
+    {
+        "delivery.tasks.plan_campaign": {"queue": "default"},
+        "delivery.tasks.launch_due_campaigns": {"queue": "default"},
+    }
+)
+CELERY_BEAT_SCHEDULE["launch-due-campaigns"] = {
+    "task": "delivery.tasks.launch_due_campaigns",
+    "schedule": CAMPAIGN_SCHEDULER_INTERVAL_S,
+}
+
 # --- Provider endpoints and trust --------------------------------------------------------------
 # Production values by default; tests and the demo point them at the simulator.
 APNS_ENDPOINT_PRODUCTION = _env("APNS_ENDPOINT_PRODUCTION", "https://api.push.apple.com")

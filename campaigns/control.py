@@ -1,0 +1,131 @@
+"""Campaign state transitions and the control flag shards watch.
+
+The database row is the truth; a Redis key per campaign mirrors its state so that every shard
+can check it between two chunks (a GET in a pipeline it sends anyway) and a pause, halt or
+cancel takes effect within one chunk instead of after the queue drains.
+
+Resuming and a shard parking itself can race; both hand the shard back with a conditional
+`UPDATE ... WHERE status = 'paused'`, so exactly one of them re-enqueues it.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import redis
+from django.db import connection, transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from campaigns.models import Campaign, Shard
+from delivery import idempotency
+
+logger = logging.getLogger(__name__)
+
+RUNNING = Campaign.Status.RUNNING.value
+PAUSED = Campaign.Status.PAUSED.value
+HALTED = Campaign.Status.HALTED.value
+CANCELLED = Campaign.Status.CANCELLED.value
+
+
+class TransitionError(Exception):
+    """The campaign is not in a state that allows this action (the API answers 409)."""
+
+
+def flag_key(campaign_id: int) -> str:
+    return f"pushsvc:campaign:{campaign_id}:state"
+
+
+def set_flag(client: redis.Redis, campaign_id: int, state: str) -> None:
+    client.set(flag_key(campaign_id), state, ex=30 * 24 * 3600)
+
+
+def current_state(client: redis.Redis, campaign_id: int) -> str:
+    """The campaign's state as shards see it; the database answers when the flag is missing."""
+    raw = client.get(flag_key(campaign_id))
+    if raw is not None:
+        return raw.decode()
+    status = Campaign.objects.filter(pk=campaign_id).values_list("status", flat=True).first() or CANCELLED
+    set_flag(client, campaign_id, status)
+    return status
+
+
+def pause(client: redis.Redis, campaign_id: int, reason: str = "", *, to: str = PAUSED) -> bool:
+    """Pause (or halt, with `to=HALTED`) a running campaign; False when it was not running."""
+    changed = Campaign.objects.filter(pk=campaign_id, status=RUNNING).update(status=to, status_reason=reason)
+    if changed:
+        set_flag(client, campaign_id, to)
+        logger.warning("campaign %s %s: %s", campaign_id, to, reason or "by request")
+    return bool(changed)
+
+
+def resume(client: redis.Redis, campaign_id: int, *, confirm_prune: bool = False) -> None:
+    """Resume a paused or halted campaign and re-enqueue its parked shards."""
+    updates: dict[str, object] = {"status": RUNNING, "status_reason": ""}
+    if confirm_prune:
+        updates["prune_confirmed"] = True
+    changed = Campaign.objects.filter(pk=campaign_id, status__in=(PAUSED, HALTED)).update(**updates)
+    if not changed:
+        raise TransitionError("Only a paused or halted campaign can be resumed.")
+    set_flag(client, campaign_id, RUNNING)
+    from campaigns import fanout
+
+    for shard_id, queue in unpark_shards(campaign_id):
+        fanout.enqueue_shard(shard_id, queue)
+    if not Campaign.objects.filter(pk=campaign_id).values_list("planned", flat=True).first():
+        fanout.enqueue_plan(campaign_id)
+    complete_if_done(client, campaign_id)
+
+
+def unpark_shards(campaign_id: int, shard_id: int | None = None) -> list[tuple[int, str]]:
+    """paused -> pending for the campaign's parked shards (or one); the ones this call moved."""
+    table = Shard._meta.db_table
+    sql = f"UPDATE {table} SET status = %s WHERE campaign_id = %s AND status = %s"
+    params: list[object] = [Shard.Status.PENDING, campaign_id, Shard.Status.PAUSED]
+    if shard_id is not None:
+        sql += " AND id = %s"
+        params.append(shard_id)
+    with connection.cursor() as cursor:
+        cursor.execute(sql + " RETURNING id, queue", params)
+        return [(row[0], row[1]) for row in cursor.fetchall()]
+
+
+def cancel(client: redis.Redis, campaign_id: int) -> None:
+    now = timezone.now()
+    with transaction.atomic():
+        changed = (
+            Campaign.objects.filter(pk=campaign_id)
+            .exclude(status__in=Campaign.FINAL_STATUSES)
+            .update(status=CANCELLED, finished_at=now)
+        )
+        if not changed:
+            raise TransitionError("The campaign is already finished.")
+        Shard.objects.filter(
+            campaign_id=campaign_id, status__in=(Shard.Status.PENDING, Shard.Status.PAUSED)
+        ).update(status=Shard.Status.CANCELLED)
+    set_flag(client, campaign_id, CANCELLED)
+    idempotency.expire(client, campaign_id)
+
+
+def start(campaign_id: int) -> bool:
+    """draft/scheduled -> running, holding one `outstanding` for the planner. False if not due."""
+    now = timezone.now()
+    return bool(
+        Campaign.objects.filter(
+            Q(send_at__isnull=True) | Q(send_at__lte=now),
+            pk=campaign_id,
+            status__in=(Campaign.Status.DRAFT, Campaign.Status.SCHEDULED),
+        ).update(status=RUNNING, started_at=now, outstanding=1)
+    )
+
+
+def complete_if_done(client: redis.Redis, campaign_id: int) -> bool:
+    """running with nothing outstanding -> completed; True only for the one caller that did it."""
+    done = Campaign.objects.filter(pk=campaign_id, status=RUNNING, outstanding=0).update(
+        status=Campaign.Status.COMPLETED, finished_at=timezone.now()
+    )
+    if done:
+        set_flag(client, campaign_id, Campaign.Status.COMPLETED)
+        idempotency.expire(client, campaign_id)
+        logger.info("campaign %s completed", campaign_id)
+    return bool(done)

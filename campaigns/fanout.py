@@ -1,0 +1,383 @@
+"""Fan-out: a campaign becomes shards, a shard becomes provider requests.
+
+launch (API or beat) -> `plan` (a task on `default`) -> one `send_shard` task per shard on the
+provider's queue -> each shard records its results (delivery/results.py); the shard whose
+transaction brings the campaign's `outstanding` to 0 completes it. Retried and held devices
+become follow-up shards of the same campaign, so completion waits for them too.
+
+Planning never holds the segment: per platform it walks the fan-out index
+(app, platform, is_active, id) with a keyset (`id > lo ... OFFSET size-1 LIMIT 1`), which reads
+~size index entries to find each shard's upper bound, and writes shards in batches. A shard is
+`(platform, lo, hi]` in the database and its id in the broker message.
+
+A shard loads its devices with one query, drops those the campaign already finished
+(delivery/idempotency.py), and sends them chunk by chunk over the worker's warm provider.
+Between chunks it checks the campaign's control flag and takes its share of the rate limits,
+in one pipelined round trip.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from datetime import timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.db.models import F, Max, QuerySet
+from django.utils import timezone
+
+from campaigns import control
+from campaigns.guard import PruneGuard, describe
+from campaigns.models import Campaign, Shard
+from delivery import idempotency, runtime
+from delivery.payload import PushMessage
+from delivery.providers.base import Outcome, Target
+from delivery.providers.registry import provider_class
+from delivery.ratelimit import TokenBucket, campaign_key, provider_key, rollout_rate
+from delivery.results import Device, ShardResults, apply_shard_run
+from tokens.models import DeviceToken, Platform
+
+logger = logging.getLogger(__name__)
+
+PRIORITY_QUEUE = "priority"
+PLAN_BATCH = 100  # shards written and enqueued per transaction while planning
+_VERSION_RE = r"^[0-9]{1,9}(\.[0-9]{1,9}){0,3}$"
+
+
+# --- targeting ---------------------------------------------------------------------------------
+def target_queryset(campaign: Campaign) -> QuerySet[DeviceToken]:
+    """The campaign's active devices (all platforms); see Campaign.target for the keys."""
+    qs = DeviceToken.objects.filter(app_id=campaign.app_id, is_active=True)
+    target = campaign.target or {}
+    if target.get("platforms"):
+        qs = qs.filter(platform__in=target["platforms"])
+    if target.get("user_ids"):
+        qs = qs.filter(user_id__in=target["user_ids"])
+    if target.get("device_ids"):
+        qs = qs.filter(device_id__in=target["device_ids"])
+    if target.get("active_within_days"):
+        # Fixed at the campaign's start so every shard applies the same cut.
+        since = (campaign.started_at or timezone.now()) - timedelta(days=int(target["active_within_days"]))
+        qs = qs.filter(last_seen__gte=since)
+    for key, op in (("min_app_version", ">="), ("max_app_version", "<=")):
+        if target.get(key):
+            # Numeric, component-wise (2.10 > 2.9). Versions that are not dotted numbers never match.
+            qs = qs.extra(
+                where=[
+                    f"(CASE WHEN app_version ~ %s THEN string_to_array(app_version, '.')::int[] END) "
+                    f"{op} %s::int[]"
+                ],
+                params=[_VERSION_RE, [int(p) for p in str(target[key]).split(".")]],
+            )
+    return qs
+
+
+def target_platforms(campaign: Campaign) -> list[str]:
+    wanted = (campaign.target or {}).get("platforms") or [p.value for p in Platform]
+    return [p for p in Platform.values if p in wanted]
+
+
+def queue_for(campaign: Campaign, platform: str) -> str:
+    if campaign.kind == Campaign.Kind.DIRECT:
+        return PRIORITY_QUEUE
+    return provider_class(platform).queue
+
+
+# --- enqueueing --------------------------------------------------------------------------------
+def enqueue_shard(shard_id: int, queue: str, countdown: float | None = None) -> None:
+    from delivery.tasks import send_shard
+
+    send_shard.apply_async(args=[shard_id], queue=queue, countdown=countdown)
+
+
+def enqueue_plan(campaign_id: int) -> None:
+    from delivery.tasks import plan_campaign
+
+    plan_campaign.apply_async(args=[campaign_id])
+
+
+def launch(campaign: Campaign) -> None:
+    """Start a draft campaign now, or leave it scheduled for beat (see launch_due)."""
+    if campaign.send_at and campaign.send_at > timezone.now():
+        Campaign.objects.filter(pk=campaign.pk, status=Campaign.Status.DRAFT).update(
+            status=Campaign.Status.SCHEDULED
+        )
+        return
+    if control.start(campaign.pk):
+        control.set_flag(runtime.redis_client(), campaign.pk, control.RUNNING)
+        enqueue_plan(campaign.pk)
+
+
+def launch_due() -> list[int]:
+    """Start every scheduled campaign whose send_at has passed (run by beat every few seconds).
+
+    Beat rather than a broker ETA: an ETA message waits unacknowledged in a worker and comes back
+    after the visibility timeout, so a campaign scheduled hours ahead would be planned twice.
+    """
+    launched = []
+    due = Campaign.objects.filter(status=Campaign.Status.SCHEDULED, send_at__lte=timezone.now())
+    for campaign_id in due.values_list("id", flat=True)[:100]:
+        if control.start(campaign_id):  # conditional: two beats cannot both start it
+            control.set_flag(runtime.redis_client(), campaign_id, control.RUNNING)
+            enqueue_plan(campaign_id)
+            launched.append(campaign_id)
+    return launched
+
+
+# --- planning ----------------------------------------------------------------------------------
+def iter_ranges(qs: QuerySet[DeviceToken], size: int, after: int = 0) -> Iterator[tuple[int, int, int]]:
+    """(lo, hi, n): consecutive keyset ranges of `qs` holding `size` rows each (the last: fewer)."""
+    lo = after
+    while True:
+        page = qs.filter(id__gt=lo).order_by("id")
+        hi = page.values_list("id", flat=True)[size - 1 : size].first()
+        if hi is None:
+            tail = page.aggregate(hi=Max("id"))["hi"]
+            if tail is not None:
+                yield lo, tail, page.count()
+            return
+        yield lo, hi, size
+        lo = hi
+
+
+def plan(campaign_id: int) -> None:
+    """Write and enqueue a running campaign's shards. Safe to run again after a crash: it
+    continues after the highest range already planned per platform."""
+    campaign = Campaign.objects.filter(pk=campaign_id).first()
+    if campaign is None or campaign.planned or campaign.status in Campaign.FINAL_STATUSES:
+        return
+    if campaign.status in (Campaign.Status.DRAFT, Campaign.Status.SCHEDULED):
+        return
+    client = runtime.redis_client()
+    size = settings.CAMPAIGN_SHARD_SIZE
+    base = target_queryset(campaign)
+    for platform in target_platforms(campaign):
+        queue = queue_for(campaign, platform)
+        done_upto = (
+            Shard.objects.filter(campaign_id=campaign_id, platform=platform, is_child=False).aggregate(
+                hi=Max("hi")
+            )["hi"]
+            or 0
+        )
+        batch: list[Shard] = []
+        for lo, hi, n in iter_ranges(base.filter(platform=platform), size, done_upto):
+            batch.append(
+                Shard(campaign_id=campaign_id, platform=platform, queue=queue, lo=lo, hi=hi, planned=n)
+            )
+            if len(batch) >= PLAN_BATCH:
+                if not _flush(client, campaign_id, batch):
+                    return
+                batch = []
+        if batch and not _flush(client, campaign_id, batch):
+            return
+    with transaction.atomic():
+        Campaign.objects.filter(pk=campaign_id, planned=False).update(
+            planned=True, outstanding=F("outstanding") - 1
+        )
+    control.complete_if_done(client, campaign_id)
+
+
+def _flush(client, campaign_id: int, batch: list[Shard]) -> bool:
+    """Write a batch of shards, count them outstanding, enqueue them. False once cancelled."""
+    if control.current_state(client, campaign_id) == control.CANCELLED:
+        return False
+    with transaction.atomic():
+        Shard.objects.bulk_create(batch)
+        Campaign.objects.filter(pk=campaign_id).update(
+            outstanding=F("outstanding") + len(batch),
+            targeted=F("targeted") + sum(s.planned for s in batch),
+        )
+    for shard in batch:
+        enqueue_shard(shard.pk, shard.queue)
+    return True
+
+
+def plan_direct(campaign: Campaign) -> int:
+    """Plan a direct send in the request: its devices (at most 10,000) as list shards on the
+    priority queue. Returns the number of devices targeted."""
+    size = settings.CAMPAIGN_SHARD_SIZE
+    rows = list(target_queryset(campaign).order_by("platform", "id").values_list("platform", "id"))
+    by_platform: dict[str, list[int]] = {}
+    for platform, pk in rows:
+        by_platform.setdefault(platform, []).append(pk)
+    shards = [
+        Shard(
+            campaign_id=campaign.pk,
+            platform=platform,
+            queue=PRIORITY_QUEUE,
+            device_ids=ids[i : i + size],
+            planned=len(ids[i : i + size]),
+        )
+        for platform, ids in by_platform.items()
+        for i in range(0, len(ids), size)
+    ]
+    now = timezone.now()
+    with transaction.atomic():
+        Shard.objects.bulk_create(shards)
+        Campaign.objects.filter(pk=campaign.pk).update(
+            status=Campaign.Status.RUNNING if shards else Campaign.Status.COMPLETED,
+            started_at=now,
+            finished_at=None if shards else now,
+            planned=True,
+            outstanding=len(shards),
+            targeted=len(rows),
+        )
+    client = runtime.redis_client()
+    control.set_flag(client, campaign.pk, control.RUNNING if shards else Campaign.Status.COMPLETED)
+    for shard in shards:
+        enqueue_shard(shard.pk, shard.queue)
+    return len(rows)
+
+
+# --- sending -----------------------------------------------------------------------------------
+def _load(shard: Shard, campaign: Campaign) -> list[Device]:
+    if shard.is_range:
+        qs = target_queryset(campaign).filter(platform=shard.platform, id__gt=shard.lo, id__lte=shard.hi)
+    else:
+        qs = DeviceToken.objects.filter(
+            app_id=campaign.app_id, platform=shard.platform, is_active=True, id__in=shard.device_ids
+        )
+    rows = qs.order_by("id").values_list("id", "token", "web_p256dh", "web_auth", "device_id")
+    return [Device(*row) for row in rows]
+
+
+def run_shard(shard_id: int) -> None:
+    shard = Shard.objects.select_related("campaign__app").filter(pk=shard_id).first()
+    if shard is None or shard.status != Shard.Status.PENDING:
+        return  # already recorded (a redelivery), parked or cancelled
+    campaign = shard.campaign
+    client = runtime.redis_client()
+    state = control.current_state(client, campaign.pk)
+    if state != control.RUNNING:
+        _park(client, shard, state)
+        return
+
+    devices = _load(shard, campaign)
+    first_run = not shard.is_child and shard.loaded is None
+    already = idempotency.finished(client, campaign.pk, [d.pk for d in devices])
+    todo = [d for d in devices if d.pk not in already]
+    results = ShardResults(
+        attempt=shard.attempt,
+        max_attempts=settings.CAMPAIGN_MAX_ATTEMPTS,
+        skipped_duplicate=len(already),
+    )
+    park: str | None = None
+    done_upto = 0
+    if todo:
+        park, done_upto = _send(client, shard, campaign, todo, results)
+
+    rest_lo: int | None = None
+    rest_ids: list[int] | None = None
+    if park is not None:
+        rest_lo = todo[done_upto - 1].pk if done_upto else shard.lo
+        rest_ids = [d.pk for d in todo[done_upto:]]
+        if shard.is_range:
+            # Finished devices beyond the new lower bound are met (and counted) again on resume.
+            results.skipped_duplicate = sum(1 for pk in already if rest_lo is not None and pk <= rest_lo)
+    applied = apply_shard_run(
+        shard,
+        results,
+        loaded=len(devices) if first_run else None,
+        park=park,
+        rest_lo=rest_lo,
+        rest_ids=rest_ids,
+    )
+    if not applied.recorded:
+        return
+    for follow_up, queue, delay in applied.follow_ups:
+        enqueue_shard(follow_up, queue, countdown=delay)
+    if applied.completed:
+        control.set_flag(client, campaign.pk, Campaign.Status.COMPLETED)
+        idempotency.expire(client, campaign.pk)
+        logger.info("campaign %s completed", campaign.pk)
+    elif applied.halted_reason:
+        control.set_flag(client, campaign.pk, control.HALTED)
+        logger.warning("campaign %s %s", campaign.pk, applied.halted_reason)
+    if park == control.PAUSED or results.held:
+        _requeue_if_resumed(client, campaign.pk, shard.pk if park else None)
+
+
+def _send(
+    client, shard: Shard, campaign: Campaign, todo: list[Device], results: ShardResults
+) -> tuple[str | None, int]:
+    """Send `todo` chunk by chunk; (why it stopped early or None, how many devices it finished)."""
+    message = PushMessage.from_dict(campaign.message)
+    provider = runtime.provider_for(campaign.app, shard.platform)
+    bucket = TokenBucket(client)
+    guard = PruneGuard(client)
+    provider_rate = float(settings.PUSH_RATE_LIMITS.get(shard.platform, 0) or 0)
+    chunk_size = max(settings.CAMPAIGN_CHUNK_SIZE, 1)
+    web = shard.platform == Platform.WEB
+    for start in range(0, len(todo), chunk_size):
+        chunk = todo[start : start + chunk_size]
+        state = control.current_state(client, campaign.pk)
+        if state != control.RUNNING:
+            return (control.CANCELLED if state == control.CANCELLED else control.PAUSED), start
+        wait = bucket.reserve(provider_key(campaign.app_id, shard.platform), provider_rate, len(chunk))
+        if campaign.rollout_start_rate or campaign.rollout_max_rate:
+            rate = rollout_rate(
+                campaign.rollout_start_rate,
+                campaign.rollout_max_rate,
+                campaign.rollout_ramp_minutes,
+                campaign.started_at or timezone.now(),
+                timezone.now(),
+            )
+            wait = max(wait, bucket.reserve(campaign_key(campaign.pk), rate, len(chunk)))
+        if wait > 0:
+            time.sleep(wait)
+        targets = [
+            Target(device_id=d.pk, token=d.token, p256dh=d.p256dh if web else "", auth=d.auth if web else "")
+            for d in chunk
+        ]
+        answers = runtime.run(provider.send_many(targets, message))
+        invalid = sum(1 for a in answers if a.outcome == Outcome.INVALID_TOKEN)
+        hold_invalid = False
+        if not campaign.prune_confirmed:
+            hold_invalid = guard.observe(campaign.pk, shard.platform, len(answers), invalid)
+        final = results.add(chunk, answers, hold_invalid=hold_invalid and invalid > 0)
+        idempotency.mark_finished(client, campaign.pk, final)
+        if hold_invalid and invalid:
+            reason = next(a.reason for a in answers if a.outcome == Outcome.INVALID_TOKEN)
+            control.pause(client, campaign.pk, describe(shard.platform, invalid, len(answers), reason))
+        if results.auth_reason:
+            control.pause(
+                client,
+                campaign.pk,
+                f"Provider credentials rejected ({shard.platform}: {results.auth_reason}). "
+                "No token was changed; fix the app's credentials and resume.",
+            )
+            return control.PAUSED, start + len(chunk)
+    return None, len(todo)
+
+
+def _park(client, shard: Shard, state: str) -> None:
+    status = Shard.Status.CANCELLED if state == control.CANCELLED else Shard.Status.PAUSED
+    if state == Campaign.Status.COMPLETED:
+        status = Shard.Status.CANCELLED  # cannot happen with outstanding bookkeeping; be safe
+    Shard.objects.filter(pk=shard.pk, status=Shard.Status.PENDING).update(status=status)
+    if status == Shard.Status.PAUSED:
+        _requeue_if_resumed(client, shard.campaign_id, shard.pk)
+
+
+def _requeue_if_resumed(client, campaign_id: int, shard_id: int | None) -> None:
+    """A resume may have run between our flag check and parking: hand parked work back."""
+    if control.current_state(client, campaign_id) != control.RUNNING:
+        return
+    for follow_up, queue in control.unpark_shards(campaign_id, shard_id):
+        enqueue_shard(follow_up, queue)
+
+
+def progress(campaign: Campaign) -> dict[str, object]:
+    """Rate (deliveries/s since start) and ETA for the API and the admin."""
+    now = timezone.now()
+    end = campaign.finished_at or now
+    elapsed = (end - campaign.started_at).total_seconds() if campaign.started_at else 0.0
+    done = campaign.processed
+    rate = done / elapsed if elapsed > 0 else 0.0
+    remaining = max(campaign.targeted - done, 0)
+    eta = None
+    if campaign.status == Campaign.Status.RUNNING and rate > 0:
+        eta = (now + timedelta(seconds=remaining / rate)).isoformat()
+    return {"elapsed_s": round(elapsed, 3), "rate_per_s": round(rate, 1), "remaining": remaining, "eta": eta}

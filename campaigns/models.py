@@ -1,0 +1,154 @@
+"""Campaigns, their shards and their per-reason tallies.
+
+A campaign's counters are written only in bulk: each shard run adds its tallies with one
+`UPDATE ... SET delivered = delivered + n, ...` (see delivery/results.py), never per token.
+When a campaign is finished they add up:
+
+    targeted = delivered + invalidated + failed + skipped_duplicate + not_sent
+
+where `not_sent` is what a cancel or a halt left unsent (see `Campaign.not_sent`).
+`delivered_after_retry` is a part of `delivered`; `sent` counts provider requests (a retried
+device counts once per attempt) and `retried` counts retry attempts scheduled.
+"""
+
+from __future__ import annotations
+
+from django.db import models
+from django.utils import timezone
+
+from tokens.models import App, Platform
+
+
+class Campaign(models.Model):
+    class Status(models.TextChoices):
+        DRAFT = "draft"
+        SCHEDULED = "scheduled"
+        RUNNING = "running"
+        PAUSED = "paused"
+        HALTED = "halted"
+        CANCELLED = "cancelled"
+        COMPLETED = "completed"
+        FAILED = "failed"
+
+    class Kind(models.TextChoices):
+        BROADCAST = "broadcast"  # a segment, planned into range shards by a Celery task
+        DIRECT = "direct"  # up to 10,000 listed users/devices, planned in the request, priority queue
+
+    FINAL_STATUSES = (Status.CANCELLED, Status.COMPLETED, Status.FAILED)
+
+    app = models.ForeignKey(App, on_delete=models.CASCADE, related_name="campaigns")
+    name = models.CharField(max_length=200, blank=True, default="")
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.BROADCAST)
+    # PushMessage.to_dict(): validated once at creation, rebuilt by every shard.
+    message = models.JSONField()
+    # {"platforms": [...], "user_ids": [...], "device_ids": [...], "min_app_version": "2.1",
+    #  "max_app_version": "3", "active_within_days": 30}; {} = every active device of the app.
+    target = models.JSONField(default=dict, blank=True)
+    send_at = models.DateTimeField(null=True, blank=True)
+    # Rollout: start at `rollout_start_rate` deliveries/s and ramp linearly to `rollout_max_rate`
+    # over `rollout_ramp_minutes`. Null rates = as fast as the provider limit allows.
+    rollout_start_rate = models.PositiveIntegerField(null=True, blank=True)
+    rollout_max_rate = models.PositiveIntegerField(null=True, blank=True)
+    rollout_ramp_minutes = models.PositiveIntegerField(default=0)
+    halt_error_rate = models.FloatField(default=0.05)
+    # Set by an operator who checked a mass-prune pause: invalid answers are applied from then on.
+    prune_confirmed = models.BooleanField(default=False)
+
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.DRAFT)
+    status_reason = models.TextField(blank=True, default="")
+    created_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    targeted = models.BigIntegerField(default=0)
+    sent = models.BigIntegerField(default=0)
+    delivered = models.BigIntegerField(default=0)
+    delivered_after_retry = models.BigIntegerField(default=0)
+    retried = models.BigIntegerField(default=0)
+    failed = models.BigIntegerField(default=0)
+    invalidated = models.BigIntegerField(default=0)
+    skipped_duplicate = models.BigIntegerField(default=0)
+
+    # Completion bookkeeping: shards not yet done, plus one held by the planner while it plans.
+    # The transaction that brings it to 0 (see delivery/results.py) completes the campaign.
+    outstanding = models.BigIntegerField(default=0)
+    planned = models.BooleanField(default=False)
+
+    class Meta:
+        ordering = ("-id",)
+        indexes = [models.Index(fields=["status", "send_at"], name="campaign_due_idx")]
+
+    def __str__(self) -> str:
+        return f"campaign {self.pk} ({self.status})"
+
+    @property
+    def processed(self) -> int:
+        return self.delivered + self.invalidated + self.failed + self.skipped_duplicate
+
+    @property
+    def not_sent(self) -> int:
+        return max(self.targeted - self.processed, 0)
+
+
+class Shard(models.Model):
+    """One unit of sending work: a keyset range `(lo, hi]` of one platform's device ids, or an
+    explicit list of device ids (retries, held devices, direct sends). The broker message is
+    only the shard's id.
+
+    A range shard that stops early (pause) moves `lo` past what it finished, and a list shard
+    drops what it finished, so a resumed shard re-sends nothing.
+    """
+
+    class Status(models.TextChoices):
+        PENDING = "pending"  # enqueued, or about to be
+        PAUSED = "paused"  # waiting for the campaign to resume
+        DONE = "done"
+        CANCELLED = "cancelled"
+
+    campaign = models.ForeignKey(Campaign, on_delete=models.CASCADE, related_name="shards")
+    platform = models.CharField(max_length=16, choices=Platform.choices)
+    queue = models.CharField(max_length=32)
+    lo = models.BigIntegerField(null=True, blank=True)
+    hi = models.BigIntegerField(null=True, blank=True)
+    device_ids = models.JSONField(null=True, blank=True)
+    attempt = models.PositiveSmallIntegerField(default=0)  # 0 = first send, n = n-th retry
+    planned = models.PositiveIntegerField(default=0)  # devices counted into `targeted` at planning
+    loaded = models.PositiveIntegerField(null=True, blank=True)  # devices its first run found
+    is_child = models.BooleanField(default=False)  # a retry or held part of another shard
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    created_at = models.DateTimeField(default=timezone.now)
+    not_before = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        indexes = [models.Index(fields=["campaign", "status"], name="shard_status_idx")]
+
+    def __str__(self) -> str:
+        where = f"({self.lo}, {self.hi}]" if self.device_ids is None else f"{len(self.device_ids)} ids"
+        return f"shard {self.pk} {self.platform} {where} attempt {self.attempt}"
+
+    @property
+    def is_range(self) -> bool:
+        return self.device_ids is None
+
+
+class OutcomeTally(models.Model):
+    """How many devices of a campaign ended (or were retried) with each provider reason.
+
+    Upserted with `count = count + EXCLUDED.count`, one statement per shard run.
+    """
+
+    campaign = models.ForeignKey(Campaign, on_delete=models.CASCADE, related_name="tallies")
+    platform = models.CharField(max_length=16, choices=Platform.choices)
+    outcome = models.CharField(max_length=24)  # delivery.providers.base.Outcome, or "dead_letter"
+    reason = models.CharField(max_length=128)
+    count = models.BigIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["campaign", "platform", "outcome", "reason"], name="uniq_tally_per_reason"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.platform} {self.outcome} {self.reason}: {self.count}"

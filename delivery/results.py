@@ -1,0 +1,314 @@
+"""Per-device results of a shard run, applied in bulk: one statement per kind, never per token.
+
+`ShardResults` sorts a run's results as they come in (chunk by chunk); `apply_shard_run` records
+them in one transaction:
+
+1. invalid tokens deactivated (one UPDATE; an APNs 410 only if the token was not registered again
+   after Apple's timestamp: `updated_at <= invalid_since`),
+2. `last_success_at` of delivered tokens (one UPDATE),
+3. dead letters (one INSERT),
+4. per-reason tallies (one upsert),
+5. the follow-up shards: retries (with their backoff) and held devices (one INSERT),
+6. the shard itself, 7. the campaign's counters and outstanding shards (one UPDATE with F()),
+8. completion or an error-rate halt, decided on the row this transaction just updated.
+
+A second run of an already recorded shard (the broker redelivered it) finds it no longer pending
+and records nothing; the idempotency bitmap made it send nothing either.
+
+Hook for token hygiene: `tokens_invalidated` is sent after commit with the deactivated devices.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import connection, transaction
+from django.db.models import Case, F, Q, Value, When
+from django.dispatch import Signal
+from django.utils import timezone
+
+from campaigns.models import Campaign, OutcomeTally, Shard
+from delivery.models import DeadLetter
+from delivery.providers.base import Outcome, Result
+from tokens.models import DeviceToken
+
+logger = logging.getLogger(__name__)
+
+# sender=None, app_id, platform, campaign_id, devices=[(device_pk, reason, invalid_since)]
+tokens_invalidated = Signal()
+
+DEAD_LETTER = "dead_letter"
+_REASON_MAX = 64
+
+
+@dataclass(slots=True)
+class Device:
+    """A loaded DeviceToken row, as much as sending and recording need."""
+
+    pk: int
+    token: str
+    p256dh: str
+    auth: str
+    device_id: object  # UUID
+
+
+@dataclass
+class ShardResults:
+    attempt: int
+    max_attempts: int
+    sent: int = 0
+    delivered: list[int] = field(default_factory=list)
+    invalid: list[tuple[int, str, datetime | None]] = field(default_factory=list)
+    rejected: list[tuple[int, str]] = field(default_factory=list)
+    dead: list[tuple[Device, str, int | None]] = field(default_factory=list)
+    retry: list[int] = field(default_factory=list)
+    retry_after: float = 0.0
+    held: list[int] = field(default_factory=list)  # auth failure or mass-prune guard: send again on resume
+    skipped_duplicate: int = 0
+    tallies: Counter = field(default_factory=Counter)  # (outcome, reason) -> devices
+    auth_reason: str = ""
+
+    def add(self, devices: list[Device], results: list[Result], *, hold_invalid: bool) -> list[int]:
+        """Sort one chunk's results; returns the device pks whose result is final."""
+        final: list[int] = []
+        last_attempt = self.attempt + 1 >= self.max_attempts
+        self.sent += len(results)
+        for device, result in zip(devices, results, strict=True):
+            outcome = result.outcome
+            reason = (result.reason or str(result.status or ""))[:128]
+            if outcome == Outcome.DELIVERED:
+                self.delivered.append(device.pk)
+                final.append(device.pk)
+                continue
+            if outcome == Outcome.INVALID_TOKEN:
+                if hold_invalid:
+                    self.held.append(device.pk)
+                    continue
+                self.invalid.append((device.pk, reason, result.invalid_since))
+                final.append(device.pk)
+            elif outcome == Outcome.REJECTED:
+                self.rejected.append((device.pk, reason))
+                final.append(device.pk)
+            elif outcome == Outcome.RETRY:
+                if last_attempt:
+                    self.dead.append((device, reason, result.status))
+                    self.tallies[(DEAD_LETTER, reason)] += 1
+                    final.append(device.pk)
+                    continue
+                self.retry.append(device.pk)
+                self.retry_after = max(self.retry_after, result.retry_after or 0.0)
+            elif outcome == Outcome.AUTH_FAILURE:
+                self.held.append(device.pk)
+                self.auth_reason = self.auth_reason or reason
+            self.tallies[(str(outcome), reason)] += 1
+        return final
+
+    @property
+    def failed(self) -> int:
+        return len(self.rejected) + len(self.dead)
+
+
+@dataclass(slots=True)
+class Applied:
+    """What the transaction decided, for the caller to act on after commit."""
+
+    recorded: bool
+    follow_ups: list[tuple[int, str, float | None]] = field(default_factory=list)  # (shard, queue, delay)
+    completed: bool = False
+    halted_reason: str = ""
+
+
+def retry_delay(attempt: int, retry_after: float) -> float:
+    """Exponential backoff with full jitter on the upper half, capped, never below Retry-After."""
+    base = settings.CAMPAIGN_RETRY_BASE_S * (2 ** max(attempt - 1, 0))
+    capped = min(base, settings.CAMPAIGN_RETRY_MAX_S)
+    jittered = capped / 2 + random.uniform(0, capped / 2)
+    return min(max(jittered, retry_after), max(settings.CAMPAIGN_RETRY_MAX_S, retry_after))
+
+
+def apply_shard_run(
+    shard: Shard,
+    results: ShardResults,
+    *,
+    loaded: int | None,
+    park: str | None,
+    rest_lo: int | None,
+    rest_ids: list[int] | None,
+) -> Applied:
+    """Record one run of `shard`. `park` is None (shard done), "paused" or "cancelled"; a parked
+    range shard continues after `rest_lo`, a parked list shard with `rest_ids`."""
+    now = timezone.now()
+    campaign_id = shard.campaign_id
+    applied = Applied(recorded=True)
+    with transaction.atomic():
+        locked = Shard.objects.select_for_update().filter(pk=shard.pk, status=Shard.Status.PENDING).first()
+        if locked is None:
+            return Applied(recorded=False)
+        app_id = Campaign.objects.filter(pk=campaign_id).values_list("app_id", flat=True).get()
+
+        deactivated = _deactivate(app_id, results.invalid, now)
+        if results.delivered:
+            DeviceToken.objects.filter(id__in=results.delivered).update(last_success_at=now)
+        if results.dead:
+            DeadLetter.objects.bulk_create(
+                DeadLetter(
+                    campaign_id=campaign_id,
+                    device_pk=device.pk,
+                    device_id=device.device_id,
+                    platform=shard.platform,
+                    reason=reason,
+                    status=status,
+                    attempts=shard.attempt + 1,
+                    created_at=now,
+                )
+                for device, reason, status in results.dead
+            )
+        _add_tallies(campaign_id, shard.platform, results.tallies)
+
+        follow_ups: list[tuple[Shard, float | None]] = []
+        if results.retry:
+            delay = retry_delay(shard.attempt + 1, results.retry_after)
+            follow_ups.append((_child(shard, results.retry, shard.attempt + 1, now, delay), delay))
+        if results.held:
+            follow_ups.append((_child(shard, results.held, shard.attempt, now, None), None))
+        if follow_ups:
+            Shard.objects.bulk_create([s for s, _ in follow_ups])
+
+        shard_update: dict[str, object] = {}
+        if loaded is not None:
+            shard_update["loaded"] = loaded
+        if park is None:
+            shard_update["status"] = Shard.Status.DONE
+        else:
+            shard_update["status"] = park
+            if shard.is_range and rest_lo is not None:
+                shard_update["lo"] = rest_lo
+            elif not shard.is_range:
+                shard_update["device_ids"] = rest_ids or []
+        Shard.objects.filter(pk=shard.pk).update(**shard_update)
+
+        outstanding_delta = len(follow_ups) - (1 if park is None else 0)
+        counters: dict[str, object] = {
+            "sent": F("sent") + results.sent,
+            "delivered": F("delivered") + len(results.delivered),
+            "failed": F("failed") + results.failed,
+            "invalidated": F("invalidated") + len(results.invalid),
+            "retried": F("retried") + len(results.retry),
+            "skipped_duplicate": F("skipped_duplicate") + results.skipped_duplicate,
+            "outstanding": F("outstanding") + outstanding_delta,
+        }
+        if results.attempt > 0:
+            counters["delivered_after_retry"] = F("delivered_after_retry") + len(results.delivered)
+        if loaded is not None:
+            # First run of a planned shard: devices deactivated or registered since planning.
+            counters["targeted"] = F("targeted") + (loaded - shard.planned)
+        Campaign.objects.filter(pk=campaign_id).update(**counters)
+
+        state = Campaign.objects.filter(pk=campaign_id).values(
+            "status", "outstanding", "sent", "delivered", "failed", "invalidated", "halt_error_rate"
+        )[0]
+        if state["status"] == Campaign.Status.RUNNING:
+            if state["outstanding"] == 0:
+                applied.completed = bool(
+                    Campaign.objects.filter(pk=campaign_id, status=Campaign.Status.RUNNING).update(
+                        status=Campaign.Status.COMPLETED, finished_at=now
+                    )
+                )
+            else:
+                applied.halted_reason = _error_rate_breach(state, results)
+                if applied.halted_reason:
+                    Campaign.objects.filter(pk=campaign_id, status=Campaign.Status.RUNNING).update(
+                        status=Campaign.Status.HALTED, status_reason=applied.halted_reason
+                    )
+        applied.follow_ups = [
+            (s.pk, s.queue, delay) for s, delay in follow_ups if s.status == Shard.Status.PENDING
+        ]
+        if deactivated:
+            devices = [(pk, reason, since) for pk, reason, since in results.invalid]
+            transaction.on_commit(
+                lambda: tokens_invalidated.send(
+                    sender=None,
+                    app_id=app_id,
+                    platform=shard.platform,
+                    campaign_id=campaign_id,
+                    devices=devices,
+                )
+            )
+    return applied
+
+
+def _child(parent: Shard, device_ids: list[int], attempt: int, now: datetime, delay: float | None) -> Shard:
+    return Shard(
+        campaign_id=parent.campaign_id,
+        platform=parent.platform,
+        queue=parent.queue,
+        device_ids=sorted(device_ids),
+        attempt=attempt,
+        planned=len(device_ids),
+        status=Shard.Status.PENDING if delay is not None else Shard.Status.PAUSED,
+        created_at=now,
+        not_before=now + timedelta(seconds=delay) if delay else None,
+        is_child=True,
+    )
+
+
+def _deactivate(app_id: int, invalid: list[tuple[int, str, datetime | None]], now: datetime) -> int:
+    """One UPDATE for the shard's invalid tokens, each with its provider reason."""
+    if not invalid:
+        return 0
+    unconditional: list[int] = []
+    since_groups: dict[datetime, list[int]] = defaultdict(list)
+    reason_groups: dict[str, list[int]] = defaultdict(list)
+    for pk, reason, since in invalid:
+        (since_groups[since].append(pk) if since is not None else unconditional.append(pk))
+        reason_groups[reason[:_REASON_MAX] or "invalid"].append(pk)
+    # Apple's 410 timestamps are few distinct values per shard: one OR term per value.
+    condition = Q(id__in=unconditional) if unconditional else Q(pk__in=[])
+    for since, pks in since_groups.items():
+        condition |= Q(id__in=pks, updated_at__lte=since)
+    if len(reason_groups) == 1:
+        reason_value: object = Value(next(iter(reason_groups)))
+    else:
+        reason_value = Case(*(When(id__in=pks, then=Value(r)) for r, pks in reason_groups.items()))
+    return DeviceToken.objects.filter(condition, app_id=app_id, is_active=True).update(
+        is_active=False, deactivated_at=now, deactivation_reason=reason_value
+    )
+
+
+def _add_tallies(campaign_id: int, platform: str, tallies: Counter) -> None:
+    if not tallies:
+        return
+    table = OutcomeTally._meta.db_table
+    rows = [(campaign_id, platform, outcome, reason, n) for (outcome, reason), n in tallies.items()]
+    placeholders = ", ".join(["(%s, %s, %s, %s, %s)"] * len(rows))
+    sql = (
+        f"INSERT INTO {table} (campaign_id, platform, outcome, reason, count) VALUES {placeholders} "
+        "ON CONFLICT (campaign_id, platform, outcome, reason) "
+        f"DO UPDATE SET count = {table}.count + EXCLUDED.count"
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [value for row in rows for value in row])
+
+
+def _error_rate_breach(state: dict, results: ShardResults) -> str:
+    """Failed (rejected or dead-lettered) share of final results, once enough were sent.
+
+    Invalid tokens and throttling are the normal weather of a broadcast, not errors.
+    """
+    if state["sent"] < settings.CAMPAIGN_HALT_MIN_SENDS:
+        return ""
+    final = state["delivered"] + state["failed"] + state["invalidated"]
+    if final == 0 or state["failed"] <= state["halt_error_rate"] * final:
+        return ""
+    reasons = Counter(reason for reason, _ in ((r, 0) for _, r in results.rejected))
+    reasons.update(reason for _, reason, _ in results.dead)
+    top = ", ".join(f"{r} x{n}" for r, n in reasons.most_common(3)) or "see the failure breakdown"
+    return (
+        f"Halted: {state['failed']} of {final} results failed "
+        f"({100.0 * state['failed'] / final:.1f}%, limit {100.0 * state['halt_error_rate']:.1f}%): {top}."
+    )
