@@ -1,0 +1,252 @@
+"""APNs adapter: token-based auth over HTTP/2 (the libcurl engine), one request per device token.
+
+A message is rendered once (payload bytes and the constant headers) and cached by message id; a send
+then only copies the header dict, adds the JWT, `apns-id` and `apns-expiration`, and appends the token to
+the path.
+
+`apns-id` is derived from (message id, token) rather than left to Apple: it is stable across our
+retries, so a delivery Apple reports twice, or a support case about one notification, can be traced to
+one logical send. `apns-expiration` is absolute (`now + ttl` at the moment of sending), 0 for ttl 0
+("deliver now or never"), absent when the message has no ttl.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from django.conf import settings
+
+from delivery.credentials import ApnsTokens, CredentialError, shared_cache
+from delivery.engine.base import Engine, HttpRequest, TransportError
+from delivery.payload import PushMessage, fit_message
+from delivery.providers import mapping as m
+from delivery.providers.auth import AuthToken
+from delivery.providers.base import Outcome, Provider, Result, Target
+
+if TYPE_CHECKING:
+    from tokens.models import App
+
+# (status, reason) -> Row, for every reason Apple documents ("Handling notification responses from
+# APNs", table 2) plus the key-scoping reasons newer clients see.
+APNS_TABLE: m.Table = {
+    (200, ""): m.DELIVERED,
+    (400, "BadCollapseId"): m.REJECTED,
+    (400, "BadDeviceToken"): m.INVALID_TOKEN,
+    (400, "BadExpirationDate"): m.REJECTED,
+    (400, "BadMessageId"): m.REJECTED,
+    (400, "BadPriority"): m.REJECTED,
+    # Topic problems fail every send of the app until an operator fixes the configuration: pause the
+    # adapter like a credential failure rather than failing messages one by one.
+    (400, "BadTopic"): m.AUTH_FAILURE,
+    (400, "DeviceTokenNotForTopic"): m.INVALID_TOKEN,
+    (400, "DuplicateHeaders"): m.REJECTED,
+    # The connection sat idle too long; the request was not processed and a fresh connection will do.
+    (400, "IdleTimeout"): m.SERVER_ERROR,
+    (400, "InvalidPushType"): m.REJECTED,
+    (400, "MissingDeviceToken"): m.REJECTED,
+    (400, "MissingTopic"): m.AUTH_FAILURE,
+    (400, "PayloadEmpty"): m.REJECTED,
+    (400, "TopicDisallowed"): m.AUTH_FAILURE,
+    (403, "BadCertificate"): m.AUTH_FAILURE,
+    (403, "BadCertificateEnvironment"): m.AUTH_FAILURE,
+    (403, "ExpiredProviderToken"): m.REFRESH_THEN_AUTH_FAILURE,
+    (403, "Forbidden"): m.AUTH_FAILURE,
+    (403, "InvalidProviderToken"): m.AUTH_FAILURE,
+    (403, "MissingProviderToken"): m.AUTH_FAILURE,
+    (403, "UnrelatedKeyIdInToken"): m.AUTH_FAILURE,
+    (403, "BadEnvironmentKeyIdInToken"): m.AUTH_FAILURE,
+    (404, "BadPath"): m.REJECTED,
+    (405, "MethodNotAllowed"): m.REJECTED,
+    (410, "Unregistered"): m.INVALID_TOKEN,
+    (410, "ExpiredToken"): m.INVALID_TOKEN,
+    (413, "PayloadTooLarge"): m.REJECTED,
+    # Minting faster than Apple allows makes the connection unusable for a while: back off; the
+    # credential cache's 20-minute rule keeps us from minting again meanwhile.
+    (429, "TooManyProviderTokenUpdates"): m.THROTTLED,
+    (429, "TooManyRequests"): m.THROTTLED,
+    (500, "InternalServerError"): m.SERVER_ERROR,
+    (503, "ServiceUnavailable"): m.SERVER_ERROR,
+    (503, "Shutdown"): m.SERVER_ERROR,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class _Rendered:
+    message: PushMessage
+    body: bytes
+    headers: dict[str, str]
+    ttl: int | None
+
+
+def render_payload(message: PushMessage) -> bytes:
+    """The APNs JSON payload: `aps` plus the data as top-level custom keys."""
+    aps: dict[str, Any] = {}
+    if message.silent:
+        aps["content-available"] = 1
+    else:
+        alert = {}
+        if message.title:
+            alert["title"] = message.title
+        if message.body:
+            alert["body"] = message.body
+        if alert:
+            aps["alert"] = alert
+        if message.badge is not None:
+            aps["badge"] = message.badge
+        if message.sound:
+            aps["sound"] = message.sound
+        if message.mutable_content:
+            aps["mutable-content"] = 1
+    if message.category:
+        aps["category"] = message.category
+    if message.thread_id:
+        aps["thread-id"] = message.thread_id
+    payload: dict[str, Any] = {"aps": aps, **message.rendered_data()}
+    if message.url:
+        payload["url"] = message.url
+    if message.image:
+        payload["image"] = message.image
+    return orjson.dumps(payload)
+
+
+def apns_id(message_id: str, token: str) -> str:
+    """A UUID (version 5 layout) derived from the message and the token."""
+    h = hashlib.sha1(f"{message_id}:{token}".encode()).hexdigest()
+    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:32]}"
+
+
+class ApnsProvider(Provider):
+    platform = "ios"
+    queue = "apns"
+    payload_limit = 4096
+
+    def __init__(
+        self,
+        engine: Engine,
+        topic: str,
+        auth: AuthToken,
+        *,
+        clock=time.time,
+    ) -> None:
+        self._engine = engine
+        self._path = "/3/device/"  # the engine is bound to the endpoint; requests carry paths
+        self._topic = topic
+        self._auth = auth
+        self._clock = clock
+        self._renders: dict[str, _Rendered] = {}
+
+    @classmethod
+    def from_app(cls, app: App) -> ApnsProvider:
+        from delivery.engine import create_engine
+
+        base_url = (
+            settings.APNS_ENDPOINT_SANDBOX
+            if app.apns_environment == "sandbox"
+            else settings.APNS_ENDPOINT_PRODUCTION
+        )
+        engine = create_engine(
+            base_url,
+            kind="curl",
+            ca_file=settings.PUSH_CA_BUNDLE or None,
+            max_connections=settings.PUSH_CONNECTIONS_PER_POOL,
+            timeout=settings.PUSH_REQUEST_TIMEOUT,
+            h2c=base_url.startswith("http://"),
+        )
+        missing = [
+            f for f in ("apns_key_p8", "apns_key_id", "apns_team_id", "apns_topic") if not getattr(app, f)
+        ]
+        if missing:
+            auth = AuthToken(None, config_error=f"app {app.slug} lacks {', '.join(missing)}")
+        else:
+            auth = AuthToken(ApnsTokens(shared_cache(), app.apns_team_id, app.apns_key_id, app.apns_key_p8))
+        return cls(engine, app.apns_topic, auth)
+
+    @classmethod
+    def payload_size(cls, message: PushMessage) -> int:
+        return len(render_payload(message))
+
+    def _render(self, message: PushMessage) -> _Rendered:
+        fitted = fit_message(message, self.payload_size, self.payload_limit, self.platform)
+        headers = {
+            "apns-topic": self._topic,
+            "apns-push-type": "background" if message.silent else "alert",
+            # Apple requires 5 for background pushes; "normal" asks for power-aware delivery.
+            "apns-priority": "10" if message.priority == "high" and not message.silent else "5",
+            "content-type": "application/json",
+        }
+        if message.collapse_key:
+            headers["apns-collapse-id"] = message.collapse_key
+        rendered = _Rendered(message, render_payload(fitted), headers, message.ttl)
+        if len(self._renders) >= 64:
+            self._renders.pop(next(iter(self._renders)))
+        self._renders[message.message_id] = rendered
+        return rendered
+
+    async def send(self, target: Target, message: PushMessage) -> Result:
+        rendered = self._renders.get(message.message_id)
+        if rendered is None or (rendered.message is not message and rendered.message != message):
+            rendered = self._render(message)
+        try:
+            token = await self._auth.current()
+        except CredentialError as exc:
+            return m.credential_result(target, str(exc), transient=exc.transient)
+        result, reason = await self._attempt(target, message, rendered, token.value)
+        if reason is not None and m.lookup(APNS_TABLE, result.status or 0, reason).refresh_credential:
+            try:
+                newer = await self._auth.refresh(token)
+            except CredentialError as exc:
+                return m.credential_result(target, str(exc), transient=exc.transient)
+            if newer is not None:
+                result, _ = await self._attempt(target, message, rendered, newer.value)
+        return result
+
+    async def _attempt(
+        self, target: Target, message: PushMessage, rendered: _Rendered, jwt: str
+    ) -> tuple[Result, str | None]:
+        headers = rendered.headers.copy()
+        headers["authorization"] = "bearer " + jwt
+        headers["apns-id"] = apns_id(message.message_id, target.token)
+        ttl = rendered.ttl
+        if ttl is not None:
+            headers["apns-expiration"] = str(int(self._clock()) + ttl) if ttl else "0"
+        try:
+            resp = await self._engine.request(
+                HttpRequest("POST", self._path + target.token, headers, rendered.body)
+            )
+        except TransportError as exc:
+            return m.transport_result(target, exc), None
+        if resp.status == 200:
+            return Result(
+                target, Outcome.DELIVERED, 200, provider_message_id=resp.headers.get("apns-id", "")
+            ), None
+        reason, timestamp = _error_body(resp.body)
+        row = m.lookup(APNS_TABLE, resp.status, reason)
+        result = m.make_result(
+            target, row, resp.status, reason, resp.headers, resp.headers.get("apns-id", "")
+        )
+        if resp.status == 410 and timestamp is not None:
+            result.invalid_since = datetime.fromtimestamp(timestamp / 1000, tz=UTC)
+        return result, reason
+
+    async def aclose(self) -> None:
+        await self._engine.aclose()
+
+
+def _error_body(body: bytes) -> tuple[str, int | None]:
+    try:
+        parsed = orjson.loads(body) if body else {}
+    except orjson.JSONDecodeError:
+        return "", None
+    if not isinstance(parsed, dict):
+        return "", None
+    reason = parsed.get("reason")
+    timestamp = parsed.get("timestamp")
+    return (
+        reason if isinstance(reason, str) else "",
+        timestamp if isinstance(timestamp, int) and not isinstance(timestamp, bool) else None,
+    )

@@ -1,0 +1,88 @@
+"""An adapter's handle on its auth token: a check of one attribute on the hot path, and one refresh at
+a time when the token is due or a provider rejected it.
+
+Minting and the Redis round trips (delivery.credentials) are blocking and rare, so they run in a thread;
+a burst of sends that all find the token due wait for one refresh instead of starting one each. After a
+failure, sends fail fast for a short hold instead of hammering the token endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Protocol
+
+from delivery.credentials import Clock, CredentialError, IssuedToken
+
+FAILURE_HOLD = 30.0  # the credentials were refused: re-check this often, not per send
+TRANSIENT_HOLD = 2.0  # the token endpoint is unreachable
+
+
+class TokenSource(Protocol):
+    def get(self) -> IssuedToken: ...
+
+    def refresh(self, rejected: IssuedToken) -> IssuedToken | None: ...
+
+
+class AuthToken:
+    def __init__(
+        self, source: TokenSource | None, *, config_error: str = "", clock: Clock = time.time
+    ) -> None:
+        self._source = source
+        self._config_error = config_error
+        self._clock = clock
+        self.token: IssuedToken | None = None
+        self._failure: CredentialError | None = None
+        self._failed_until = 0.0
+        self._lock: asyncio.Lock | None = None
+        self._lock_loop: asyncio.AbstractEventLoop | None = None
+
+    def fresh(self) -> IssuedToken | None:
+        """The token if it can be used now, without waiting (the hot path)."""
+        token = self.token
+        if token is not None and self._clock() < token.refresh_at:
+            return token
+        return None
+
+    async def current(self) -> IssuedToken:
+        """A usable token; raise CredentialError when none can be had."""
+        token = self.fresh()
+        if token is not None:
+            return token
+        async with self._mutex():
+            token = self.fresh()
+            if token is not None:
+                return token
+            return await self._call(lambda source: source.get())
+
+    async def refresh(self, rejected: IssuedToken) -> IssuedToken | None:
+        """After the provider rejected `rejected`: a newer token, or None if a refresh is not allowed."""
+        async with self._mutex():
+            token = self.fresh()
+            if token is not None and token.value != rejected.value:
+                return token  # a concurrent send refreshed already
+            return await self._call(lambda source: source.refresh(rejected))
+
+    async def _call(self, fn):
+        if self._source is None:
+            raise CredentialError(self._config_error or "no credentials configured", transient=False)
+        if self._clock() < self._failed_until and self._failure is not None:
+            raise self._failure
+        try:
+            token = await asyncio.to_thread(fn, self._source)
+        except CredentialError as exc:
+            self._failure = exc
+            self._failed_until = self._clock() + (TRANSIENT_HOLD if exc.transient else FAILURE_HOLD)
+            raise
+        if token is not None:
+            self.token = token
+            self._failure = None
+        return token
+
+    def _mutex(self) -> asyncio.Lock:
+        # An adapter may outlive an event loop (asyncio.run per task); an asyncio.Lock must not.
+        loop = asyncio.get_running_loop()
+        if self._lock is None or self._lock_loop is not loop:
+            self._lock = asyncio.Lock()
+            self._lock_loop = loop
+        return self._lock
