@@ -29,7 +29,7 @@ from django.conf import settings
 from django.db import OperationalError, connection, transaction
 from django.db.models import Count, Q, QuerySet
 from django.utils import timezone
-from redis.exceptions import LockError
+from redis.exceptions import LockError, LockNotOwnedError
 
 from .feedback import AUDIT_TABLE, redis_client
 from .models import App, DeviceToken
@@ -53,6 +53,7 @@ class JobReport:
     longest_batch_s: float = 0.0  # the longest write transaction, i.e. the longest lock hold
     seconds: float = 0.0
     locked_out: bool = False  # another run held the lock: this one did nothing
+    lock_lost: bool = False  # the lock expired mid-run (a stall): stopped after the current batch
     breakdown: dict[str, int] = field(default_factory=dict)  # dry run: "app/platform" -> rows
 
     def describe(self, verb: str) -> list[str]:
@@ -64,11 +65,14 @@ class JobReport:
             return lines
         if self.locked_out:
             return [f"{self.job} is already running elsewhere; nothing done"]
-        return [
+        summary = (
             f"{verb}d {self.changed} token(s) (cutoff {cutoff}) in {self.batches} batch(es), "
             f"{self.seconds:.2f} s; longest batch {self.longest_batch_s * 1000:.0f} ms"
-            + (f"; {self.skipped_batches} batch(es) skipped on row locks" if self.skipped_batches else "")
-        ]
+        )
+        if self.skipped_batches:
+            summary += f"; {self.skipped_batches} batch(es) skipped on row locks"
+        lost = ["lost the lock to another run and stopped early"] if self.lock_lost else []
+        return [*lost, summary]
 
 
 @contextmanager
@@ -128,7 +132,7 @@ def _run_batches(
         report.batches += 1
         if on_batch is not None:
             on_batch(report)
-        # Renew for one more batch; raises LockNotOwnedError if the lock was lost, ending the run.
+        # Renew for one more batch; LockNotOwnedError if another run took over: stop here.
         lock.extend(settings.HYGIENE_LOCK_TTL_S, replace_ttl=True)
         if len(ids) < batch_size:
             return
@@ -160,9 +164,13 @@ def _run_job(
                 report.locked_out = True
                 logger.info("%s: another run holds the lock; nothing to do", job)
             else:
-                _run_batches(
-                    report, candidates, write, batch_size or settings.HYGIENE_BATCH_SIZE, lock, on_batch
-                )
+                try:
+                    _run_batches(
+                        report, candidates, write, batch_size or settings.HYGIENE_BATCH_SIZE, lock, on_batch
+                    )
+                except LockNotOwnedError:
+                    report.lock_lost = True
+                    logger.warning("%s: lost its lock after %d batch(es); stopping", job, report.batches)
     report.seconds = time.monotonic() - started
     return report
 
