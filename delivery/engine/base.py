@@ -28,6 +28,9 @@ class HttpResponse:
     status: int
     headers: dict[str, str]  # names lower-cased
     body: bytes
+    # The engine re-sent the request after its connection failed with it in flight: the server
+    # may have processed the first copy too (a possible duplicate, to be counted by the caller).
+    maybe_duplicate: bool = False
 
 
 class TransportError(Exception):
@@ -43,6 +46,7 @@ class EngineStats:
     connections_opened: int = 0
     requests_sent: int = 0
     resent_unprocessed: int = 0  # re-sent after REFUSED_STREAM / above GOAWAY last-stream-id
+    resent_maybe_processed: int = 0  # re-sent after the connection died with it in flight
     in_flight: int = 0
     peak_in_flight: int = 0
     peak_streams_per_connection: int = 0

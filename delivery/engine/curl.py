@@ -6,10 +6,15 @@ to be woken (M_TIMERFUNCTION); the loop watches those sockets and calls `socket_
 is no polling and no thread. Finished transfers are collected with `info_read` right after each
 `socket_action`.
 
-Resends: libcurl re-sends on its own a stream the server refused (REFUSED_STREAM, which nghttp2
-also reports for streams above a GOAWAY's last-stream-id) and a request whose reused connection
-died before a single response byte arrived. PREREQFUNCTION runs once per attempt, so a second
-call for the same transfer is such a resend: it is counted, never hidden.
+Resends. libcurl re-sends a request on its own (up to 5 times) in two cases: the stream was
+refused (REFUSED_STREAM, which is also how nghttp2 closes streams above a GOAWAY's
+last-stream-id), and the request's reused connection failed before a single response byte
+arrived. The first is safe; the second is not (the server may have processed the request and
+died before answering). PREREQFUNCTION runs once per attempt, which counts the resends, and
+libcurl keeps the first error message of a transfer across its attempts while a refusal records
+none, which tells the two apart: a response that follows a recorded connection error is marked
+`maybe_duplicate`. A transfer that exhausted libcurl's resends with nothing but refusals is
+re-submitted here until its deadline, so a GOAWAY storm loses nothing.
 
 may_have_reached: PREREQFUNCTION runs after the connection is up and before the request is
 written. A transfer that failed before it ever ran (resolve, connect, TLS, or a timeout while
@@ -46,12 +51,27 @@ _HANDLES_PER_CONNECTION = 2048
 # Providers ask for long-lived connections; libcurl's default drops idle ones after 118 s.
 _IDLE_CONNECTION_MAX_AGE_S = 600
 _CONNECT_TIMEOUT_CAP_S = 10.0
+# libcurl's message when it gives up after re-sending refused streams (lib/transfer.c). A
+# transfer with an earlier connection error carries that error's message instead; if a libcurl
+# release rewords this, such transfers fail as "may have reached" instead of being re-submitted.
+_ONLY_REFUSED_PREFIX = "Connection died, tried"
+_GAVE_UP_CODES = frozenset({pycurl.E_SEND_ERROR, pycurl.E_RECV_ERROR})
 
 
 class _Transfer:
     """A pooled easy handle with its response buffers; reused for many requests."""
 
-    __slots__ = ("attempts", "body", "curl", "engine", "future", "headers", "method", "port")
+    __slots__ = (
+        "attempts",
+        "body",
+        "curl",
+        "deadline",
+        "engine",
+        "future",
+        "headers",
+        "method",
+        "port",
+    )
 
     def __init__(self, engine: CurlEngine) -> None:
         self.engine = engine
@@ -59,7 +79,8 @@ class _Transfer:
         self.body = io.BytesIO()
         self.headers = io.BytesIO()
         self.future: asyncio.Future[HttpResponse] | None = None
-        self.attempts = 0
+        self.attempts = 0  # since the last (re-)submission
+        self.deadline = 0.0  # loop time
         self.port = 0
         self.method = "POST"
         curl.transfer = self  # lets info_read's handle lead back here without a dict lookup
@@ -134,10 +155,9 @@ class CurlEngine(Engine):
             transfer.method = method
         if method != "GET":
             curl.setopt(pycurl.POSTFIELDS, req.body)
-        if req.timeout is not None:
-            curl.setopt(pycurl.TIMEOUT_MS, max(1, int(req.timeout * 1000)))
-        else:
-            curl.setopt(pycurl.TIMEOUT_MS, self._timeout_ms)
+        timeout_ms = self._timeout_ms if req.timeout is None else max(1, int(req.timeout * 1000))
+        curl.setopt(pycurl.TIMEOUT_MS, timeout_ms)
+        transfer.deadline = loop.time() + timeout_ms / 1000
         transfer.attempts = 0
         transfer.port = 0
         future = transfer.future = loop.create_future()
@@ -152,7 +172,7 @@ class CurlEngine(Engine):
         try:
             return await future
         except asyncio.CancelledError:
-            if transfer in self._active:
+            if transfer.future is future:  # still ours: not finished and handed to another request
                 self._abandon(transfer)
             raise
 
@@ -176,6 +196,7 @@ class CurlEngine(Engine):
             connections_opened=s.connections_opened,
             requests_sent=s.requests_sent,
             resent_unprocessed=s.resent_unprocessed,
+            resent_maybe_processed=s.resent_maybe_processed,
             in_flight=s.in_flight,
             peak_in_flight=s.peak_in_flight,
             peak_streams_per_connection=s.peak_streams_per_connection,
@@ -211,9 +232,11 @@ class CurlEngine(Engine):
                 multi.remove_handle(transfer.curl)
             future = transfer.future
             transfer.future = None
-            if future is not None and not future.done():
+            # A closed loop has nobody left awaiting; its futures cannot schedule callbacks.
+            if future is not None and not future.done() and not future.get_loop().is_closed():
                 reached = transfer.attempts > 0
                 future.set_exception(TransportError(str(error), may_have_reached=reached))
+            _reset_buffers(transfer)
             self._pool.append(transfer)
         self._stats.in_flight = 0
         self._streams_by_port.clear()
@@ -281,9 +304,9 @@ class CurlEngine(Engine):
             self._timer = loop.call_later(timeout_ms / 1000, self._on_timeout)
 
     def _on_attempt(self, transfer: _Transfer, local_port: int) -> None:
+        # Runs inside libcurl: it must not raise and must not call back into pycurl.
         stats = self._stats
         if transfer.attempts:
-            stats.resent_unprocessed += 1
             self._release_stream(transfer)
         transfer.attempts += 1
         transfer.port = local_port
@@ -318,36 +341,69 @@ class CurlEngine(Engine):
     def _finish(self, transfer: _Transfer, code: int, message: str) -> None:
         curl = transfer.curl
         self._multi.remove_handle(curl)
-        self._active.discard(transfer)
         self._release_stream(transfer)
-        self._stats.connections_opened += curl.getinfo(_NUM_CONNECTS)
+        stats = self._stats
+        stats.connections_opened += curl.getinfo(_NUM_CONNECTS)
+        resends = transfer.attempts - 1 if transfer.attempts > 1 else 0
         future = transfer.future
-        transfer.future = None
-        if future is not None and not future.done():
-            if code:
-                future.set_exception(
-                    TransportError(f"curl error {code}: {message}", may_have_reached=transfer.attempts > 0)
-                )
+        if future is None or future.done():
+            self._retire(transfer)
+            return
+        if code == 0:
+            # An error message on a successful transfer belongs to an earlier attempt whose
+            # connection failed with the request in flight.
+            maybe_duplicate = bool(resends and curl.errstr())
+            if maybe_duplicate:
+                stats.resent_maybe_processed += resends
             else:
-                future.set_result(
-                    HttpResponse(
-                        curl.getinfo(_RESPONSE_CODE),
-                        _parse_headers(transfer.headers.getvalue()),
-                        transfer.body.getvalue(),
-                    )
+                stats.resent_unprocessed += resends
+            future.set_result(
+                HttpResponse(
+                    curl.getinfo(_RESPONSE_CODE),
+                    _parse_headers(transfer.headers.getvalue()),
+                    transfer.body.getvalue(),
+                    maybe_duplicate,
                 )
-        self._recycle(transfer)
+            )
+        elif code in _GAVE_UP_CODES and resends and message.startswith(_ONLY_REFUSED_PREFIX):
+            # Every attempt was refused: nothing reached the application. Go again, on a fresh
+            # connection, within what is left of the request's deadline.
+            stats.resent_unprocessed += transfer.attempts
+            remaining_ms = int((transfer.deadline - self._loop.time()) * 1000)
+            if remaining_ms <= 0:
+                future.set_exception(
+                    TransportError(f"refused until the deadline: {message}", may_have_reached=False)
+                )
+                self._retire(transfer)
+                return
+            transfer.attempts = 0
+            _reset_buffers(transfer)
+            curl.setopt(pycurl.TIMEOUT_MS, remaining_ms)
+            self._multi.add_handle(curl)
+            return
+        else:
+            if resends:
+                # libcurl's message is now this failure's own: the earlier attempts cannot be
+                # told apart any more, so they count as possibly processed.
+                stats.resent_maybe_processed += resends
+            future.set_exception(
+                TransportError(f"curl error {code}: {message}", may_have_reached=transfer.attempts > 0)
+            )
+        self._retire(transfer)
+
+    def _retire(self, transfer: _Transfer) -> None:
+        transfer.future = None
+        self._active.discard(transfer)
+        _reset_buffers(transfer)
+        self._pool.append(transfer)
         if self._waiters:
             self._wake_next_if_free()
 
     def _abandon(self, transfer: _Transfer) -> None:
         """The caller gave up (cancelled): detach the handle; the stream is reset by libcurl."""
         self._multi.remove_handle(transfer.curl)
-        self._active.discard(transfer)
         self._release_stream(transfer)
-        transfer.future = None
-        self._recycle(transfer)
-        self._wake_next_if_free()
+        self._retire(transfer)
 
     def _release_stream(self, transfer: _Transfer) -> None:
         port = transfer.port
@@ -359,15 +415,6 @@ class CurlEngine(Engine):
             else:
                 self._streams_by_port.pop(port, None)
 
-    def _recycle(self, transfer: _Transfer) -> None:
-        body = transfer.body
-        body.seek(0)
-        body.truncate()
-        headers = transfer.headers
-        headers.seek(0)
-        headers.truncate()
-        self._pool.append(transfer)
-
     def _wake_next_if_free(self) -> None:
         waiters = self._waiters
         while waiters and len(self._active) < self._max_active:
@@ -375,6 +422,12 @@ class CurlEngine(Engine):
             if not waiter.done():
                 waiter.set_result(None)
                 return
+
+
+def _reset_buffers(transfer: _Transfer) -> None:
+    for buffer in (transfer.body, transfer.headers):
+        buffer.seek(0)
+        buffer.truncate()
 
 
 def _header_lines(headers: dict[str, str]) -> list[str]:
