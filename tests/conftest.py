@@ -37,3 +37,34 @@ def redis_client(redis_url: str) -> redis.Redis:
 @pytest.fixture
 def db_vendor() -> str:
     return connection.vendor
+
+
+# --- provider simulator (delivery/simulator, docs/simulator.md) ----------------------------------
+# One simulator process per front for the whole session; each test gets it reset (counters, per-token
+# attempts and knobs), so tests stay independent without paying a start per test.
+@pytest.fixture(scope="session")
+def _simulator_fast_process():
+    from delivery.simulator.testing import SimulatorProcess
+
+    with SimulatorProcess(front="fast", tls=True) as sim:
+        yield sim
+
+
+@pytest.fixture(scope="session")
+def _simulator_strict_process():
+    from delivery.simulator.testing import SimulatorProcess
+
+    with SimulatorProcess(front="strict", tls=True) as sim:
+        yield sim
+
+
+@pytest.fixture
+def simulator_fast(_simulator_fast_process):
+    _simulator_fast_process.reset(config=True)
+    return _simulator_fast_process
+
+
+@pytest.fixture
+def simulator_strict(_simulator_strict_process):
+    _simulator_strict_process.reset(config=True)
+    return _simulator_strict_process

@@ -1,0 +1,205 @@
+"""The simulator's generated secrets: a CA and server certificate, and test credentials per provider.
+
+Everything is generated once into the workdir and reused, so a CA bundle or a .p8 handed to a
+client stays valid across simulator restarts. Only the FCM service account depends on where the
+simulator listens (its `token_uri`), so that JSON is composed on every call from the stored key.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import fcntl
+import ipaddress
+import json
+import os
+import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+APNS_TOPIC = "com.example.pushsvc.demo"
+FCM_PROJECT_ID = "pushsvc-sim"
+VAPID_SUBJECT = "mailto:ops@pushsvc.example"
+
+_ALNUM = "ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789"
+
+
+@dataclass(frozen=True)
+class SimCredentials:
+    workdir: Path
+    ca_file: str
+    server_cert_file: str
+    server_key_file: str
+    apns_key_p8: str
+    apns_key_id: str
+    apns_team_id: str
+    apns_topic: str
+    fcm_service_account: str
+    hms_app_id: str
+    hms_client_secret: str
+    vapid_private_key: str
+    vapid_public_key: str
+    vapid_subject: str
+
+    @property
+    def fcm_project_id(self) -> str:
+        return json.loads(self.fcm_service_account)["project_id"]
+
+    @property
+    def fcm_client_email(self) -> str:
+        return json.loads(self.fcm_service_account)["client_email"]
+
+    def __repr__(self) -> str:  # never print the secrets
+        return f"SimCredentials(workdir={str(self.workdir)!r}, apns_key_id={self.apns_key_id!r})"
+
+
+def _pem_private(key: ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+def _write_once(path: Path, make: Callable[[], bytes]) -> bytes:
+    if path.exists():
+        return path.read_bytes()
+    data = make()
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(data)
+    os.chmod(tmp, 0o600)
+    tmp.replace(path)
+    return data
+
+
+def _make_ca(workdir: Path) -> None:
+    if (workdir / "ca.pem").exists() and (workdir / "server.pem").exists():
+        return
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
+    later = now + dt.timedelta(days=3650)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "pushsvc simulator CA")])
+    ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(later)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(ca_ski, critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    server_key = ec.generate_private_key(ec.SECP256R1())
+    server_cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_name)
+        .public_key(server_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(later)
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.DNSName("localhost"),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    x509.IPAddress(ipaddress.ip_address("::1")),
+                ]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(server_key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    _write_once(workdir / "server.key", lambda: _pem_private(server_key))
+    _write_once(workdir / "server.pem", lambda: server_cert.public_bytes(serialization.Encoding.PEM))
+    _write_once(workdir / "ca.pem", lambda: ca_cert.public_bytes(serialization.Encoding.PEM))
+
+
+def _ids(workdir: Path) -> dict[str, str]:
+    def make() -> bytes:
+        ids = {
+            "apns_key_id": "".join(secrets.choice(_ALNUM) for _ in range(10)),
+            "apns_team_id": "".join(secrets.choice(_ALNUM) for _ in range(10)),
+            "fcm_private_key_id": secrets.token_hex(20),
+            "hms_app_id": str(100_000_000 + secrets.randbelow(900_000_000)),
+            "hms_client_secret": secrets.token_hex(32),
+        }
+        return json.dumps(ids, indent=2).encode()
+
+    return json.loads(_write_once(workdir / "ids.json", make))
+
+
+def ensure_credentials(workdir: str | os.PathLike[str], base_url: str) -> SimCredentials:
+    """Create (first call) or load the simulator's secrets; safe to call from several processes."""
+    wd = Path(workdir).resolve()
+    wd.mkdir(parents=True, exist_ok=True)
+    with open(wd / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        _make_ca(wd)
+        ids = _ids(wd)
+        apns_p8 = _write_once(
+            wd / "apns_key.p8", lambda: _pem_private(ec.generate_private_key(ec.SECP256R1()))
+        )
+        fcm_pem = _write_once(
+            wd / "fcm_key.pem",
+            lambda: _pem_private(rsa.generate_private_key(public_exponent=65537, key_size=2048)),
+        )
+        vapid_pem = _write_once(
+            wd / "vapid_key.pem", lambda: _pem_private(ec.generate_private_key(ec.SECP256R1()))
+        )
+    vapid_key = serialization.load_pem_private_key(vapid_pem, password=None)
+    vapid_point = vapid_key.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    service_account = {
+        "type": "service_account",
+        "project_id": FCM_PROJECT_ID,
+        "private_key_id": ids["fcm_private_key_id"],
+        "private_key": fcm_pem.decode(),
+        "client_email": f"firebase-adminsdk@{FCM_PROJECT_ID}.iam.gserviceaccount.com",
+        "client_id": "100000000000000000001",
+        "auth_uri": "https://accounts.google.com/o/oauth2/auth",
+        "token_uri": base_url.rstrip("/") + "/token",
+        "universe_domain": "googleapis.com",
+    }
+    return SimCredentials(
+        workdir=wd,
+        ca_file=str(wd / "ca.pem"),
+        server_cert_file=str(wd / "server.pem"),
+        server_key_file=str(wd / "server.key"),
+        apns_key_p8=apns_p8.decode(),
+        apns_key_id=ids["apns_key_id"],
+        apns_team_id=ids["apns_team_id"],
+        apns_topic=APNS_TOPIC,
+        fcm_service_account=json.dumps(service_account),
+        hms_app_id=ids["hms_app_id"],
+        hms_client_secret=ids["hms_client_secret"],
+        vapid_private_key=vapid_pem.decode(),
+        vapid_public_key=base64.urlsafe_b64encode(vapid_point).rstrip(b"=").decode(),
+        vapid_subject=VAPID_SUBJECT,
+    )
