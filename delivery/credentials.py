@@ -101,7 +101,6 @@ class SharedTokenCache:
         self._poll = poll_seconds
         self._local: dict[str, IssuedToken] = {}
         self._release = client.register_script(_RELEASE)
-        self._mutex = threading.Lock()  # adapters call from worker threads
 
     def get(self, key: str, mint: Callable[[float], IssuedToken]) -> IssuedToken:
         now = self._clock()
