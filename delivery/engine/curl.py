@@ -51,11 +51,14 @@ _HANDLES_PER_CONNECTION = 2048
 # Providers ask for long-lived connections; libcurl's default drops idle ones after 118 s.
 _IDLE_CONNECTION_MAX_AGE_S = 600
 _CONNECT_TIMEOUT_CAP_S = 10.0
-# libcurl's message when it gives up after re-sending refused streams (lib/transfer.c). A
-# transfer with an earlier connection error carries that error's message instead; if a libcurl
-# release rewords this, such transfers fail as "may have reached" instead of being re-submitted.
-_ONLY_REFUSED_PREFIX = "Connection died, tried"
-_GAVE_UP_CODES = frozenset({pycurl.E_SEND_ERROR, pycurl.E_RECV_ERROR})
+# libcurl keeps the first error message of a transfer. A transfer that ends with libcurl's
+# "gave up re-sending" message had no attempt fail with an error of its own: every one was
+# refused. Otherwise the message is that earlier error's. If a libcurl release rewords it, such
+# transfers fail as "may have reached" instead of being re-submitted: conservative, never a
+# hidden duplicate. (Stopping a transfer from PREREQFUNCTION instead would close its connection
+# and fail every other request on it: measured.)
+_ONLY_REFUSED_MESSAGE = "Connection died, tried"
+_ONLY_REFUSED_CODES = frozenset({pycurl.E_SEND_ERROR, pycurl.E_RECV_ERROR})
 
 
 class _Transfer:
@@ -365,7 +368,7 @@ class CurlEngine(Engine):
                     maybe_duplicate,
                 )
             )
-        elif code in _GAVE_UP_CODES and resends and message.startswith(_ONLY_REFUSED_PREFIX):
+        elif code in _ONLY_REFUSED_CODES and resends and message.startswith(_ONLY_REFUSED_MESSAGE):
             # Every attempt was refused: nothing reached the application. Go again, on a fresh
             # connection, within what is left of the request's deadline.
             stats.resent_unprocessed += transfer.attempts
