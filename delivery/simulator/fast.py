@@ -19,7 +19,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from granian.constants import HTTPModes, Interfaces, SSLProtocols
+from granian.constants import HTTPModes, Interfaces, SSLProtocols, TaskImpl
 from granian.http import HTTP1Settings, HTTP2Settings
 from granian.server.embed import Server
 
@@ -97,7 +97,12 @@ class _Prebound(Server):
 
 
 def build_server(
-    sim: Simulator, sock: socket.socket, tls: tuple[str, str] | None, max_streams: int = 1000
+    sim: Simulator,
+    sock: socket.socket,
+    tls: tuple[str, str] | None,
+    max_streams: int = 1000,
+    runtime_threads: int = 1,
+    task_impl: str = "asyncio",
 ) -> tuple[Server, FastApp]:
     app = FastApp(sim, "https" if tls else "http")
     original_reset = sim.reset
@@ -116,7 +121,8 @@ def build_server(
         "http": HTTPModes.auto,
         "websockets": False,
         "backlog": 1024,
-        "runtime_threads": 1,
+        "runtime_threads": runtime_threads,
+        "task_impl": TaskImpl(task_impl),
         "http1_settings": HTTP1Settings(keep_alive=True),
         "http2_settings": HTTP2Settings(
             max_concurrent_streams=max_streams,

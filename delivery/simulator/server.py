@@ -77,7 +77,11 @@ async def run(
     from delivery.simulator import fast
 
     granian, _app = fast.build_server(
-        sim, sock, (creds.server_cert_file, creds.server_key_file) if tls else None
+        sim,
+        sock,
+        (creds.server_cert_file, creds.server_key_file) if tls else None,
+        runtime_threads=int(os.environ.get("SIM_RUNTIME_THREADS", "1")),
+        task_impl=os.environ.get("SIM_TASK_IMPL", "asyncio"),
     )
     serving = asyncio.ensure_future(granian.serve())
 

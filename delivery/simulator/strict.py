@@ -106,6 +106,7 @@ class _Connection(asyncio.Protocol):
         self.goaway_last: int | None = None
         # HTTP/1.1 state
         self.h1_busy = False
+        self.h1_in_flight = False
 
     # ---- transport events --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

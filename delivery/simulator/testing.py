@@ -25,7 +25,12 @@ from types import TracebackType
 from typing import Any
 from urllib.parse import urlsplit
 
+import http_ece
+import jwt
+from cryptography.hazmat.primitives.asymmetric import ec
+
 from delivery.simulator.credentials import SimCredentials, ensure_credentials
+from delivery.simulator.webpush_keys import b64decode
 
 BASE_DIR = Path(__file__).resolve().parents[2]
 DEFAULT_WORKDIR = BASE_DIR / "var" / "simulator"
@@ -218,3 +223,57 @@ class SimulatorProcess:
             if time.monotonic() > deadline:
                 raise SimulatorError(f"condition not met within {timeout}s; last stats: {stats}")
             time.sleep(interval)
+
+
+# ---- client-side helpers: credentials as a provider client would present them ---------------------
+def apns_jwt(
+    creds: SimCredentials, iat: int | None = None, kid: str | None = None, key_p8: str | None = None
+) -> str:
+    """An APNs provider token (ES256, kid, iss = team, iat)."""
+    claims = {"iss": creds.apns_team_id, "iat": int(time.time()) if iat is None else iat}
+    return jwt.encode(
+        claims, key_p8 or creds.apns_key_p8, algorithm="ES256", headers={"kid": kid or creds.apns_key_id}
+    )
+
+
+def fcm_assertion(
+    creds: SimCredentials, *, now: int | None = None, lifetime: int = 3600, **overrides: Any
+) -> str:
+    """The RS256 JWT a service account posts to its token_uri (JWT-bearer grant)."""
+    sa = json.loads(creds.fcm_service_account)
+    now = int(time.time()) if now is None else now
+    claims = {
+        "iss": sa["client_email"],
+        "aud": sa["token_uri"],
+        "scope": "https://www.googleapis.com/auth/firebase.messaging",
+        "iat": now,
+        "exp": now + lifetime,
+        **overrides,
+    }
+    return jwt.encode(claims, sa["private_key"], algorithm="RS256", headers={"kid": sa["private_key_id"]})
+
+
+def vapid_authorization(
+    creds: SimCredentials, origin: str, *, exp: int | None = None, sub: str | None = None
+) -> str:
+    """`Authorization: vapid t=..., k=...` for an endpoint's origin (RFC 8292)."""
+    claims = {
+        "aud": origin,
+        "exp": int(time.time()) + 12 * 3600 if exp is None else exp,
+        "sub": creds.vapid_subject if sub is None else sub,
+    }
+    token = jwt.encode(claims, creds.vapid_private_key, algorithm="ES256")
+    return f"vapid t={token}, k={creds.vapid_public_key}"
+
+
+def webpush_encrypt(p256dh: str, auth: str, plaintext: bytes) -> bytes:
+    """An aes128gcm record (RFC 8291) for a subscription, as an application server sends it."""
+    sender = ec.generate_private_key(ec.SECP256R1())
+    return http_ece.encrypt(
+        plaintext,
+        salt=os.urandom(16),
+        private_key=sender,
+        dh=b64decode(p256dh),
+        auth_secret=b64decode(auth),
+        version="aes128gcm",
+    )
