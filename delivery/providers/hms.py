@@ -128,7 +128,7 @@ class HmsProvider(Provider):
             return rendered
         fitted = fit_message(message, self.payload_size, self.payload_limit, self.platform)
         rest = orjson.dumps(render_message(fitted))
-        rendered = _Rendered(message, b"," + rest[1:] + b"}}")
+        rendered = _Rendered(message, b"," + rest[1:] + b"}")
         if len(self._renders) >= 64:
             self._renders.pop(next(iter(self._renders)))
         self._renders[message.message_id] = rendered
