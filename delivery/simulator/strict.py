@@ -104,6 +104,7 @@ class _Connection(asyncio.Protocol):
         self.raised = False
         self.handled = 0
         self.goaway_last: int | None = None
+        self.max_accepted = 0
         # HTTP/1.1 state
         self.h1_busy = False
         self.h1_in_flight = False
@@ -244,6 +245,7 @@ class _Connection(asyncio.Protocol):
             self.h2.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
             return
         self.streams[sid] = _Stream(event.headers or [])
+        self.max_accepted = sid
         if len(self.streams) > self.sim.peak_streams_per_connection:
             self.sim.peak_streams_per_connection = len(self.streams)
         if event.stream_ended is not None:
@@ -289,10 +291,6 @@ class _Connection(asyncio.Protocol):
             authority or headers.get("host", ""),
         )
         self.handled += 1
-        if resp.authenticated and not self.raised:
-            self.raised = True
-            self.front.count("settings_raised")
-            self.apply_limit(self.sim.knobs.max_concurrent_streams)
         every = self.sim.knobs.goaway_every
         if every and self.goaway_last is None and self.handled >= every:
             self._send_goaway()
@@ -315,7 +313,9 @@ class _Connection(asyncio.Protocol):
     def _send_goaway(self) -> None:
         """GOAWAY(NO_ERROR) written by hand: h2 would refuse to send the responses still owed after it."""
         assert self.h2 is not None and self.transport is not None
-        self.goaway_last = self.h2.highest_inbound_stream_id
+        # Not h2's highest_inbound_stream_id: that already covers HEADERS later in the same read, which
+        # we have not looked at yet and will now leave unprocessed.
+        self.goaway_last = self.max_accepted
         self.front.count("goaways_sent")
         self._flush()
         frame = GoAwayFrame(stream_id=0, last_stream_id=self.goaway_last, error_code=0)
@@ -347,6 +347,11 @@ class _Connection(asyncio.Protocol):
         if resp.body:
             self.unsent[sid] = (resp.body, True)
             self._send_unsent()
+        if resp.authenticated and not self.raised:
+            # Raised once an authenticated request has been answered on this connection, as APNs does.
+            self.raised = True
+            self.front.count("settings_raised")
+            self.apply_limit(self.sim.knobs.max_concurrent_streams)
 
     def _send_unsent(self) -> None:
         assert self.h2 is not None
