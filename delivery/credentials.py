@@ -24,6 +24,7 @@ import hashlib
 import json
 import logging
 import secrets as _secrets
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -239,7 +240,9 @@ class ApnsTokens:
 
 def _post_token_endpoint(url: str, form: dict[str, str], what: str) -> tuple[str, float]:
     """POST a token request once (the caller's retry policy is the only one) -> (token, expires_in)."""
-    verify: str | bool = settings.PUSH_CA_BUNDLE or True
+    verify: ssl.SSLContext | bool = (
+        ssl.create_default_context(cafile=settings.PUSH_CA_BUNDLE) if settings.PUSH_CA_BUNDLE else True
+    )
     try:
         with httpx.Client(verify=verify, timeout=10.0, follow_redirects=False) as client:
             resp = client.post(url, data=form, headers={"accept": "application/json"})

@@ -128,7 +128,10 @@ def _sizes(message: PushMessage) -> dict[str, int]:
     return {
         "ios": len(apns_payload(message)),
         "android": len(orjson.dumps(fcm_message(message))),
-        "huawei": len(orjson.dumps(hms_message(message))),
+        # the whole request, with room for one 256-character token (HMS counts the body)
+        "huawei": len(
+            orjson.dumps({"validate_only": False, "message": {"token": ["x" * 256], **hms_message(message)}})
+        ),
         # aes128gcm adds 103 bytes to the plaintext
         "web": len(render_plaintext(message)) + 103,
     }
