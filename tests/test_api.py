@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 from django.test import Client
+from django.utils import timezone
 
 from tokens.models import ApiKey, DeviceToken
 from tokens.testing import apns_token, fcm_token, make_app, make_key, registration, web_subscription
@@ -407,3 +408,43 @@ def test_openapi_schema_lists_the_paths_and_the_bearer_scheme():
     assert schemes["ApiKeyBearer"] == {**schemes["ApiKeyBearer"], "type": "http", "scheme": "bearer"}
     assert {"ApiKeyBearer": []} in operations["post"]["security"]
     assert Client().get("/api/docs/").status_code == 200
+
+
+def test_revocation_is_immediate_in_the_revoking_process(app):
+    key, raw = ApiKey.issue(app, ["devices"])
+    api = Api(raw)
+    assert api.post(registration()).status_code == 201  # now cached
+    key.revoke()
+    assert api.post(registration()).status_code == 401
+
+
+def test_revocation_elsewhere_takes_effect_within_the_cache_ttl(app, settings):
+    """A revocation by another process (simulated by a raw UPDATE: no signal reaches this
+    process's cache) stops the key once the cached entry expires."""
+    import time
+
+    settings.API_KEY_CACHE_SECONDS = 0.5
+    key, raw = ApiKey.issue(app, ["devices"])
+    api = Api(raw)
+    assert api.post(registration()).status_code == 201
+    ApiKey.objects.filter(pk=key.pk).update(revoked_at=timezone.now())
+    deadline = time.monotonic() + 10
+    statuses = []
+    while time.monotonic() < deadline:
+        statuses.append(api.post(registration()).status_code)
+        if statuses[-1] == 401:
+            break
+    assert statuses[-1] == 401
+    assert set(statuses) <= {201, 401}
+
+
+def test_request_auth_exposes_the_app(app, api):
+    from rest_framework.test import APIRequestFactory
+
+    from tokens.auth import ApiKeyAuthentication
+
+    request = APIRequestFactory().get(URL, HTTP_AUTHORIZATION=api.headers["Authorization"])
+    _, key = ApiKeyAuthentication().authenticate(request)  # first: from the database
+    _, cached = ApiKeyAuthentication().authenticate(request)  # second: from the cache
+    assert key.app == app and cached.app == app and cached.app_id == app.pk
+    assert cached.scopes == {"devices"}

@@ -8,4 +8,6 @@ class TokensConfig(AppConfig):
 
     def ready(self) -> None:
         # Registers the Bearer scheme with drf-spectacular (extensions register on import).
-        from . import schema  # noqa: F401
+        from . import schema, signals  # noqa: F401
+
+        signals.connect()

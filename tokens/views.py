@@ -22,7 +22,7 @@ from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from .auth import DevicesScope
-from .models import ApiKey, DeviceToken
+from .models import DeviceToken
 from .registry import upsert_device
 from .serializers import DeviceRegistrationSerializer, DeviceSerializer, device_payload
 from .validation import PLATFORMS, RegistrationError, validate_registration
@@ -80,8 +80,7 @@ class DeviceCollectionView(APIView):
             reg = validate_registration(data)
         except RegistrationError as exc:
             raise exceptions.ValidationError(exc.errors) from None
-        key: ApiKey = request.auth
-        result = upsert_device(key.app_id, reg, now=timezone.now())
+        result = upsert_device(request.auth.app_id, reg, now=timezone.now())
         body = device_payload(
             device_id=reg.device_id,
             platform=reg.platform,
