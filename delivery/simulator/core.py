@@ -12,10 +12,10 @@ credential costs one signature check, and a request is otherwise a handful of di
 
 from __future__ import annotations
 
+import hashlib
 import re
 import secrets
 import time
-import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Protocol
@@ -257,8 +257,11 @@ class Simulator:
         return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
     def _unit(self, token: str, attempt: int, salt: int) -> float:
-        """A deterministic number in [0, 1) for (token, attempt): repeatable runs without a RNG."""
-        return zlib.crc32(f"{token}:{attempt}:{salt}".encode(), self.knobs.seed & 0xFFFFFFFF) / 4294967296.0
+        """A deterministic number in [0, 1) for (seed, token, attempt): repeatable runs without a RNG."""
+        digest = hashlib.blake2b(
+            f"{self.knobs.seed}:{salt}:{attempt}:{token}".encode(), digest_size=8
+        ).digest()
+        return int.from_bytes(digest, "big") / 18446744073709551616.0
 
     def _delay(self, token: str, attempt: int, fault: str) -> float:
         k = self.knobs
