@@ -42,6 +42,11 @@ def sim(simulator_fast: SimulatorProcess, settings, redis_client: redis.Redis) -
 
 @pytest.fixture
 def app(sim: SimulatorProcess) -> App:
+    return make_app(sim)
+
+
+def make_app(sim: SimulatorProcess) -> App:
+    """An App holding the credentials of `sim` (its service account's token_uri points at it)."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -392,3 +397,40 @@ def test_webpush_without_vapid_key_is_an_auth_failure(app: App, sim: SimulatorPr
     [[result]] = send(app, "web", [token_for("web", sim)], MESSAGE)
     assert result.outcome is Outcome.AUTH_FAILURE
     assert sim.stats()["requests"] == 0
+
+
+@pytest.fixture
+def strict(simulator_strict: SimulatorProcess, settings, redis_client: redis.Redis) -> SimulatorProcess:
+    base = simulator_strict.base_url
+    settings.APNS_ENDPOINT_PRODUCTION = base
+    settings.FCM_ENDPOINT = base
+    settings.PUSH_CA_BUNDLE = simulator_strict.ca_file
+    shared_cache().forget_local()
+    return simulator_strict
+
+
+@pytest.mark.parametrize("platform", ["ios", "android"])
+def test_dropped_connection_is_a_retry_flagged_as_maybe_duplicate(
+    platform: str, strict: SimulatorProcess
+) -> None:
+    app = make_app(strict)
+    target = token_for(platform, strict, "09")
+    first, second = (r for [r] in send(app, platform, [target], MESSAGE, rounds=2))
+    assert first.outcome is Outcome.RETRY and first.status is None
+    assert first.maybe_duplicate and first.reason.startswith("transport")
+    assert second.outcome is Outcome.DELIVERED
+    assert strict.counts([target.token]) == {target.token: 1}
+
+
+@pytest.mark.parametrize("platform", ["ios", "android"])
+def test_goaway_and_cold_start_lose_and_duplicate_nothing(platform: str, strict: SimulatorProcess) -> None:
+    app = make_app(strict)
+    # APNs allows one stream until the first authenticated success, then GOAWAY every 50 requests:
+    # every send must come back delivered, exactly once.
+    strict.configure(goaway_every=50, apns_initial_streams=1)
+    targets = [token_for(platform, strict) for _ in range(400)]
+    [results] = send(app, platform, targets, MESSAGE)
+    assert [r.outcome for r in results] == [Outcome.DELIVERED] * 400
+    stats = strict.stats()
+    assert stats["delivered_unique"] == 400 and stats["duplicates"] == 0
+    assert stats["connections_opened"] >= 400 // 50

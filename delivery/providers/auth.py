@@ -34,6 +34,7 @@ class AuthToken:
         self.token: IssuedToken | None = None
         self._failure: CredentialError | None = None
         self._failed_until = 0.0
+        self._refused = ""  # the last token whose forced refresh was refused
         self._lock: asyncio.Lock | None = None
         self._lock_loop: asyncio.AbstractEventLoop | None = None
 
@@ -61,7 +62,12 @@ class AuthToken:
             token = self.fresh()
             if token is not None and token.value != rejected.value:
                 return token  # a concurrent send refreshed already
-            return await self._call(lambda source: source.refresh(rejected))
+            if self._refused == rejected.value:
+                return None  # asked and refused already: the rest of the burst need not ask again
+            token = await self._call(lambda source: source.refresh(rejected))
+            if token is None:
+                self._refused = rejected.value
+            return token
 
     async def _call(self, fn):
         if self._source is None:
