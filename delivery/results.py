@@ -146,9 +146,18 @@ def apply_shard_run(
     campaign_id = shard.campaign_id
     applied = Applied(recorded=True)
     with transaction.atomic():
-        locked = Shard.objects.select_for_update().filter(pk=shard.pk, status=Shard.Status.PENDING).first()
+        locked = (
+            Shard.objects.select_for_update()
+            .filter(pk=shard.pk, status__in=(Shard.Status.PENDING, Shard.Status.CANCELLED))
+            .first()
+        )
         if locked is None:
             return Applied(recorded=False)
+        if locked.status == Shard.Status.CANCELLED:
+            # The campaign was cancelled while this run was sending: record what it sent, start nothing.
+            park = Shard.Status.CANCELLED
+            results.retry.clear()
+            results.held.clear()
         app_id = Campaign.objects.filter(pk=campaign_id).values_list("app_id", flat=True).get()
 
         deactivated = _deactivate(app_id, results.invalid, now)
