@@ -3,10 +3,12 @@ FCM rotation through the registry's upsert, crash recovery and replays."""
 
 from __future__ import annotations
 
+import io
 import uuid
 from datetime import timedelta
 
 import pytest
+from django.core.management import call_command
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
@@ -282,3 +284,13 @@ def test_drain_applies_full_batches_until_empty(redis_client):
     report = feedback.drain_feedback(30, batch_max=300, client=redis_client)
     assert (report.batches, report.deactivated) == (4, 1000)
     assert feedback.backlog(redis_client) == {"stream_length": 0, "pending": 0}
+
+
+def test_run_feedback_command_applies_a_batch(redis_client):
+    app = make_app()
+    rows = make_tokens(app, 20, "ios")
+    publish_invalidations([invalidation(r) for r in rows], client=redis_client)
+    out = io.StringIO()
+    call_command("run_feedback", "--once", "--consumer", "cli-1", stdout=out)
+    assert "applied 20 entries: 20 deactivated" in out.getvalue()
+    assert active_ids(app) == set()

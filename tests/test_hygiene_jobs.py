@@ -84,6 +84,28 @@ def test_prune_walks_keyset_batches(redis_client):
 
 
 @pytest.mark.django_db
+def test_batches_shrink_when_writes_are_slower_than_the_target(redis_client, settings):
+    app = make_app()
+    now = timezone.now()
+    rows = [make_row(app, last_seen=now - 100 * DAY) for _ in range(250)]
+    settings.HYGIENE_BATCH_TARGET_S = 1e-9  # every write is "too slow"
+    sizes = []
+    report = hygiene.sweep_stale(now=now, batch_size=200, on_batch=lambda r: sizes.append(r.changed))
+    assert sizes == [200, 250]  # 200, then the floor of 100 (which found the last 50)
+    assert report.smallest_batch == 100
+    assert not DeviceToken.objects.filter(pk__in=[r.pk for r in rows], is_active=True).exists()
+
+
+def test_batch_size_adapts_to_the_time_target(settings):
+    settings.HYGIENE_BATCH_TARGET_S = 0.25
+    assert hygiene._next_size(5000, 1.0, 5000) == 1250  # four times too slow: a quarter
+    assert hygiene._next_size(1250, 0.05, 5000) == 2500  # fast again: grow back, doubling
+    assert hygiene._next_size(2500, 0.01, 5000) == 5000  # never past the configured size
+    assert hygiene._next_size(200, 100.0, 5000) == 100  # never below the floor
+    assert hygiene._next_size(3000, 0.2, 5000) == 3000  # close to target: keep
+
+
+@pytest.mark.django_db
 def test_dry_runs_change_nothing_and_print_counts(redis_client):
     app = make_app(slug="dry-app")
     now = timezone.now()

@@ -1,7 +1,8 @@
 """Registry hygiene jobs and signals: nightly prune, stale sweep, campaign guard, health figures.
 
-The jobs walk the table in keyset batches (ids ascending, `batch_size` rows), each batch its own
-short transaction, so no statement holds row locks for long and registrations keep flowing.
+The jobs walk the table in keyset batches (ids ascending, at most HYGIENE_BATCH_SIZE rows, fewer
+when writes run slower than HYGIENE_BATCH_TARGET_S), each batch its own short transaction, so no
+statement holds row locks for long and registrations keep flowing.
 Candidate ids are read first without locks; the DELETE/UPDATE then repeats the conditions, so a
 row re-registered between the read and the write (PostgreSQL re-checks the WHERE clause on the
 newest row version) is left alone. Both jobs are idempotent: running them twice changes nothing
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 LOCK_PREFIX = "pushsvc:lock:hygiene:"
 STALE_REASON = "stale"
 _LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL lock_timeout expired
+_MIN_BATCH = 100
 
 
 @dataclass(slots=True)
@@ -51,6 +53,8 @@ class JobReport:
     batches: int = 0
     skipped_batches: int = 0  # gave up waiting for a row lock; the next run takes them
     longest_batch_s: float = 0.0  # the longest write transaction, i.e. the longest lock hold
+    last_batch_s: float = 0.0
+    smallest_batch: int = 0  # batches shrink below HYGIENE_BATCH_SIZE when writes are slow
     seconds: float = 0.0
     locked_out: bool = False  # another run held the lock: this one did nothing
     lock_lost: bool = False  # the lock expired mid-run (a stall): stopped after the current batch
@@ -100,17 +104,29 @@ def _lock_timeout(exc: OperationalError) -> bool:
     return getattr(exc.__cause__, "pgcode", None) == _LOCK_NOT_AVAILABLE
 
 
+def _next_size(size: int, elapsed: float, largest: int) -> int:
+    """Adapt the batch to the time a write actually takes (a non-HOT UPDATE costs several times a
+    DELETE, and a busy server more): aim at HYGIENE_BATCH_TARGET_S per transaction."""
+    target = settings.HYGIENE_BATCH_TARGET_S
+    if elapsed > target:
+        return max(_MIN_BATCH, int(size * target / elapsed))
+    if elapsed < target / 2:
+        return min(largest, size * 2)
+    return size
+
+
 def _run_batches(
     report: JobReport,
     candidates: QuerySet,
     write: Callable[[list[int]], int],
-    batch_size: int,
+    largest: int,
     lock,
     on_batch: Callable[[JobReport], None] | None,
 ) -> None:
     after = 0
+    size = largest
     while True:
-        ids = _keyset(candidates, after, batch_size)
+        ids = _keyset(candidates, after, size)
         if not ids:
             return
         after = ids[-1]
@@ -128,14 +144,17 @@ def _run_batches(
                 raise
             report.skipped_batches += 1
             logger.info("%s: batch after id %s skipped (row lock held elsewhere)", report.job, ids[0])
-        report.longest_batch_s = max(report.longest_batch_s, time.monotonic() - started)
+        report.last_batch_s = time.monotonic() - started
+        report.longest_batch_s = max(report.longest_batch_s, report.last_batch_s)
+        report.smallest_batch = min(report.smallest_batch or size, size)
         report.batches += 1
         if on_batch is not None:
             on_batch(report)
         # Renew for one more batch; LockNotOwnedError if another run took over: stop here.
         lock.extend(settings.HYGIENE_LOCK_TTL_S, replace_ttl=True)
-        if len(ids) < batch_size:
+        if len(ids) < size:
             return
+        size = _next_size(size, report.last_batch_s, largest)
 
 
 def _breakdown(queryset: QuerySet) -> dict[str, int]:
