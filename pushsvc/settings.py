@@ -166,8 +166,11 @@ HYGIENE_PRUNE_AFTER_DAYS = _env_int("HYGIENE_PRUNE_AFTER_DAYS", 30)
 HYGIENE_STALE_AFTER_DAYS = _env_int("HYGIENE_STALE_AFTER_DAYS", 90)
 # The campaign guard reports the share of a target not seen for this many days.
 HYGIENE_GUARD_UNSEEN_DAYS = _env_int("HYGIENE_GUARD_UNSEEN_DAYS", 30)
-# Rows per prune/sweep statement: small enough that one statement's row locks last well under 1 s.
+# Rows per prune/sweep statement at most, and the time one such transaction should take: batches
+# shrink when writes are slow (a busy server, an UPDATE that rewrites every index), so no batch
+# holds its row locks anywhere near 1 s.
 HYGIENE_BATCH_SIZE = _env_int("HYGIENE_BATCH_SIZE", 5000)
+HYGIENE_BATCH_TARGET_S = _env_float("HYGIENE_BATCH_TARGET_S", 0.25)
 # Invalidations applied per UPDATE, and how often the beat drains the stream (seconds): together
 # "every 5 s or 2,500 tokens, whichever comes first".
 HYGIENE_FEEDBACK_BATCH = _env_int("HYGIENE_FEEDBACK_BATCH", 2500)
