@@ -259,3 +259,23 @@ def test_spike_flagged_in_the_first_thousand_sends(redis_client):
     status = hygiene.spike_status(1, client=redis_client)
     assert set(status) == {"apns"} and status["apns"].flagged
     assert not hygiene.spike_status(2, client=redis_client)["fcm"].flagged
+
+
+@pytest.mark.django_db
+def test_audit_retention_deletes_only_old_rows(redis_client, settings):
+    app = make_app()
+    rows = [make_row(app) for _ in range(12)]
+    publish_invalidations([Invalidation(r.pk, r.token_hash, app.pk, "apns", "Unregistered") for r in rows])
+    apply_feedback(block_ms=0)
+    now = timezone.now()
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT id FROM {AUDIT_TABLE} ORDER BY id")
+        ids = [pk for (pk,) in cursor.fetchall()]
+        # The oldest seven (lowest ids) are past retention.
+        cursor.execute(f"UPDATE {AUDIT_TABLE} SET recorded_at = %s WHERE id <= %s", [now - 200 * DAY, ids[6]])
+    settings.HYGIENE_BATCH_SIZE = 3
+    assert hygiene.prune_audit(now=now) == 7
+    assert hygiene.prune_audit(now=now) == 0
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT id FROM {AUDIT_TABLE} ORDER BY id")
+        assert [pk for (pk,) in cursor.fetchall()] == ids[7:]

@@ -258,6 +258,39 @@ def sweep_stale(
     )
 
 
+def prune_audit(*, now: datetime | None = None, older_than_days: int | None = None) -> int:
+    """Delete audit rows older than HYGIENE_AUDIT_RETENTION_DAYS, oldest first, in short batches.
+
+    Audit ids grow with recorded_at, so the walk starts at the lowest id and stops at the first
+    row young enough to keep: one short index range per night, whatever the table's size.
+    """
+    days = settings.HYGIENE_AUDIT_RETENTION_DAYS if older_than_days is None else older_than_days
+    cutoff = (now or timezone.now()) - timedelta(days=days)
+    size = settings.HYGIENE_BATCH_SIZE
+    deleted = 0
+    after = 0
+    with job_lock("prune_audit") as lock:
+        if lock is None:
+            return 0
+        while True:
+            with connection.cursor() as cursor:
+                cursor.execute(
+                    f"SELECT id, recorded_at < %s FROM {AUDIT_TABLE} WHERE id > %s ORDER BY id LIMIT %s",
+                    [cutoff, after, size],
+                )
+                rows = cursor.fetchall()
+            old = [pk for pk, is_old in rows if is_old]
+            if old:
+                with transaction.atomic(), connection.cursor() as cursor:
+                    placeholders = ", ".join(["%s"] * len(old))
+                    cursor.execute(f"DELETE FROM {AUDIT_TABLE} WHERE id IN ({placeholders})", old)
+                    deleted += cursor.rowcount
+            if len(old) < len(rows) or len(rows) < size:
+                return deleted
+            after = rows[-1][0]
+            lock.extend(settings.HYGIENE_LOCK_TTL_S, replace_ttl=True)
+
+
 # --- Campaign guard ----------------------------------------------------------------------------
 
 

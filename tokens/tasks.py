@@ -29,8 +29,11 @@ def drain_feedback() -> dict[str, Any]:
 
 @shared_task(name="tokens.prune_inactive")
 def prune_inactive() -> dict[str, Any]:
-    """Nightly: delete tokens inactive for more than HYGIENE_PRUNE_AFTER_DAYS."""
-    return _summary(hygiene.prune_inactive())
+    """Nightly: delete tokens inactive for more than HYGIENE_PRUNE_AFTER_DAYS, then audit rows
+    older than HYGIENE_AUDIT_RETENTION_DAYS."""
+    summary = _summary(hygiene.prune_inactive())
+    summary["audit_rows_deleted"] = hygiene.prune_audit()
+    return summary
 
 
 @shared_task(name="tokens.sweep_stale")
