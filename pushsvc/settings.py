@@ -164,6 +164,8 @@ HYGIENE_PRUNE_AFTER_DAYS = _env_int("HYGIENE_PRUNE_AFTER_DAYS", 30)
 # Active tokens whose last_seen is older than this are deactivated with reason "stale" (FCM calls
 # a token stale after a month without contact; Android expires them after 270 days).
 HYGIENE_STALE_AFTER_DAYS = _env_int("HYGIENE_STALE_AFTER_DAYS", 90)
+# Deactivation audit rows (provider, campaign, reason) are kept this long for the health figures.
+HYGIENE_AUDIT_RETENTION_DAYS = _env_int("HYGIENE_AUDIT_RETENTION_DAYS", 180)
 # The campaign guard reports the share of a target not seen for this many days.
 HYGIENE_GUARD_UNSEEN_DAYS = _env_int("HYGIENE_GUARD_UNSEEN_DAYS", 30)
 # Rows per prune/sweep statement at most, and the time one such transaction should take: batches
