@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import pytest
 from django.core.management import call_command
-from django.db import connection
+from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
@@ -294,3 +294,34 @@ def test_run_feedback_command_applies_a_batch(redis_client):
     call_command("run_feedback", "--once", "--consumer", "cli-1", stdout=out)
     assert "applied 20 entries: 20 deactivated" in out.getvalue()
     assert active_ids(app) == set()
+
+
+def test_apply_invalidations_in_the_callers_transaction(redis_client):
+    """The synchronous entry point for a shard's results: same matching rules and audit, no stream."""
+    app = make_app()
+    device = uuid.uuid4()
+    old_token, new_token = fcm_token(), fcm_token()
+    row = upsert_device(app, Registration(device_id=device, platform="android", token=old_token))
+    others = make_tokens(app, 3, "android")
+    upsert_device(app, Registration(device_id=device, platform="android", token=new_token))  # rotated
+    results = [
+        Result(
+            target=Target(device_id=row.id, token=old_token),
+            outcome=Outcome.INVALID_TOKEN,
+            reason="UNREGISTERED",
+        )
+    ] + [
+        Result(
+            target=Target(device_id=r.pk, token=r.token), outcome=Outcome.INVALID_TOKEN, reason="UNREGISTERED"
+        )
+        for r in others
+    ]
+    with transaction.atomic():
+        deactivated, audited = feedback.apply_invalidations(
+            [Invalidation.from_result(r, app_id=app.pk, platform="android", campaign_id=3) for r in results]
+        )
+    assert (deactivated, audited) == (3, 4)
+    assert active_ids(app) == {row.id}
+    assert sorted(a["applied"] for a in audit_rows(campaign_id=3)) == [False, True, True, True]
+    assert {a["provider"] for a in audit_rows(campaign_id=3)} == {"fcm"}
+    assert redis_client.xlen(STREAM) == 0

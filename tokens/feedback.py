@@ -6,6 +6,9 @@ a batch with ONE statement on PostgreSQL: an `UPDATE ... FROM unnest(...)` that 
 tokens and, in the same statement, writes one audit row per invalidation (provider, campaign,
 reason, whether it took effect).
 
+Callers that already hold a transaction of their own (a shard's results) can apply the same
+statement synchronously with `apply_invalidations`, without the stream.
+
 Guarantees:
 - At least once, effect exactly once. Entries are acknowledged (and deleted) only after the
   transaction committed. A consumer that dies between read and commit leaves its entries pending
@@ -26,8 +29,9 @@ import logging
 import os
 import socket
 import time
+import uuid
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import TYPE_CHECKING
@@ -364,6 +368,22 @@ def _apply_portable(entries: list[_Entry], now: datetime) -> tuple[int, int]:
                 )
                 audited += cursor.rowcount
     return deactivated, audited
+
+
+def apply_invalidations(items: Sequence[Invalidation], *, now: datetime | None = None) -> tuple[int, int]:
+    """Apply invalidations now, without the stream: same rules, same single statement and audit.
+
+    For callers that already write in a transaction of their own (e.g. a shard's results) and
+    want the tokens deactivated in it; returns (tokens deactivated, audit rows written). Each
+    audit row gets a generated id in place of a stream entry id, so a caller that may run twice
+    must make the second run a no-op itself.
+    """
+    now = now or timezone.now()
+    entries = [
+        _Entry(f"sync-{uuid.uuid4().hex[:27]}", item if item.observed_at else replace(item, observed_at=now))
+        for item in items
+    ]
+    return apply_entries(entries, now)
 
 
 def apply_entries(entries: list[_Entry], now: datetime | None = None) -> tuple[int, int]:
