@@ -258,13 +258,32 @@ def test_replayed_batch_changes_nothing(redis_client):
     assert len(audit_rows(app_id=app.pk)) == 10
 
 
-def test_malformed_entries_are_dropped_and_acknowledged(redis_client):
+def test_malformed_entries_are_dropped_without_failing_the_batch(redis_client):
     app = make_app()
-    (row,) = make_tokens(app, 1, "ios")
-    redis_client.xadd(STREAM, {"d": "not-a-number"})
-    publish_invalidations([invalidation(row)], client=redis_client)
+    row, other = make_tokens(app, 2, "ios")
+    good = {
+        "d": row.pk,
+        "h": row.token_hash,
+        "a": app.pk,
+        "p": "apns",
+        "r": "Unregistered",
+        "t": "",
+        "c": "",
+        "o": "",
+    }
+    for bad in (
+        {"d": "not-a-number"},
+        {**good, "d": 2**63},  # beyond bigint: PostgreSQL would refuse the whole batch
+        {**good, "h": "zz" * 32},
+        {**good, "p": "ap\x00ns"},
+        {**good, "t": "9" * 30},
+    ):
+        redis_client.xadd(STREAM, bad)
+    publish_invalidations([invalidation(other, reason="Bad\x00DeviceToken")], client=redis_client)
     report = apply_feedback(block_ms=0, client=redis_client)
-    assert (report.read, report.dropped, report.deactivated, report.acked) == (2, 1, 1, 2)
+    assert (report.read, report.dropped, report.deactivated, report.acked) == (6, 5, 1, 6)
+    assert active_ids(app) == {row.pk}
+    assert DeviceToken.objects.get(pk=other.pk).deactivation_reason == "BadDeviceToken"
     assert redis_client.xlen(STREAM) == 0
 
 

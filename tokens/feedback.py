@@ -219,25 +219,43 @@ def ack(client: redis.Redis, entry_ids: Sequence[bytes | str]) -> int:
     return int(acked)
 
 
+def _bigint(raw: bytes) -> int:
+    value = int(raw)
+    if not 0 < value < 2**63:
+        raise ValueError("out of bigint range")
+    return value
+
+
 def _decode(entry_id: bytes, fields: dict | None) -> _Entry | None:
+    """The entry's invalidation, or None if it is malformed.
+
+    Everything the database could refuse is checked here: one bad entry must be dropped on its
+    own, never fail its whole batch again and again and stall the stream.
+    """
     if not fields:
         return None
     try:
         campaign = fields.get(b"c")
+        token_hash = fields[b"h"].decode("ascii")
+        provider = fields[b"p"].decode()
+        if len(token_hash) != 64 or token_hash.strip("0123456789abcdef"):
+            return None
+        if not (provider.isascii() and provider.isalnum() and len(provider) <= 16):
+            return None
         return _Entry(
             stream_id=entry_id.decode(),
             item=Invalidation(
-                device_id=int(fields[b"d"]),
-                token_hash=fields[b"h"].decode(),
-                app_id=int(fields[b"a"]),
-                provider=fields[b"p"].decode(),
-                reason=fields[b"r"].decode()[:_REASON_MAX],
+                device_id=_bigint(fields[b"d"]),
+                token_hash=token_hash,
+                app_id=_bigint(fields[b"a"]),
+                provider=provider,
+                reason=fields[b"r"].decode().replace("\x00", "")[:_REASON_MAX],
                 provider_ts=_from_us(fields.get(b"t")),
-                campaign_id=int(campaign) if campaign else None,
+                campaign_id=_bigint(campaign) if campaign else None,
                 observed_at=_from_us(fields.get(b"o")),
             ),
         )
-    except (KeyError, ValueError, UnicodeDecodeError):
+    except (KeyError, ValueError, OverflowError, UnicodeDecodeError):
         return None
 
 
