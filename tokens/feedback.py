@@ -28,6 +28,7 @@ import hashlib
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import Iterable, Sequence
@@ -65,8 +66,12 @@ def redis_client() -> redis.Redis:
 
 
 def default_consumer() -> str:
-    # Stable for the life of a worker process, so its own pending entries come back to it.
-    return f"{socket.gethostname()}:{os.getpid()}"
+    # Stable for the life of a worker process, so its own pending entries come back to it; one
+    # per thread too (a threads pool), since two readers sharing a name would share a backlog.
+    name = f"{socket.gethostname()}:{os.getpid()}"
+    if threading.current_thread() is not threading.main_thread():
+        name += f":{threading.get_native_id()}"
+    return name
 
 
 @dataclass(slots=True, frozen=True)
