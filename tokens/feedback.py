@@ -37,6 +37,7 @@ from datetime import UTC, datetime, timedelta
 from functools import lru_cache
 from typing import TYPE_CHECKING
 
+import orjson
 import redis
 from django.conf import settings
 from django.db import connection, transaction
@@ -281,13 +282,15 @@ def _mark_kept(entries: list[_Entry]) -> None:
         entry.keep = id(entry) in kept
 
 
+# The batch travels as ONE json parameter: psycopg2 would render ten 2,500-element arrays as a
+# 400 KB statement of per-element casts (~50 ms to build, more to parse); orjson builds the
+# document in about a millisecond and json_to_recordset reads it back as typed columns.
 _PG_APPLY = f"""
 WITH v AS (
-    SELECT * FROM unnest(
-        %s::text[], %s::bigint[], %s::text[], %s::bigint[], %s::text[], %s::text[],
-        %s::timestamptz[], %s::timestamptz[], %s::bigint[], %s::boolean[]
-    ) AS v(stream_id, device_id, token_hash, app_id, provider, reason,
-           provider_ts, observed_at, campaign_id, keep)
+    SELECT * FROM json_to_recordset(%s::json) AS v(
+        stream_id text, device_id bigint, token_hash text, app_id bigint, provider text,
+        reason text, provider_ts timestamptz, observed_at timestamptz, campaign_id bigint,
+        keep boolean)
 ),
 upd AS (
     UPDATE {_TOKENS} AS d
@@ -314,27 +317,25 @@ SELECT (SELECT count(*) FROM upd), (SELECT count(*) FROM ins)
 
 
 def _apply_postgresql(entries: list[_Entry], now: datetime) -> tuple[int, int]:
-    columns: list[list] = [[] for _ in range(10)]
     # Id order: the nested loop then walks the table and its indexes in order (far fewer page
     # reads on a big table), and concurrent consumers lock rows in the same order (no deadlocks).
-    for entry in sorted(entries, key=lambda e: e.item.device_id):
-        item = entry.item
-        row = (
-            entry.stream_id,
-            item.device_id,
-            item.token_hash,
-            item.app_id,
-            item.provider,
-            item.reason,
-            item.provider_ts,
-            item.observed_at or now,
-            item.campaign_id,
-            entry.keep,
-        )
-        for column, value in zip(columns, row, strict=True):
-            column.append(value)
+    rows = [
+        {
+            "stream_id": entry.stream_id,
+            "device_id": entry.item.device_id,
+            "token_hash": entry.item.token_hash,
+            "app_id": entry.item.app_id,
+            "provider": entry.item.provider,
+            "reason": entry.item.reason,
+            "provider_ts": entry.item.provider_ts,
+            "observed_at": entry.item.observed_at or now,
+            "campaign_id": entry.item.campaign_id,
+            "keep": entry.keep,
+        }
+        for entry in sorted(entries, key=lambda e: e.item.device_id)
+    ]
     with transaction.atomic(), connection.cursor() as cursor:
-        cursor.execute(_PG_APPLY, [*columns, now, now])
+        cursor.execute(_PG_APPLY, [orjson.dumps(rows).decode(), now, now])
         deactivated, audited = cursor.fetchone()
     return int(deactivated), int(audited)
 
@@ -403,7 +404,14 @@ def apply_invalidations(items: Sequence[Invalidation], *, now: datetime | None =
     """
     now = now or timezone.now()
     entries = [
-        _Entry(f"sync-{uuid.uuid4().hex[:27]}", item if item.observed_at else replace(item, observed_at=now))
+        _Entry(
+            f"sync-{uuid.uuid4().hex[:27]}",
+            replace(
+                item,
+                reason=item.reason.replace("\x00", "")[:_REASON_MAX],  # PostgreSQL text takes no NUL
+                observed_at=item.observed_at or now,
+            ),
+        )
         for item in items
     ]
     return apply_entries(entries, now)
