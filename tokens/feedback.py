@@ -2,9 +2,10 @@
 
 Send workers call `publish_invalidations` (one pipelined round trip per shard) instead of
 updating rows one by one; `apply_feedback` reads the stream through a consumer group and applies
-a batch with ONE statement on PostgreSQL: an `UPDATE ... FROM unnest(...)` that deactivates the
-tokens and, in the same statement, writes one audit row per invalidation (provider, campaign,
-reason, whether it took effect).
+a batch with ONE statement on PostgreSQL: an `UPDATE ... FROM json_to_recordset(...)` that
+deactivates the tokens and, in the same statement, writes one audit row per invalidation
+(provider, campaign, reason, whether it took effect). SQLite (the demo) gets the same rules in
+a few statements.
 
 Callers that already hold a transaction of their own (a shard's results) can apply the same
 statement synchronously with `apply_invalidations`, without the stream.
