@@ -423,14 +423,38 @@ def test_dropped_connection_is_a_retry_flagged_as_maybe_duplicate(
 
 
 @pytest.mark.parametrize("platform", ["ios", "android"])
-def test_goaway_and_cold_start_lose_and_duplicate_nothing(platform: str, strict: SimulatorProcess) -> None:
+def test_goaway_and_cold_start_lose_nothing_and_flag_every_duplicate(
+    platform: str, strict: SimulatorProcess
+) -> None:
+    # APNs allows one stream until the first authenticated success, then GOAWAY every 50 requests.
+    # The adapter's contract is at-least-once: every target ends DELIVERED after the caller re-sends
+    # what came back RETRY, and the simulator never sees more duplicates than results flagged
+    # maybe_duplicate.
     app = make_app(strict)
-    # APNs allows one stream until the first authenticated success, then GOAWAY every 50 requests:
-    # every send must come back delivered, exactly once.
     strict.configure(goaway_every=50, apns_initial_streams=1)
     targets = [token_for(platform, strict) for _ in range(400)]
-    [results] = send(app, platform, targets, MESSAGE)
-    assert [r.outcome for r in results] == [Outcome.DELIVERED] * 400
+
+    async def go() -> tuple[dict[str, Result], int]:
+        provider = provider_class(platform).from_app(app)
+        final: dict[str, Result] = {}
+        flagged = 0
+        pending = targets
+        try:
+            for _ in range(4):
+                results = await provider.send_many(pending, MESSAGE)
+                flagged += sum(r.maybe_duplicate for r in results)
+                assert {r.outcome for r in results} <= {Outcome.DELIVERED, Outcome.RETRY}
+                final.update((r.target.token, r) for r in results)
+                pending = [r.target for r in results if r.outcome is Outcome.RETRY]
+                if not pending:
+                    break
+        finally:
+            await provider.aclose()
+        return final, flagged
+
+    final, flagged = asyncio.run(go())
+    assert {r.outcome for r in final.values()} == {Outcome.DELIVERED}
     stats = strict.stats()
-    assert stats["delivered_unique"] == 400 and stats["duplicates"] == 0
+    assert stats["delivered_unique"] == 400
+    assert stats["duplicates"] <= flagged
     assert stats["connections_opened"] >= 400 // 50

@@ -221,13 +221,20 @@ class ApnsProvider(Provider):
         except TransportError as exc:
             return m.transport_result(target, exc), None
         if resp.status == 200:
+            apns_id_ = resp.headers.get("apns-id", "")
             return Result(
-                target, Outcome.DELIVERED, 200, provider_message_id=resp.headers.get("apns-id", "")
+                target, Outcome.DELIVERED, 200, "", apns_id_, maybe_duplicate=resp.maybe_duplicate
             ), None
         reason, timestamp = _error_body(resp.body)
         row = m.lookup(APNS_TABLE, resp.status, reason)
         result = m.make_result(
-            target, row, resp.status, reason, resp.headers, resp.headers.get("apns-id", "")
+            target,
+            row,
+            resp.status,
+            reason,
+            resp.headers,
+            resp.headers.get("apns-id", ""),
+            resp.maybe_duplicate,
         )
         if resp.status == 410 and timestamp is not None:
             result.invalid_since = datetime.fromtimestamp(timestamp / 1000, tz=UTC)

@@ -202,11 +202,13 @@ class FcmProvider(Provider):
                 name = orjson.loads(resp.body).get("name", "")
             except (orjson.JSONDecodeError, AttributeError):
                 name = ""
-            return Result(target, Outcome.DELIVERED, 200, provider_message_id=name), None
+            return Result(
+                target, Outcome.DELIVERED, 200, "", name, maybe_duplicate=resp.maybe_duplicate
+            ), None
         code, text = _error(resp.body)
         row = m.lookup(FCM_TABLE, resp.status, code)
         reason = f"{code}: {text}" if text else code
-        return m.make_result(target, row, resp.status, reason, resp.headers), code
+        return m.make_result(target, row, resp.status, reason, resp.headers, "", resp.maybe_duplicate), code
 
 
 def _error(body: bytes) -> tuple[str, str]:

@@ -184,12 +184,13 @@ class HmsProvider(Provider):
         except TransportError as exc:
             return [m.transport_result(t, exc) for t in targets], None
         code, msg, request_id = _answer(resp.body)
+        dup = resp.maybe_duplicate
         if code == PARTIAL:
             illegal = _illegal_tokens(msg)
             return [
                 Result(t, Outcome.INVALID_TOKEN, resp.status, "80100000: illegal token", request_id)
                 if t.token in illegal
-                else Result(t, Outcome.DELIVERED, resp.status, "", request_id)
+                else Result(t, Outcome.DELIVERED, resp.status, "", request_id, maybe_duplicate=dup)
                 for t in targets
             ], code
         row = HMS_TABLE.get((m.ANY, code))
@@ -198,7 +199,9 @@ class HmsProvider(Provider):
             # we can vouch for, and re-sending it could duplicate: fail the message visibly.
             row = m.by_status(resp.status) if resp.status >= 300 else m.REJECTED
         reason = f"{code}: {msg}" if code and code != SUCCESS else ""
-        return [m.make_result(t, row, resp.status, reason, resp.headers, request_id) for t in targets], code
+        return [
+            m.make_result(t, row, resp.status, reason, resp.headers, request_id, dup) for t in targets
+        ], code
 
 
 def _pack(targets: list[Target], fixed: int) -> list[list[Target]]:

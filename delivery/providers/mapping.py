@@ -90,6 +90,7 @@ def make_result(
     reason: str,
     headers: Mapping[str, str],
     provider_message_id: str = "",
+    maybe_duplicate: bool = False,
 ) -> Result:
     retry_after = None
     if row.outcome is Outcome.RETRY:
@@ -103,6 +104,7 @@ def make_result(
         reason=reason,
         provider_message_id=provider_message_id,
         retry_after=retry_after,
+        maybe_duplicate=maybe_duplicate,
     )
 
 

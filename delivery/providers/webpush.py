@@ -220,7 +220,8 @@ class WebPushProvider(Provider):
         reason = (
             "" if row.outcome is Outcome.DELIVERED else resp.body[:200].decode("utf-8", "replace").strip()
         )
-        return m.make_result(target, row, resp.status, reason, resp.headers, resp.headers.get("location", ""))
+        location = resp.headers.get("location", "")
+        return m.make_result(target, row, resp.status, reason, resp.headers, location, resp.maybe_duplicate)
 
     def _vapid_header(self, origin: str) -> str:
         now = self._clock()
