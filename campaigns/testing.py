@@ -296,3 +296,11 @@ class CeleryWorker:
 def iter_chunks(items: list[T], size: int) -> Iterator[list[T]]:
     for start in range(0, len(items), size):
         yield items[start : start + size]
+
+
+def sim_counts(sim: Any, tokens: list[str], batch: int = 2_000) -> dict[str, int]:
+    """The simulator's accepted deliveries per token, asked in batches its admin API accepts."""
+    counts: dict[str, int] = {}
+    for part in iter_chunks(tokens, batch):
+        counts.update(sim.counts(part))
+    return counts

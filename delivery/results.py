@@ -80,7 +80,10 @@ class ShardResults:
         self.sent += len(results)
         for device, result in zip(devices, results, strict=True):
             outcome = result.outcome
-            reason = (result.reason or str(result.status or ""))[:128]
+            detail = (result.reason or str(result.status or ""))[:128]
+            # Tallies and deactivations group by the provider's code ("UNREGISTERED: Requested
+            # entity was not found." -> "UNREGISTERED"); dead letters keep the full text.
+            reason = detail.split(": ", 1)[0]
             if outcome == Outcome.DELIVERED:
                 self.delivered.append(device.pk)
                 final.append(device.pk)
@@ -92,11 +95,11 @@ class ShardResults:
                 self.invalid.append((device.pk, reason, result.invalid_since))
                 final.append(device.pk)
             elif outcome == Outcome.REJECTED:
-                self.rejected.append((device.pk, reason))
+                self.rejected.append((device.pk, detail))
                 final.append(device.pk)
             elif outcome == Outcome.RETRY:
                 if last_attempt:
-                    self.dead.append((device, reason, result.status))
+                    self.dead.append((device, detail, result.status))
                     self.tallies[(DEAD_LETTER, reason)] += 1
                     final.append(device.pk)
                     continue
