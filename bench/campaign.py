@@ -159,7 +159,8 @@ def main() -> None:
         shards = Shard.objects.filter(campaign=campaign).count()
         queued = client.llen("apns") + client.llen("fcm")
         print(
-            f"planning: {elapsed:.1f} s for {campaign.targeted:,} devices -> {shards:,} shards, {queued:,} tasks queued"
+            f"planning: {elapsed:.1f} s for {campaign.targeted:,} devices -> {shards:,} shards, "
+            f"{queued:,} tasks queued"
         )
         sample = client.lindex("apns", 0) or b""
         print(f"broker message size: {len(sample)} bytes")
@@ -247,7 +248,8 @@ def main() -> None:
         f"duplicates {stats['duplicates']} connections {stats['connections_opened']}"
     )
     print(
-        f"phases: plan {planned_at - launched:.1f} s | first attempts done {first_attempts_at - launched:.1f} s | "
+        f"phases: plan {planned_at - launched:.1f} s | "
+        f"first attempts done {first_attempts_at - launched:.1f} s | "
         f"retries done (completed) {total:.1f} s"
     )
     processed = campaign.delivered + campaign.invalidated + campaign.failed
@@ -257,7 +259,8 @@ def main() -> None:
     rss = sorted(peaks.values())
     if rss:
         print(
-            f"worker RSS peak (VmHWM): max {rss[-1] / 2**20:.0f} MiB, median {statistics.median(rss) / 2**20:.0f} MiB "
+            f"worker RSS peak (VmHWM): max {rss[-1] / 2**20:.0f} MiB, "
+            f"median {statistics.median(rss) / 2**20:.0f} MiB "
             f"over {len(rss)} processes"
         )
     print(f"redis used_memory: before {redis_before / 2**20:.1f} MiB, peak {redis_peak / 2**20:.1f} MiB")
