@@ -15,7 +15,8 @@ Access tokens are cached until a margin before they expire. Everything here is s
 (once per token lifetime per process): adapters call it through `asyncio.to_thread` when their local copy
 is due. Time comes from an injectable clock so the timing rules are tested without sleeping.
 
-Secrets (keys, client secrets, tokens) are never logged; log lines carry `fingerprint(...)`.
+Secrets (keys, client secrets, tokens) are never logged; log lines carry `fingerprint(...)`. Redis holds
+the short-lived bearer tokens (never keys or client secrets), so it must be as private as the database.
 """
 
 from __future__ import annotations
@@ -253,9 +254,8 @@ def _post_token_endpoint(url: str, form: dict[str, str], what: str) -> tuple[str
     if resp.status_code >= 500 or resp.status_code == 429:
         raise CredentialError(f"{what} token endpoint answered {resp.status_code}", transient=True)
     if resp.status_code != 200:
-        # The error body of an OAuth endpoint names the problem (invalid_grant, invalid_client), not secrets.
         raise CredentialError(
-            f"{what} token endpoint refused the credentials: {resp.status_code} {resp.text[:200]}",
+            f"{what} token endpoint refused the credentials: {resp.status_code} {_oauth_error(resp)}",
             transient=False,
         )
     try:
@@ -265,6 +265,18 @@ def _post_token_endpoint(url: str, form: dict[str, str], what: str) -> tuple[str
         raise CredentialError(
             f"{what} token endpoint answered without an access token", transient=True
         ) from None
+
+
+def _oauth_error(resp: httpx.Response) -> str:
+    """Only the standard error fields of an OAuth error body (RFC 6749 5.2), never the whole body."""
+    try:
+        body = resp.json()
+    except ValueError:
+        return "(no JSON error body)"
+    if not isinstance(body, dict):
+        return "(no JSON error body)"
+    parts = [str(body[k])[:100] for k in ("error", "sub_error", "error_description") if k in body]
+    return " ".join(parts) or "(no error fields)"
 
 
 @dataclass(frozen=True, slots=True)

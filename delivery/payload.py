@@ -227,9 +227,14 @@ def _url(d: Mapping[str, Any], name: str) -> str:
     value = _text(d, name, URL_MAX)
     if value and any(c.isspace() for c in value):
         raise PayloadError(name, "must be a URL without spaces")
-    # The image is fetched by the device; `url` may also be an app deep link (myapp://...).
+    # The image is fetched by the device; `url` may also be an app deep link (myapp://...), but never a
+    # scheme that runs or embeds content where the app or the service worker opens it.
     if name == "image" and value and not value.startswith(("https://", "http://")):
         raise PayloadError(name, "must be an http(s) URL")
+    if name == "url" and value.lower().startswith(("javascript:", "data:", "vbscript:", "file:")):
+        raise PayloadError(
+            name, "must be a web URL or an app link, not javascript:, data:, vbscript: or file:"
+        )
     return value
 
 

@@ -74,6 +74,8 @@ def test_data_cannot_be_mutated_after_construction() -> None:
         ({"title": "t", "sound": ["a"]}, "sound", "must be a string"),
         ({"title": "t", "image": "ftp://x/a.png"}, "image", "http(s) URL"),
         ({"title": "t", "url": "https://a b"}, "url", "without spaces"),
+        ({"title": "t", "url": "JavaScript:alert(1)"}, "url", "not javascript:"),
+        ({"title": "t", "url": "data:text/html,x"}, "url", "not javascript:"),
         ({"title": "t", "collapse_key": "é" * 33}, "collapse_key", "at most 64 bytes"),
         ({"title": "t", "badge": -1}, "badge", "between 0 and"),
         ({"title": "t", "badge": True}, "badge", "must be an integer"),
@@ -120,6 +122,7 @@ def test_valid_edge_values_are_accepted() -> None:
     assert PushMessage.from_dict({"title": "t", "ttl": 2_419_200}).ttl == 2_419_200
     assert PushMessage.from_dict({"title": "t", "collapse_key": "k" * 64}).collapse_key == "k" * 64
     assert PushMessage.from_dict({"badge": 0}).badge == 0  # badge-only update is a visible push
+    assert PushMessage.from_dict({"title": "t", "url": "myapp://orders/42"}).url == "myapp://orders/42"
     silent = PushMessage.from_dict({"silent": True, "data": {"sync": "1"}})
     assert silent.silent and silent.data == {"sync": "1"}
 

@@ -5,9 +5,12 @@ registry's own rule (`tokens.validation.validate_push_endpoint`, resolving the h
 now points at a private address is refused) and redirects are never followed (the httpx engine does
 not follow them; a 3xx is a REJECTED result).
 
-One engine per push-service origin, created on first use and kept; one VAPID JWT per origin, valid
-12 hours (RFC 8292 allows at most 24) and reused until an hour before it expires. The plaintext is
-rendered once per message; the encryption is per subscription by nature (a fresh key pair and salt).
+The DNS part of that check runs in a thread and its verdict is kept per host for RESOLVE_RECHECK
+seconds; the other rules run on every send.
+
+One engine per push-service origin, created on first use and kept; one VAPID JWT per origin, valid 12
+hours (RFC 8292 allows at most 24) and reused until an hour before it expires. The plaintext is rendered
+once per message; the encryption is per subscription by nature (a fresh key pair and salt).
 
 Mapping choices: 404 and 410 mean the subscription is gone (prune). 401 means our VAPID token is
 refused, a credential problem for every send (pause). 403 is REJECTED, not AUTH_FAILURE: push services
@@ -49,6 +52,10 @@ VAPID_LIFETIME = 12 * 3600
 VAPID_REUSE = 11 * 3600
 DEFAULT_TTL = 2_419_200  # TTL is mandatory in Web Push; without one from the message, 28 days
 MAX_ENGINES = 64
+# How long a push-service host's DNS answer, once checked public, is trusted before resolving again. A
+# resolution per send would cost a thread hop and a DNS query each; the connection the engine keeps
+# open to that host is the larger trust anyway.
+RESOLVE_RECHECK = 60.0
 _TOPIC_RE = re.compile(r"[A-Za-z0-9_-]{1,32}")
 
 WEBPUSH_TABLE: m.Table = {
@@ -132,6 +139,8 @@ class WebPushProvider(Provider):
         self._engines: dict[str, Engine] = {}
         self._vapid: dict[str, tuple[str, float]] = {}  # origin -> (header, reuse until)
         self._renders: dict[str, _Rendered] = {}
+        self._resolved_until: dict[str, float] = {}  # host[:port] -> recheck time
+        self._closing: set[asyncio.Task] = set()
 
     @classmethod
     def from_app(cls, app: App) -> WebPushProvider:
@@ -186,7 +195,12 @@ class WebPushProvider(Provider):
             return Result(target, Outcome.AUTH_FAILURE, reason=f"credentials: {self._config_error}")
         rendered = self._render(message)
         endpoint = target.token
-        problem = await asyncio.to_thread(_endpoint_problem, endpoint)
+        parts = urlsplit(endpoint)
+        problem = _endpoint_problem(endpoint, resolve=False)  # the rules that need no DNS, every time
+        if not problem and self._resolved_until.get(parts.netloc, 0.0) <= self._clock():
+            problem = await asyncio.to_thread(_endpoint_problem, endpoint, resolve=True)
+            if not problem:
+                self._resolved_until[parts.netloc] = self._clock() + RESOLVE_RECHECK
         if problem:
             # A name that does not resolve right now may be a DNS hiccup; anything else is a refusal.
             outcome = Outcome.RETRY if "does not resolve" in problem else Outcome.REJECTED
@@ -205,7 +219,6 @@ class WebPushProvider(Provider):
             return Result(
                 target, Outcome.REJECTED, reason=f"subscription keys unusable: {type(exc).__name__}"
             )
-        parts = urlsplit(endpoint)
         origin = f"{parts.scheme}://{parts.netloc}"
         headers = rendered.headers.copy()
         try:
@@ -239,7 +252,9 @@ class WebPushProvider(Provider):
         if engine is None:
             if len(self._engines) >= MAX_ENGINES:
                 _, old = self._engines.popitem()
-                asyncio.get_running_loop().create_task(old.aclose())
+                task = asyncio.get_running_loop().create_task(old.aclose())
+                self._closing.add(task)  # keep a reference until it is done
+                task.add_done_callback(self._closing.discard)
             engine = self._engines[origin] = self._engine_factory(origin)
         return engine
 
@@ -265,11 +280,11 @@ def _default_engine(origin: str) -> Engine:
     )
 
 
-def _endpoint_problem(endpoint: str) -> str:
+def _endpoint_problem(endpoint: str, *, resolve: bool) -> str:
     from tokens.validation import validate_push_endpoint
 
     try:
-        validate_push_endpoint(endpoint, resolve=True)
+        validate_push_endpoint(endpoint, resolve=resolve)
     except ValueError as exc:
         return str(exc)
     return ""
