@@ -458,3 +458,41 @@ def test_goaway_and_cold_start_lose_nothing_and_flag_every_duplicate(
     assert stats["delivered_unique"] == 400
     assert stats["duplicates"] <= flagged
     assert stats["connections_opened"] >= 400 // 50
+
+
+def test_apns_environment_selects_the_endpoint(app: App, sim: SimulatorProcess, settings) -> None:
+    settings.APNS_ENDPOINT_PRODUCTION = "https://127.0.0.1:9"  # nothing listens there
+    app.apns_environment = "sandbox"
+    [[sandbox]] = send(app, "ios", [token_for("ios", sim)], MESSAGE)
+    assert sandbox.outcome is Outcome.DELIVERED
+    app.apns_environment = "production"
+    [[production]] = send(app, "ios", [token_for("ios", sim)], MESSAGE)
+    assert production.outcome is Outcome.RETRY and production.status is None
+    assert not production.maybe_duplicate  # refused connection: the request never left
+
+
+@pytest.mark.parametrize("platform", PLATFORMS)
+def test_no_secret_reaches_logs_or_results(
+    platform: str,
+    app: App,
+    sim: SimulatorProcess,
+    redis_client: redis.Redis,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    [results] = send(app, platform, [token_for(platform, sim), token_for(platform, sim, "01")], MESSAGE)
+    assert results[0].outcome is Outcome.DELIVERED
+    issued = [json.loads(redis_client.get(k))["value"] for k in redis_client.keys("pushsvc:cred:*[!k]")]
+    assert issued or platform == "web"  # VAPID JWTs stay in the process
+    secrets = [
+        app.apns_key_p8.splitlines()[1],
+        json.loads(app.fcm_service_account)["private_key"].splitlines()[1],
+        app.hms_client_secret,
+        app.vapid_private_key.splitlines()[1],
+        *issued,
+    ]
+    text = caplog.text + repr(results)
+    for secret in secrets:
+        assert secret not in text

@@ -143,12 +143,10 @@ class ApnsProvider(Provider):
     @classmethod
     def from_app(cls, app: App) -> ApnsProvider:
         from delivery.engine import create_engine
+        from tokens.models import ApnsEnvironment
 
-        base_url = (
-            settings.APNS_ENDPOINT_SANDBOX
-            if app.apns_environment == "sandbox"
-            else settings.APNS_ENDPOINT_PRODUCTION
-        )
+        sandbox = app.apns_environment == ApnsEnvironment.SANDBOX
+        base_url = settings.APNS_ENDPOINT_SANDBOX if sandbox else settings.APNS_ENDPOINT_PRODUCTION
         engine = create_engine(
             base_url,
             kind="curl",
