@@ -10,11 +10,14 @@ Resends. libcurl re-sends a request on its own (up to 5 times) in two cases: the
 refused (REFUSED_STREAM, which is also how nghttp2 closes streams above a GOAWAY's
 last-stream-id), and the request's reused connection failed before a single response byte
 arrived. The first is safe; the second is not (the server may have processed the request and
-died before answering). PREREQFUNCTION runs once per attempt, which counts the resends, and
-libcurl keeps the first error message of a transfer across its attempts while a refusal records
-none, which tells the two apart: a response that follows a recorded connection error is marked
-`maybe_duplicate`. A transfer that exhausted libcurl's resends with nothing but refusals is
-re-submitted here until its deadline, so a GOAWAY storm loses nothing.
+died before answering). PREREQFUNCTION runs once per attempt, which counts the resends and names
+the connection (local port) of each attempt. A resend is judged unsafe on evidence that its
+earlier connection failed: libcurl recorded an error for the transfer (it records none for a
+refusal), or another request on that connection failed with a connection error. A response that
+follows an unsafe resend is marked `maybe_duplicate`. A transfer that exhausted libcurl's
+resends with nothing but refusals is re-submitted here until its deadline, so a GOAWAY storm
+loses nothing. Residual blind spot: a connection that dies under exactly one request, over TLS,
+gives no evidence; that resend counts as unprocessed.
 
 may_have_reached: PREREQFUNCTION runs after the connection is up and before the request is
 written. A transfer that failed before it ever ran (resolve, connect, TLS, or a timeout while
@@ -59,6 +62,14 @@ _CONNECT_TIMEOUT_CAP_S = 10.0
 # and fail every other request on it: measured.)
 _ONLY_REFUSED_MESSAGE = "Connection died, tried"
 _ONLY_REFUSED_CODES = frozenset({pycurl.E_SEND_ERROR, pycurl.E_RECV_ERROR})
+# Errors that mean the connection failed under the request (not a timeout, not a stream reset).
+_CONNECTION_FAILURES = frozenset(
+    {pycurl.E_HTTP2, pycurl.E_PARTIAL_FILE, pycurl.E_GOT_NOTHING, pycurl.E_SEND_ERROR, pycurl.E_RECV_ERROR}
+)
+# Connections that failed, remembered long enough to judge the resends they caused.
+_FAILED_PORTS_KEPT = 1024
+_FAILED_PORT_MEMORY_S = 300.0
+_NO_PORTS: list[int] = []  # shared, never mutated: most transfers are never re-sent
 
 
 class _Transfer:
@@ -74,6 +85,7 @@ class _Transfer:
         "headers",
         "method",
         "port",
+        "prev_ports",
     )
 
     def __init__(self, engine: CurlEngine) -> None:
@@ -84,7 +96,8 @@ class _Transfer:
         self.future: asyncio.Future[HttpResponse] | None = None
         self.attempts = 0  # since the last (re-)submission
         self.deadline = 0.0  # loop time
-        self.port = 0
+        self.port = 0  # local port of the connection the current attempt runs on
+        self.prev_ports: list[int] = _NO_PORTS  # connections of earlier attempts (resends)
         self.method = "POST"
         curl.transfer = self  # lets info_read's handle lead back here without a dict lookup
         engine._configure(curl)
@@ -126,6 +139,9 @@ class CurlEngine(Engine):
         self._active: set[_Transfer] = set()
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         self._streams_by_port: dict[int, int] = {}
+        # Connections (by local port, as PREREQFUNCTION names them) that failed under their
+        # requests, with the loop time: judged when the resends they caused complete.
+        self._failed_ports: dict[int, float] = {}
         self._closed = False
         self._stats = EngineStats()
 
@@ -163,6 +179,7 @@ class CurlEngine(Engine):
         transfer.deadline = loop.time() + timeout_ms / 1000
         transfer.attempts = 0
         transfer.port = 0
+        transfer.prev_ports = _NO_PORTS
         future = transfer.future = loop.create_future()
         self._multi.add_handle(curl)
         self._active.add(transfer)
@@ -228,7 +245,15 @@ class CurlEngine(Engine):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        multi = self._multi
+        # Detach from the loop first: removing handles and closing the multi make libcurl call
+        # the socket and timer callbacks, which must not touch a loop that may be closed.
+        loop, self._loop = self._loop, None
+        multi, self._multi = self._multi, None
+        if loop is not None and not loop.is_closed():
+            for fd in self._watched:
+                loop.remove_reader(fd)
+                loop.remove_writer(fd)
+        self._watched.clear()
         for transfer in list(self._active):
             self._active.discard(transfer)
             if multi is not None:
@@ -243,16 +268,8 @@ class CurlEngine(Engine):
             self._pool.append(transfer)
         self._stats.in_flight = 0
         self._streams_by_port.clear()
-        loop = self._loop
-        if loop is not None and not loop.is_closed():
-            for fd in self._watched:
-                loop.remove_reader(fd)
-                loop.remove_writer(fd)
-        self._watched.clear()
         if multi is not None:
             multi.close()
-        self._multi = None
-        self._loop = None
 
     def _configure(self, curl: pycurl.Curl) -> None:
         """Options set once per pooled handle; only URL, headers, body and timeout vary."""
@@ -310,6 +327,9 @@ class CurlEngine(Engine):
         # Runs inside libcurl: it must not raise and must not call back into pycurl.
         stats = self._stats
         if transfer.attempts:
+            if transfer.prev_ports is _NO_PORTS:
+                transfer.prev_ports = []
+            transfer.prev_ports.append(transfer.port)
             self._release_stream(transfer)
         transfer.attempts += 1
         transfer.port = local_port
@@ -334,6 +354,13 @@ class CurlEngine(Engine):
             return
         while True:
             queued, ok, failed = multi.info_read()
+            if failed:
+                # Connection failures first: they are the evidence for judging resends that
+                # complete in this same batch.
+                now = self._loop.time()
+                for curl, code, message in failed:
+                    if code in _CONNECTION_FAILURES and not message.startswith(_ONLY_REFUSED_MESSAGE):
+                        self._note_failed_connection(curl.transfer.port, now)
             for curl in ok:
                 self._finish(curl.transfer, 0, "")
             for curl, code, message in failed:
@@ -353,9 +380,7 @@ class CurlEngine(Engine):
             self._retire(transfer)
             return
         if code == 0:
-            # An error message on a successful transfer belongs to an earlier attempt whose
-            # connection failed with the request in flight.
-            maybe_duplicate = bool(resends and curl.errstr())
+            maybe_duplicate = bool(resends) and self._resent_after_error(transfer, curl)
             if maybe_duplicate:
                 stats.resent_maybe_processed += resends
             else:
@@ -368,7 +393,12 @@ class CurlEngine(Engine):
                     maybe_duplicate,
                 )
             )
-        elif code in _ONLY_REFUSED_CODES and resends and message.startswith(_ONLY_REFUSED_MESSAGE):
+        elif (
+            code in _ONLY_REFUSED_CODES
+            and resends
+            and message.startswith(_ONLY_REFUSED_MESSAGE)
+            and not self._resent_after_error(transfer, curl, include_current=True)
+        ):
             # Every attempt was refused: nothing reached the application. Go again, on a fresh
             # connection, within what is left of the request's deadline.
             stats.resent_unprocessed += transfer.attempts
@@ -380,6 +410,7 @@ class CurlEngine(Engine):
                 self._retire(transfer)
                 return
             transfer.attempts = 0
+            transfer.prev_ports = _NO_PORTS
             _reset_buffers(transfer)
             curl.setopt(pycurl.TIMEOUT_MS, remaining_ms)
             self._multi.add_handle(curl)
@@ -393,6 +424,35 @@ class CurlEngine(Engine):
                 TransportError(f"curl error {code}: {message}", may_have_reached=transfer.attempts > 0)
             )
         self._retire(transfer)
+
+    def _resent_after_error(
+        self, transfer: _Transfer, curl: pycurl.Curl, include_current: bool = False
+    ) -> bool:
+        """Whether an earlier attempt may have been processed: its connection failed under it.
+
+        Evidence, either enough: libcurl recorded an error message for a transfer that then
+        succeeded (it records none for a refused stream, but over TLS the error may be recorded
+        on another transfer of the connection), or another request on the connection of an
+        earlier attempt failed with a connection error.
+        """
+        if not include_current and curl.errstr():
+            return True
+        failed = self._failed_ports
+        if not failed:
+            return False
+        if include_current and transfer.port in failed:
+            return True
+        return any(port in failed for port in transfer.prev_ports)
+
+    def _note_failed_connection(self, port: int, now: float) -> None:
+        if not port:
+            return
+        failed = self._failed_ports
+        failed[port] = now
+        if len(failed) > _FAILED_PORTS_KEPT:
+            horizon = now - _FAILED_PORT_MEMORY_S
+            for stale in [p for p, t in failed.items() if t < horizon]:
+                del failed[stale]
 
     def _retire(self, transfer: _Transfer) -> None:
         transfer.future = None
