@@ -106,17 +106,37 @@ class SharedTokenCache:
 
     def get(self, key: str, mint: Callable[[float], IssuedToken]) -> IssuedToken:
         now = self._clock()
-        token = self._local.get(key)
-        if token is not None and now < token.refresh_at:
-            return token
-        token = self._read(key)
-        if token is not None and now < token.refresh_at:
-            self._local[key] = token
-            return token
-        return self._mint(key, mint, stale=token)
+        local = self._local.get(key)
+        if local is not None and now < local.refresh_at:
+            return local
+        try:
+            token = self._read(key)
+            if token is not None and now < token.refresh_at:
+                self._local[key] = token
+                return token
+            return self._mint(key, mint, stale=token)
+        except redis.RedisError as exc:
+            # Without Redis, minting here could break the one-token-per-key rule across processes; the
+            # token we hold stays good until it expires, and after that sends wait for Redis.
+            if local is not None and now < local.expires_at:
+                log.warning("Redis unavailable (%s); keeping %s until it expires", type(exc).__name__, key)
+                return local
+            raise CredentialError(
+                f"Redis unavailable for {key}: {type(exc).__name__}", transient=True
+            ) from None
 
     def refresh(
         self, key: str, mint: Callable[[float], IssuedToken], rejected: IssuedToken, *, min_interval: float
+    ) -> IssuedToken | None:
+        try:
+            return self._refresh(key, mint, rejected, min_interval)
+        except redis.RedisError as exc:
+            raise CredentialError(
+                f"Redis unavailable for {key}: {type(exc).__name__}", transient=True
+            ) from None
+
+    def _refresh(
+        self, key: str, mint: Callable[[float], IssuedToken], rejected: IssuedToken, min_interval: float
     ) -> IssuedToken | None:
         current = self._read(key)
         if current is not None and current.value != rejected.value and self._clock() < current.expires_at:

@@ -14,6 +14,8 @@ import pytest
 import redis
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from delivery.credentials import (
     APNS_MIN_INTERVAL,
@@ -224,3 +226,27 @@ def test_service_account_problems_are_named_without_values(text: str, words: str
     with pytest.raises(CredentialError, match=words) as info:
         ServiceAccount.parse(text)
     assert not info.value.transient
+
+
+def test_without_redis_the_held_token_is_kept_until_it_expires_then_sends_wait(
+    redis_client: redis.Redis, clock: FakeClock, p8: str
+) -> None:
+    import socket
+
+    with socket.socket() as probe:  # a port nobody listens on: connections are refused for real
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+    cache = _cache(redis_client, clock)
+    tokens = ApnsTokens(cache, "TEAM123456", "KEY1234567", p8)
+    held = tokens.get()
+    # no client-side retries: redis-py would otherwise spend ~4 s backing off per call
+    cache._redis = redis.Redis(host="127.0.0.1", port=dead_port, retry=Retry(NoBackoff(), 0))
+    cache._release = cache._redis.register_script("return 0")
+    clock.now = T0 + APNS_REFRESH_AFTER + 60  # due for refresh, still accepted by Apple
+    assert tokens.get() == held
+    clock.now = T0 + 3600  # expired: no token rather than a token minted outside the shared lock
+    with pytest.raises(CredentialError) as info:
+        tokens.get()
+    assert info.value.transient
+    with pytest.raises(CredentialError):
+        tokens.refresh(held)
