@@ -78,6 +78,55 @@ class FastApp:
             sim.in_flight -= 1
             peers[peer] -= 1
 
+    async def asgi(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """The same handler as ASGI, kept to compare the two interfaces (bench/simulator_ceiling.py)."""
+        if scope["type"] != "http":
+            return
+        sim = self.sim
+        chunks = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        path = scope["path"]
+        admin = path.startswith("/_sim/")
+        if not admin:
+            client = scope["client"] or ("", 0)
+            peer = f"{client[0]}:{client[1]}"
+            active = self.peers.get(peer)
+            if active is None:
+                sim.connections_opened += 1
+                active = 0
+            self.peers[peer] = active + 1
+            sim.peak_streams_per_connection = max(sim.peak_streams_per_connection, active + 1)
+            sim.in_flight += 1
+        try:
+            resp = sim.handle(
+                scope["method"],
+                path,
+                scope["query_string"].decode("latin-1"),
+                headers,
+                b"".join(chunks),
+                self.scheme,
+                headers.get("host", ""),
+            )
+            if resp.delay > 0:
+                await self._sleep(resp.delay)
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": resp.status,
+                    "headers": [(k.encode(), v.encode()) for k, v in resp.headers],
+                }
+            )
+            await send({"type": "http.response.body", "body": resp.body})
+        finally:
+            if not admin:
+                sim.in_flight -= 1
+                self.peers[peer] -= 1
+
     def reset_peers(self) -> None:
         # Peers with requests in the handler stay known, so their decrement finds them.
         self.peers = {p: n for p, n in self.peers.items() if n > 0}
@@ -103,6 +152,7 @@ def build_server(
     max_streams: int = 1000,
     runtime_threads: int = 1,
     task_impl: str = "asyncio",
+    interface: str = "rsgi",
 ) -> tuple[Server, FastApp]:
     app = FastApp(sim, "https" if tls else "http")
     original_reset = sim.reset
@@ -114,10 +164,10 @@ def build_server(
     sim.reset = reset  # type: ignore[method-assign]
     host, port = sock.getsockname()[:2]
     kwargs: dict[str, Any] = {
-        "target": app,
+        "target": app if interface == "rsgi" else app.asgi,
         "address": host,
         "port": port,
-        "interface": Interfaces.RSGI,
+        "interface": Interfaces.RSGI if interface == "rsgi" else Interfaces.ASGINL,
         "http": HTTPModes.auto,
         "websockets": False,
         "backlog": 1024,

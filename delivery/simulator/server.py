@@ -38,6 +38,7 @@ async def run(
     workdir: str,
     knobs: dict[str, Any] | None = None,
     ready_file: str | None = None,
+    fast_options: dict[str, Any] | None = None,
 ) -> None:
     if front not in FRONTS:
         raise ValueError(f"front must be one of {FRONTS}, got {front!r}")
@@ -80,8 +81,7 @@ async def run(
         sim,
         sock,
         (creds.server_cert_file, creds.server_key_file) if tls else None,
-        runtime_threads=int(os.environ.get("SIM_RUNTIME_THREADS", "1")),
-        task_impl=os.environ.get("SIM_TASK_IMPL", "asyncio"),
+        **(fast_options or {}),
     )
     serving = asyncio.ensure_future(granian.serve())
 

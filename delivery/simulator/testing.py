@@ -48,6 +48,7 @@ class SimulatorProcess:
         workdir: str | os.PathLike[str] | None = None,
         host: str = "127.0.0.1",
         startup_timeout: float = 30.0,
+        extra_args: list[str] | None = None,
         **knobs: Any,
     ) -> None:
         self.front = front
@@ -56,6 +57,7 @@ class SimulatorProcess:
         self.host = host
         self.startup_timeout = startup_timeout
         self.initial_knobs = knobs
+        self.extra_args = list(extra_args or [])  # further run_simulator options, e.g. --fast-threads 2
         self.proc: subprocess.Popen[bytes] | None = None
         self.base_url = ""
         self.port = 0
@@ -87,6 +89,7 @@ class SimulatorProcess:
         ]  # fmt: skip
         if self.initial_knobs:
             cmd += ["--knobs", json.dumps(self.initial_knobs)]
+        cmd += self.extra_args
         env = dict(os.environ)
         env.setdefault("DJANGO_SETTINGS_MODULE", "pushsvc.settings")
         with open(self.log_file, "wb") as log:
