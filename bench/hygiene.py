@@ -200,7 +200,7 @@ def bench_job(name: str, run, app_id: int) -> None:
     print(
         f"{name}: {report.changed:,} rows in {report.batches} batches, {report.seconds:.2f} s"
         f" ({report.changed / report.seconds:,.0f} rows/s); smallest batch {report.smallest_batch};"
-        f" skipped on row locks: {report.skipped_batches}"
+        f" timeouts retried smaller: {report.timeouts}; skipped: {report.skipped_batches}"
     )
     print(
         "  write transaction per batch (longest row-lock hold):"

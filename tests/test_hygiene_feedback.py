@@ -344,3 +344,19 @@ def test_apply_invalidations_in_the_callers_transaction(redis_client):
     assert sorted(a["applied"] for a in audit_rows(campaign_id=3)) == [False, True, True, True]
     assert {a["provider"] for a in audit_rows(campaign_id=3)} == {"fcm"}
     assert redis_client.xlen(STREAM) == 0
+
+
+def test_feedback_for_a_token_that_moved_to_another_device_spares_it(redis_client):
+    app = make_app()
+    token = fcm_token()
+    first = upsert_device(app, Registration(device_id=uuid.uuid4(), platform="android", token=token))
+    # The same token registers for a new device (reinstall/restore): the registry moves it.
+    second = upsert_device(app, Registration(device_id=uuid.uuid4(), platform="android", token=token))
+    assert second.id != first.id
+    # A send to the first row, in flight during the move, answers UNREGISTERED.
+    answer = Result(
+        target=Target(device_id=first.id, token=token), outcome=Outcome.INVALID_TOKEN, reason="UNREGISTERED"
+    )
+    publish_invalidations([Invalidation.from_result(answer, app_id=app.pk, platform="android")])
+    assert apply_feedback(block_ms=0).deactivated == 0
+    assert list(DeviceToken.objects.filter(app=app).values_list("id", "is_active")) == [(second.id, True)]

@@ -7,6 +7,7 @@ import threading
 import uuid
 from datetime import timedelta
 
+import psycopg2
 import pytest
 from django.core.management import call_command
 from django.db import connection
@@ -83,17 +84,58 @@ def test_prune_walks_keyset_batches(redis_client):
     assert existing(doomed + kept) == {r.pk for r in kept}
 
 
-@pytest.mark.django_db
-def test_batches_shrink_when_writes_are_slower_than_the_target(redis_client, settings):
+@pytest.mark.django_db(transaction=True)
+def test_write_over_the_time_cap_is_cancelled_and_retried_smaller(redis_client, settings):
     app = make_app()
     now = timezone.now()
-    rows = [make_row(app, last_seen=now - 100 * DAY) for _ in range(250)]
-    settings.HYGIENE_BATCH_TARGET_S = 1e-9  # every write is "too slow"
-    sizes = []
-    report = hygiene.sweep_stale(now=now, batch_size=200, on_batch=lambda r: sizes.append(r.changed))
-    assert sizes == [200, 250]  # 200, then the floor of 100 (which found the last 50)
-    assert report.smallest_batch == 100
-    assert not DeviceToken.objects.filter(pk__in=[r.pk for r in rows], is_active=True).exists()
+    rows = [inactive_for(app, 60, now) for _ in range(8)]
+    settings.HYGIENE_BATCH_TARGET_S = 0.05  # cap: 4 x target = 200 ms per write transaction
+    with connection.cursor() as cursor:
+        # Every deleted row costs 40 ms: a batch of 8 runs past the cap, a batch of 2 does not.
+        cursor.execute(
+            "CREATE FUNCTION hygiene_slow() RETURNS trigger LANGUAGE plpgsql AS"
+            " $$ BEGIN PERFORM pg_sleep(0.04); RETURN OLD; END $$;"
+            " CREATE TRIGGER hygiene_slow BEFORE DELETE ON tokens_devicetoken"
+            " FOR EACH ROW EXECUTE FUNCTION hygiene_slow()"
+        )
+    try:
+        report = hygiene.prune_inactive(now=now, batch_size=8)
+    finally:
+        with connection.cursor() as cursor:
+            cursor.execute("DROP TRIGGER hygiene_slow ON tokens_devicetoken; DROP FUNCTION hygiene_slow()")
+    # 8 rows (320 ms) cancelled at the cap, retried as 2, then shrunk towards the 50 ms target.
+    assert report.timeouts >= 1 and report.smallest_batch <= 2
+    assert (report.changed, report.skipped_batches) == (8, 0)
+    assert existing(rows) == set()
+
+
+@pytest.mark.django_db(transaction=True)
+def test_batch_blocked_by_a_row_lock_is_skipped_not_waited_for(redis_client, settings):
+    app = make_app()
+    now = timezone.now()
+    rows = [inactive_for(app, 60, now) for _ in range(6)]
+    settings.HYGIENE_BATCH_TARGET_S = 0.05
+    blocker = psycopg2.connect(**_dsn())
+    try:
+        with blocker.cursor() as cursor:  # a registration holding rows[4] mid-transaction
+            cursor.execute("SELECT 1 FROM tokens_devicetoken WHERE id = %s FOR UPDATE", [rows[4].pk])
+        report = hygiene.prune_inactive(now=now, batch_size=3)
+    finally:
+        blocker.rollback()
+        blocker.close()
+    assert (report.changed, report.skipped_batches) == (3, 1)
+    assert existing(rows) == {r.pk for r in rows[3:]}
+    assert hygiene.prune_inactive(now=now).changed == 3  # the next run takes them
+
+
+def _dsn() -> dict:
+    db = connection.settings_dict
+    return {
+        "dbname": db["NAME"],
+        "user": db.get("USER") or "postgres",
+        "host": db.get("HOST") or "127.0.0.1",
+        "port": db.get("PORT") or 5432,
+    }
 
 
 def test_batch_size_adapts_to_the_time_target(settings):

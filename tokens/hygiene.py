@@ -31,6 +31,7 @@ from django.db import OperationalError, connection, transaction
 from django.db.models import Count, Q, QuerySet
 from django.utils import timezone
 from redis.exceptions import LockError, LockNotOwnedError
+from redis.lock import Lock
 
 from .feedback import AUDIT_TABLE, redis_client
 from .models import App, DeviceToken
@@ -40,7 +41,8 @@ logger = logging.getLogger(__name__)
 LOCK_PREFIX = "pushsvc:lock:hygiene:"
 STALE_REASON = "stale"
 _LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL lock_timeout expired
-_MIN_BATCH = 100
+_QUERY_CANCELED = "57014"  # PostgreSQL statement_timeout expired
+_SHRINK_LIMIT = 50  # a batch never gets smaller than 1/50 of HYGIENE_BATCH_SIZE (100 of 5,000)
 
 
 @dataclass(slots=True)
@@ -51,7 +53,8 @@ class JobReport:
     candidates: int = 0  # dry run: rows that would change
     changed: int = 0  # rows deleted (prune) or deactivated (sweep)
     batches: int = 0
-    skipped_batches: int = 0  # gave up waiting for a row lock; the next run takes them
+    skipped_batches: int = 0  # gave up (row lock held elsewhere, or too slow even when small)
+    timeouts: int = 0  # writes cancelled at the time cap and retried smaller
     longest_batch_s: float = 0.0  # the longest write transaction, i.e. the longest lock hold
     last_batch_s: float = 0.0
     smallest_batch: int = 0  # batches shrink below HYGIENE_BATCH_SIZE when writes are slow
@@ -73,14 +76,20 @@ class JobReport:
             f"{verb}d {self.changed} token(s) (cutoff {cutoff}) in {self.batches} batch(es), "
             f"{self.seconds:.2f} s; longest batch {self.longest_batch_s * 1000:.0f} ms"
         )
+        if self.timeouts:
+            summary += f"; {self.timeouts} write(s) over the time cap retried smaller"
         if self.skipped_batches:
-            summary += f"; {self.skipped_batches} batch(es) skipped on row locks"
+            summary += (
+                f"; {self.skipped_batches} batch(es) skipped (row locks or too slow), left for the next run"
+            )
         lost = ["lost the lock to another run and stopped early"] if self.lock_lost else []
         return [*lost, summary]
 
 
 @contextmanager
-def job_lock(name: str, *, client: redis.Redis | None = None, ttl_s: int | None = None) -> Iterator:
+def job_lock(
+    name: str, *, client: redis.Redis | None = None, ttl_s: int | None = None
+) -> Iterator[Lock | None]:
     """Yield a redis-py Lock held by this run, or None when another run holds it."""
     client = client or redis_client()
     lock = client.lock(LOCK_PREFIX + name, timeout=ttl_s or settings.HYGIENE_LOCK_TTL_S, blocking=False)
@@ -100,8 +109,12 @@ def _keyset(queryset: QuerySet, after: int, size: int) -> list[int]:
     return list(queryset.filter(id__gt=after).order_by("id").values_list("id", flat=True)[:size])
 
 
-def _lock_timeout(exc: OperationalError) -> bool:
-    return getattr(exc.__cause__, "pgcode", None) == _LOCK_NOT_AVAILABLE
+def _pgcode(exc: OperationalError) -> str | None:
+    return getattr(exc.__cause__, "pgcode", None)
+
+
+def _floor(largest: int) -> int:
+    return max(1, largest // _SHRINK_LIMIT)
 
 
 def _next_size(size: int, elapsed: float, largest: int) -> int:
@@ -109,7 +122,7 @@ def _next_size(size: int, elapsed: float, largest: int) -> int:
     DELETE, and a busy server more): aim at HYGIENE_BATCH_TARGET_S per transaction."""
     target = settings.HYGIENE_BATCH_TARGET_S
     if elapsed > target:
-        return max(_MIN_BATCH, int(size * target / elapsed))
+        return max(_floor(largest), int(size * target / elapsed))
     if elapsed < target / 2:
         return min(largest, size * 2)
     return size
@@ -120,30 +133,42 @@ def _run_batches(
     candidates: QuerySet,
     write: Callable[[list[int]], int],
     largest: int,
-    lock,
+    lock: Lock,
     on_batch: Callable[[JobReport], None] | None,
 ) -> None:
     after = 0
     size = largest
+    # Hard cap on one write transaction, so its row locks never outlive it even when the server
+    # stalls (checkpoint, a saturated disk) after the batch was sized.
+    timeout_ms = int(settings.HYGIENE_BATCH_TARGET_S * 4 * 1000)
     while True:
         ids = _keyset(candidates, after, size)
         if not ids:
             return
-        after = ids[-1]
         started = time.monotonic()
         try:
             with transaction.atomic():
                 if connection.vendor == "postgresql":
-                    # Waiting on a row a registration is updating would stretch our own locks:
-                    # give up on this batch instead; tomorrow's run takes it.
                     with connection.cursor() as cursor:
-                        cursor.execute("SET LOCAL lock_timeout = '500ms'")
+                        # Waiting on a row a registration is updating would stretch our own locks.
+                        cursor.execute(
+                            f"SET LOCAL lock_timeout = '{timeout_ms // 2}ms';"
+                            f" SET LOCAL statement_timeout = '{timeout_ms}ms'"
+                        )
                 report.changed += write(ids)
+            after = ids[-1]
         except OperationalError as exc:
-            if not _lock_timeout(exc):
+            code = _pgcode(exc)
+            if code == _QUERY_CANCELED and size > _floor(largest):
+                # Too slow right now: retry the same range at a quarter of the size.
+                report.timeouts += 1
+                size = max(_floor(largest), size // 4)
+                continue
+            if code not in (_QUERY_CANCELED, _LOCK_NOT_AVAILABLE):
                 raise
+            after = ids[-1]
             report.skipped_batches += 1
-            logger.info("%s: batch after id %s skipped (row lock held elsewhere)", report.job, ids[0])
+            logger.info("%s: batch after id %s skipped (%s); the next run takes it", report.job, ids[0], code)
         report.last_batch_s = time.monotonic() - started
         report.longest_batch_s = max(report.longest_batch_s, report.last_batch_s)
         report.smallest_batch = min(report.smallest_batch or size, size)
