@@ -497,3 +497,9 @@ def test_no_secret_reaches_logs_or_results(
     text = caplog.text + repr(results)
     for secret in secrets:
         assert secret not in text
+
+
+def test_apns_never_splices_a_non_hex_token_into_the_path(app: App, sim: SimulatorProcess) -> None:
+    [[result]] = send(app, "ios", [Target(1, "ab/../../3/device/cd")], MESSAGE)
+    assert result.outcome is Outcome.REJECTED
+    assert sim.stats()["requests"] == 0

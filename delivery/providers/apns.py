@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from django.conf import settings
 
-from delivery.credentials import ApnsTokens, CredentialError, shared_cache
+from delivery.credentials import ApnsTokens, Clock, CredentialError, shared_cache
 from delivery.engine.base import Engine, HttpRequest, TransportError
 from delivery.payload import PushMessage, fit_message
 from delivery.providers import mapping as m
@@ -131,7 +131,7 @@ class ApnsProvider(Provider):
         topic: str,
         auth: AuthToken,
         *,
-        clock=time.time,
+        clock: Clock = time.time,
     ) -> None:
         self._engine = engine
         self._path = "/3/device/"  # the engine is bound to the endpoint; requests carry paths
@@ -139,6 +139,8 @@ class ApnsProvider(Provider):
         self._auth = auth
         self._clock = clock
         self._renders: dict[str, _Rendered] = {}
+        self._bearer_for = ""
+        self._bearer = ""
 
     @classmethod
     def from_app(cls, app: App) -> ApnsProvider:
@@ -186,6 +188,9 @@ class ApnsProvider(Provider):
         return rendered
 
     async def send(self, target: Target, message: PushMessage) -> Result:
+        if not target.token.isalnum():
+            # The registry only stores hex tokens; anything else must never be spliced into the path.
+            return Result(target, Outcome.REJECTED, reason="not a hex APNs device token")
         rendered = self._renders.get(message.message_id)
         if rendered is None or (rendered.message is not message and rendered.message != message):
             rendered = self._render(message)
@@ -206,8 +211,10 @@ class ApnsProvider(Provider):
     async def _attempt(
         self, target: Target, message: PushMessage, rendered: _Rendered, jwt: str
     ) -> tuple[Result, str | None]:
+        if jwt is not self._bearer_for:
+            self._bearer_for, self._bearer = jwt, "bearer " + jwt
         headers = rendered.headers.copy()
-        headers["authorization"] = "bearer " + jwt
+        headers["authorization"] = self._bearer
         headers["apns-id"] = apns_id(message.message_id, target.token)
         ttl = rendered.ttl
         if ttl is not None:

@@ -26,6 +26,7 @@ import hashlib
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
@@ -37,7 +38,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_private_key
 from django.conf import settings
 
-from delivery.credentials import fingerprint
+from delivery.credentials import Clock, fingerprint
 from delivery.engine.base import Engine, HttpRequest, TransportError
 from delivery.payload import PushMessage, fit_message
 from delivery.providers import mapping as m
@@ -127,8 +128,8 @@ class WebPushProvider(Provider):
         public_key: str,
         subject: str,
         config_error: str = "",
-        engine_factory=None,
-        clock=time.time,
+        engine_factory: Callable[[str], Engine] | None = None,
+        clock: Clock = time.time,
     ) -> None:
         self._config_error = config_error
         self._private_pem = private_key_pem
