@@ -315,6 +315,24 @@ def test_engine_survives_many_run_until_complete_calls(kind, sim, loop, engines)
     assert sim.stats()["connections_opened"] == 1
 
 
+def test_curl_engine_on_uvloop(sim, engines):
+    """Workers may run their providers on uvloop (PUSH_EVENT_LOOP): same socket integration."""
+    uvloop = pytest.importorskip("uvloop")
+    loop = uvloop.new_event_loop()
+    try:
+        engine = make_engine(engines, sim)
+        tokens = [device_token() for _ in range(500)]
+        for chunk in (tokens[:250], tokens[250:]):
+            requests = [engine.request(apns_request(sim, t)) for t in chunk]
+            results = loop.run_until_complete(gather_settled(requests))
+            assert [getattr(r, "status", r) for r in results] == [200] * len(chunk)
+        loop.run_until_complete(engine.aclose())
+    finally:
+        loop.close()
+    assert set(sim.counts(tokens).values()) == {1}
+    assert sim.stats()["connections_opened"] == 1
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_engine_moves_to_a_new_event_loop(kind, sim, engines):
     engine = create_engine(sim.base_url, kind=kind, ca_file=sim.ca_file)

@@ -86,6 +86,7 @@ class _Transfer:
         "method",
         "port",
         "prev_ports",
+        "timeout_ms",
     )
 
     def __init__(self, engine: CurlEngine) -> None:
@@ -99,6 +100,7 @@ class _Transfer:
         self.port = 0  # local port of the connection the current attempt runs on
         self.prev_ports: list[int] = _NO_PORTS  # connections of earlier attempts (resends)
         self.method = "POST"
+        self.timeout_ms = 0  # TIMEOUT_MS currently set on the handle
         curl.transfer = self  # lets info_read's handle lead back here without a dict lookup
         engine._configure(curl)
         # Bound C methods: libcurl writes straight into the buffers, no Python frame per chunk.
@@ -175,7 +177,9 @@ class CurlEngine(Engine):
         if method != "GET":
             curl.setopt(pycurl.POSTFIELDS, req.body)
         timeout_ms = self._timeout_ms if req.timeout is None else max(1, int(req.timeout * 1000))
-        curl.setopt(pycurl.TIMEOUT_MS, timeout_ms)
+        if timeout_ms != transfer.timeout_ms:
+            curl.setopt(pycurl.TIMEOUT_MS, timeout_ms)
+            transfer.timeout_ms = timeout_ms
         transfer.deadline = loop.time() + timeout_ms / 1000
         transfer.attempts = 0
         transfer.port = 0
@@ -413,6 +417,7 @@ class CurlEngine(Engine):
             transfer.prev_ports = _NO_PORTS
             _reset_buffers(transfer)
             curl.setopt(pycurl.TIMEOUT_MS, remaining_ms)
+            transfer.timeout_ms = remaining_ms
             self._multi.add_handle(curl)
             return
         else:
@@ -488,18 +493,23 @@ class CurlEngine(Engine):
 
 
 def _reset_buffers(transfer: _Transfer) -> None:
-    for buffer in (transfer.body, transfer.headers):
-        buffer.seek(0)
-        buffer.truncate()
+    body = transfer.body
+    if body.tell():
+        body.seek(0)
+        body.truncate()
+    headers = transfer.headers
+    if headers.tell():
+        headers.seek(0)
+        headers.truncate()
 
 
 def _header_lines(headers: dict[str, str]) -> list[str]:
+    """`name: value` lines (HTTP/2 sends names lower-case whatever their case here)."""
     lines = [f"{name}: {value}" for name, value in headers.items()]
-    # libcurl adds these by default; providers don't need them and they cost bytes per request.
-    lower = {name.lower() for name in headers}
-    if "accept" not in lower:
+    # libcurl adds these by default: a wrong form content type, and an Accept nobody needs.
+    if "accept" not in headers and "Accept" not in headers:
         lines.append("Accept:")
-    if "content-type" not in lower:
+    if "content-type" not in headers and "Content-Type" not in headers:
         lines.append("Content-Type:")
     return lines
 
