@@ -4,6 +4,12 @@ The message is rendered once into two byte strings around the token, `{"message"
 rest, so a send is one `orjson.dumps(token)` and a join. The Authorization header dict is rebuilt only
 when the access token changes and is shared, unmodified, by every request.
 
+Auth: the OAuth2 access token comes from the service account through the JWT-bearer grant, signed with
+pyjwt (RS256) and exchanged with one POST to the account's `token_uri` (delivery.credentials), not with
+google-auth, which would add `requests` and its own transport and retry layer: a second retry policy and
+a second HTTP stack to configure. On 401 UNAUTHENTICATED the token is refreshed once and the send
+retried once; a second 401 is AUTH_FAILURE.
+
 Errors are read from the `google.firebase.fcm.v1.FcmError` detail, falling back to the top-level
 `status`. Only UNREGISTERED, SENDER_ID_MISMATCH and an INVALID_ARGUMENT whose message says the
 registration token itself is invalid prune the token; any other INVALID_ARGUMENT means our request is
