@@ -44,13 +44,8 @@ _TABLE = DeviceToken._meta.db_table
 _DELETE_MOVED = (
     f"DELETE FROM {_TABLE} WHERE app_id = %s AND platform = %s AND token_hash = %s AND device_id <> %s"
 )
-_UPSERT = f"""
-INSERT INTO {_TABLE} (
-    app_id, device_id, platform, token, token_hash, web_p256dh, web_auth, user_id, app_version,
-    locale, last_seen, last_success_at, is_active, deactivated_at, deactivation_reason,
-    created_at, updated_at
-) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, NULL, TRUE, NULL, '', %s, %s)
-ON CONFLICT (app_id, device_id) DO UPDATE SET
+# The update half of every upsert (API and import_tokens): the same registration semantics.
+UPSERT_CONFLICT_CLAUSE = f"""ON CONFLICT (app_id, device_id) DO UPDATE SET
     platform = EXCLUDED.platform,
     token = EXCLUDED.token,
     token_hash = EXCLUDED.token_hash,
@@ -66,8 +61,15 @@ ON CONFLICT (app_id, device_id) DO UPDATE SET
     is_active = TRUE,
     deactivated_at = NULL,
     deactivation_reason = '',
-    updated_at = EXCLUDED.updated_at
-RETURNING id, created_at, last_success_at"""
+    updated_at = EXCLUDED.updated_at"""
+_INSERT = f"""
+INSERT INTO {_TABLE} (
+    app_id, device_id, platform, token, token_hash, web_p256dh, web_auth, user_id, app_version,
+    locale, last_seen, last_success_at, is_active, deactivated_at, deactivation_reason,
+    created_at, updated_at
+) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, NULL, TRUE, NULL, '', %s, %s)
+{UPSERT_CONFLICT_CLAUSE}"""
+_UPSERT = _INSERT + "\nRETURNING id, created_at, last_success_at"
 # PostgreSQL: registrations of one token queue behind each other on a transaction-scoped
 # advisory lock, so racing devices take turns instead of failing and retrying (with eight racers
 # for one token the unlucky one could otherwise lose round after round).
@@ -148,11 +150,11 @@ def upsert_device(app: App | int, reg: Registration, *, now: datetime | None = N
             continue
         device_pk, created_at, last_success_at = row
         # created_at is only ever written by the INSERT branch, with this call's `now`.
-        created = created_at == now_db
+        created_at = _as_datetime(created_at)
         return UpsertResult(
             id=device_pk,
-            created=created,
-            created_at=now if created else _as_datetime(created_at),
+            created=created_at == now,
+            created_at=created_at,
             registered_at=now,
             last_success_at=None if last_success_at is None else _as_datetime(last_success_at),
         )
@@ -160,10 +162,9 @@ def upsert_device(app: App | int, reg: Registration, *, now: datetime | None = N
 
 
 def _as_datetime(value: datetime | str) -> datetime:
-    if isinstance(value, datetime):
-        return value
-    parsed = parse_datetime(value)  # SQLite hands raw text back
-    return parsed if timezone.is_aware(parsed) else timezone.make_aware(parsed, UTC)
+    # PostgreSQL returns aware datetimes; SQLite naive UTC ones or, without converters, text.
+    parsed = value if isinstance(value, datetime) else parse_datetime(value)
+    return parsed if timezone.is_aware(parsed) else parsed.replace(tzinfo=UTC)
 
 
 def _retryable(exc: DatabaseError) -> bool:
@@ -171,3 +172,36 @@ def _retryable(exc: DatabaseError) -> bool:
         return True
     pgcode = getattr(exc.__cause__, "pgcode", None)
     return pgcode in _RETRYABLE_PG
+
+
+def upsert_many(app_id: int, regs: list[Registration], *, now: datetime) -> int:
+    """Apply a batch of registrations in one transaction (import_tokens on SQLite); return the
+    number applied. The batch must hold each device and each (platform, token) at most once."""
+    now_db = _datetime_field.get_db_prep_value(now, connection)
+    deletes = []
+    upserts = []
+    for reg in regs:
+        device_db = _device_field.get_db_prep_value(reg.device_id, connection)
+        token_hash = reg.token_hash
+        deletes.append((app_id, reg.platform, token_hash, device_db))
+        upserts.append(
+            (
+                app_id,
+                device_db,
+                reg.platform,
+                reg.token,
+                token_hash,
+                reg.web_p256dh,
+                reg.web_auth,
+                reg.user_id,
+                reg.app_version,
+                reg.locale,
+                now_db,
+                now_db,
+                now_db,
+            )
+        )
+    with transaction.atomic(), connection.cursor() as cursor:
+        cursor.executemany(_DELETE_MOVED, deletes)
+        cursor.executemany(_INSERT, upserts)
+    return len(upserts)

@@ -57,3 +57,30 @@ def registration(platform: str = "ios", **fields: Any) -> dict[str, Any]:
     body = {"device_id": str(uuid.uuid4()), "platform": platform, "token": token, "user_id": "user-1"}
     body.update(fields)
     return body
+
+
+def write_tokens_csv(path: str, rows: int, *, seed: int = 0) -> None:
+    """A valid import_tokens CSV: a mix of iOS, Android and Huawei tokens, 1 user per 2 devices.
+
+    Deterministic for a seed (so a benchmark can be re-run on the same data) and fast enough to
+    write a million rows in a few seconds.
+    """
+    import csv
+    import hashlib
+    import random
+
+    rng = random.Random(seed)
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(("device_id", "platform", "token", "user_id", "app_version", "locale"))
+        for i in range(rows):
+            digest = hashlib.sha256(f"{seed}:{i}".encode()).hexdigest()
+            device = str(uuid.UUID(int=rng.getrandbits(128), version=4))
+            kind = i % 10
+            if kind < 4:
+                platform, token = "ios", digest
+            elif kind < 9:
+                platform, token = "android", f"{digest[:22]}:APA91b{digest * 2}"
+            else:
+                platform, token = "huawei", f"IQAAAACy{digest}{digest[:40]}"
+            writer.writerow((device, platform, token, f"user-{i // 2}", "5.4.1", "en-US"))
