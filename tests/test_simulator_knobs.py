@@ -49,6 +49,8 @@ def test_config_defaults_and_validation(sim):
         sim.configure(error_rate=2)
     with pytest.raises(SimulatorError, match="goaway_every: expected int"):
         sim.configure(goaway_every="3")
+    with pytest.raises(SimulatorError, match="apns_topics: expected a list of strings"):
+        sim.configure(apns_topics=[1])
     assert sim.config() == config  # a rejected change changes nothing
     sim.configure(latency_ms=5, goaway_every=7)
     sim.reset()
@@ -80,6 +82,9 @@ def test_stats_shape(sim):
         "in_flight",
     ):
         assert key in stats
+    if stats["front"] == "strict":  # present and zero right after a reset, not only once incremented
+        for key in ("refused_streams", "goaways_sent", "connections_dropped", "settings_raised"):
+            assert stats[key] == 0
 
 
 def test_latency_holds_requests_in_flight(client, sim):

@@ -328,6 +328,18 @@ def test_request_body_flow_control(raw, sim):
     assert raw.responses[sid] == 413
 
 
+def test_oversized_body_is_drained_and_answered_413(sim):
+    """Past the 1 MB cap the body is read and dropped, and the request still gets its provider answer."""
+    headers = {
+        "authorization": f"bearer {apns_jwt(sim.credentials)}",
+        "apns-topic": sim.credentials.apns_topic,
+    }
+    with httpx.Client(http2=True, verify=sim.ssl_context(), timeout=30) as client:
+        resp = client.post(sim.url(f"/3/device/{tok(1)}"), headers=headers, content=b"x" * 3_000_000)
+    assert resp.http_version == "HTTP/2"
+    assert (resp.status_code, resp.json()) == (413, {"reason": "PayloadTooLarge"})
+
+
 class CurlH2:
     """libcurl multi with HTTP/2 multiplexing and PIPEWAIT: one connection, many streams."""
 

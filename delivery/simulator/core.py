@@ -156,7 +156,8 @@ class Simulator:
         self.front = front
         self.started_ms = int(time.time() * 1000)
         self.knobs = Knobs()
-        self.listeners: list[Callable[[Knobs], None]] = []
+        self.listeners: list[Callable[[Knobs], None]] = []  # told about every knob change
+        self.reset_hooks: list[Callable[[], None]] = []  # fronts' own state to clear on reset
         self._apns_keys = {
             creds.apns_key_id: (
                 creds.apns_team_id,
@@ -193,7 +194,9 @@ class Simulator:
         self._rate_count = 0
         self.connections_opened = 0
         self.peak_streams_per_connection = 0
-        self.front_counters = {}
+        self.front_counters = dict.fromkeys(self.front_counters, 0)
+        for hook in self.reset_hooks:
+            hook()
         if config:
             self.configure(asdict(Knobs()))
 
@@ -209,6 +212,8 @@ class Simulator:
                 raise ConfigError(
                     f"knob {name}: expected {'/'.join(t.__name__ for t in types)}, got {value!r}"
                 )
+            if types == (list,) and not all(isinstance(item, str) for item in value):
+                raise ConfigError(f"knob {name}: expected a list of strings")
             if name in ("max_concurrent_streams", "apns_initial_streams") and value < 1:
                 raise ConfigError(f"knob {name}: must be >= 1")
             if name == "error_rate" and not 0 <= value <= 1:

@@ -155,13 +155,7 @@ def build_server(
     interface: str = "rsgi",
 ) -> tuple[Server, FastApp]:
     app = FastApp(sim, "https" if tls else "http")
-    original_reset = sim.reset
-
-    def reset(config: bool = False) -> None:
-        original_reset(config)
-        app.reset_peers()
-
-    sim.reset = reset  # type: ignore[method-assign]
+    sim.reset_hooks.append(app.reset_peers)
     host, port = sock.getsockname()[:2]
     kwargs: dict[str, Any] = {
         "target": app if interface == "rsgi" else app.asgi,

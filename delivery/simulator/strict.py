@@ -211,11 +211,9 @@ class _Connection(asyncio.Protocol):
             elif isinstance(event, h2.events.DataReceived):
                 self.h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
                 stream = self.streams.get(event.stream_id)
-                if stream is not None and not stream.processing:
-                    stream.body += event.data
-                    if len(stream.body) > _MAX_BODY:
-                        self._forget(event.stream_id)
-                        self.h2.reset_stream(event.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
+                if stream is not None and not stream.processing and len(stream.body) <= _MAX_BODY:
+                    # Beyond the cap the rest is drained, not kept: the core's size checks answer 413.
+                    stream.body += event.data[: _MAX_BODY + 1 - len(stream.body)]
                 if event.stream_ended is not None:
                     self._process(event.stream_id)
             elif isinstance(event, h2.events.StreamEnded):
@@ -398,8 +396,11 @@ class _Connection(asyncio.Protocol):
             self._h1_fail(411, "send a content-length")
             return
         length_raw = headers.get("content-length", "0")
-        if not length_raw.isdigit() or int(length_raw) > _MAX_BODY:
+        if not length_raw.isdigit():
             self._h1_fail(400, "bad content-length")
+            return
+        if int(length_raw) > _MAX_BODY:
+            self._h1_fail(413, "request body too large")
             return
         length = int(length_raw)
         if len(self.pending) < head_end + 4 + length:
