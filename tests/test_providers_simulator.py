@@ -503,3 +503,27 @@ def test_apns_never_splices_a_non_hex_token_into_the_path(app: App, sim: Simulat
     [[result]] = send(app, "ios", [Target(1, "ab/../../3/device/cd")], MESSAGE)
     assert result.outcome is Outcome.REJECTED
     assert sim.stats()["requests"] == 0
+
+
+def test_fcm_refused_service_account_fails_fast_without_hammering_the_token_endpoint(
+    app: App, sim: SimulatorProcess
+) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+
+    account = json.loads(app.fcm_service_account)
+    account["private_key"] = (
+        rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        .private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        .decode()
+    )  # a key Google (the simulator) never saw: the grant is refused
+    app.fcm_service_account = json.dumps(account)
+    targets = [token_for("android", sim) for _ in range(50)]
+    first, second = send(app, "android", targets, MESSAGE, rounds=2)
+    assert {r.outcome for r in first + second} == {Outcome.AUTH_FAILURE}
+    assert all("refused the credentials" in r.reason for r in first + second)
+    by = sim.stats()["by_outcome"]
+    assert sum(v for k, v in by.items() if k.startswith("fcm-oauth 400")) == 1  # 100 sends, one attempt
+    assert not any(k.startswith("fcm ") for k in by)
