@@ -4,11 +4,12 @@ A message is validated once, where it enters the system (`PushMessage.from_dict`
 campaigns), so adapters can trust it. It is stored as `to_dict()` (a JSON object) and rebuilt with
 `from_dict`, which round-trips exactly.
 
-Size: APNs payloads, FCM messages and Web Push records are limited to 4 KB. An adapter renders a message
-through `fit_message`, which shortens the body (on a character, hence UTF-8, boundary, ending in "…")
-until the provider's rendering fits, and marks the data with `TRUNCATED_KEY` so the app knows to fetch
-the full text by `MESSAGE_ID_KEY`. `check_fits` lets the API refuse, with a 400, a message that would not
-fit even with an empty body, so nothing oversized is ever sent.
+Size: APNs payloads, FCM messages, Web Push records and HMS requests are limited to 4 KB, each measured
+by its adapter's `payload_size` (what counts is the adapter's documented choice). An adapter renders a
+message through `fit_message`, which shortens the body (on a character, hence UTF-8, boundary, ending in
+"…") until the provider's rendering fits, and marks the data with `TRUNCATED_KEY` so the app knows to
+fetch the full text by `MESSAGE_ID_KEY`. `check_fits` lets the API refuse, with a 400, a message that
+would not fit even with an empty body, so nothing oversized is ever sent.
 """
 
 from __future__ import annotations
