@@ -135,6 +135,7 @@ def bench_engine(
 
         await drive(sender(warm), len(warm), concurrency)
         figures = await drive(sender(tokens), n, concurrency)
+        await engine.aclose()
         return engine, figures
 
     sim.reset()
@@ -190,6 +191,7 @@ def bench_adapter(
 
         await drive(sender(warm), len(warm), concurrency)
         figures = await drive(sender(tokens), n, concurrency)
+        await engine.aclose()
         return engine, figures
 
     shared_cache().forget_local()

@@ -393,3 +393,12 @@ def test_unknown_engine_kind_is_refused():
 def test_header_block_after_interim_response_is_the_one_kept():
     raw = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/2 410 \r\napns-id: X\r\nContent-Type: application/json\r\n\r\n"
     assert _parse_headers(raw) == {"apns-id": "X", "content-type": "application/json"}
+
+
+def test_curl_engine_trusts_the_system_store_by_default():
+    from delivery.engine.curl import system_ca_file
+
+    path = system_ca_file()
+    assert path is not None and path.endswith((".crt", ".pem"))
+    with open(path, "rb") as bundle:
+        assert b"BEGIN CERTIFICATE" in bundle.read(1 << 16)

@@ -28,7 +28,10 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import io
+import os
+import ssl
 from typing import Any
 
 import pycurl
@@ -54,6 +57,7 @@ _HANDLES_PER_CONNECTION = 2048
 # Providers ask for long-lived connections; libcurl's default drops idle ones after 118 s.
 _IDLE_CONNECTION_MAX_AGE_S = 600
 _CONNECT_TIMEOUT_CAP_S = 10.0
+_MAX_RESPONSE_BYTES = 1 << 20
 # libcurl keeps the first error message of a transfer. A transfer that ends with libcurl's
 # "gave up re-sending" message had no attempt fail with an error of its own: every one was
 # refused. Otherwise the message is that earlier error's. If a libcurl release rewords it, such
@@ -126,7 +130,7 @@ class CurlEngine(Engine):
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
         self._base_url = base_url.rstrip("/")
-        self._ca_file = ca_file
+        self._ca_file = ca_file or system_ca_file()
         self._max_connections = max_connections
         self._timeout_ms = max(1, int(timeout * 1000))
         self._http_version = (
@@ -291,12 +295,15 @@ class CurlEngine(Engine):
         )
         if self._ca_file:
             curl.setopt(pycurl.CAINFO, self._ca_file)
+        # A provider's answer is a few hundred bytes; a runaway body must not grow a worker.
+        curl.setopt(pycurl.MAXFILESIZE_LARGE, _MAX_RESPONSE_BYTES)
         curl.setopt(pycurl.POST, 1)
 
     # --- libcurl callbacks (run inside socket_action / add_handle: never re-enter libcurl) ---
     def _on_socket(self, what: int, fd: int, multi: Any, socketp: Any) -> None:
         loop = self._loop
-        if loop is None:
+        # An engine dropped without aclose() is cleaned up by libcurl after its loop closed.
+        if loop is None or loop.is_closed():
             return
         old = self._watched.get(fd, 0)
         new = 0 if what == _POLL_REMOVE else what & (_POLL_IN | _POLL_OUT)
@@ -320,7 +327,7 @@ class CurlEngine(Engine):
             self._timer.cancel()
             self._timer = None
         loop = self._loop
-        if timeout_ms < 0 or loop is None:
+        if timeout_ms < 0 or loop is None or loop.is_closed():
             return
         if timeout_ms == 0:
             self._timer = loop.call_soon(self._on_timeout)
@@ -490,6 +497,23 @@ class CurlEngine(Engine):
             if not waiter.done():
                 waiter.set_result(None)
                 return
+
+
+@functools.cache
+def system_ca_file() -> str | None:
+    """The system trust store as OpenSSL knows it (honours SSL_CERT_FILE), else certifi's.
+
+    The libcurl bundled with the pycurl wheel looks for a Red Hat path
+    (/etc/pki/tls/certs/ca-bundle.crt) by default; name the file explicitly instead.
+    """
+    cafile = ssl.get_default_verify_paths().cafile
+    if cafile and os.path.isfile(cafile):
+        return cafile
+    try:
+        import certifi
+    except ImportError:
+        return None
+    return certifi.where()
 
 
 def _reset_buffers(transfer: _Transfer) -> None:
