@@ -83,6 +83,49 @@ def bodies(count: int) -> list[bytes]:
     return out
 
 
+def start_granian(env: dict[str, str], workers: int, threads: int) -> tuple:
+    """For comparison: granian (Rust HTTP server, already a dependency) serving the same WSGI app.
+    granian binds by port number, so a free one is picked first (a small race, fine here)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    cmd = [
+        str(VENV_BIN / "granian"),
+        "--interface",
+        "wsgi",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        str(workers),
+        "--blocking-threads",
+        str(threads),
+        "--no-ws",
+        "--log-level",
+        "warning",
+        "pushsvc.wsgi:application",
+    ]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+    return proc, wait_ready(proc, port)
+
+
+def wait_ready(proc: subprocess.Popen, port: int) -> str:
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as probe:
+                probe.sendall(b"GET /api/v1/devices/ HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+                if probe.recv(12).startswith(b"HTTP/1."):
+                    return f"http://127.0.0.1:{port}"
+        except OSError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise SystemExit("the server did not start")
+        time.sleep(0.1)
+
+
 def start_server(env: dict[str, str], workers: int, worker_class: str, threads: int) -> tuple:
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -108,21 +151,7 @@ def start_server(env: dict[str, str], workers: int, worker_class: str, threads: 
     ]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, pass_fds=(sock.fileno(),))
     sock.close()
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1) as probe:
-                probe.sendall(b"GET /api/v1/devices/ HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
-                if probe.recv(12).startswith(b"HTTP/1."):
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit("gunicorn did not start")
-        time.sleep(0.1)
-    return proc, base
+    return proc, wait_ready(proc, port)
 
 
 def run(base: str, key: str, payloads: list[bytes], clients: int) -> tuple[float, list[float], dict]:
@@ -233,6 +262,7 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--worker-class", default="sync")
+    parser.add_argument("--server", choices=("gunicorn", "granian"), default="gunicorn")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--database", default="postgres://postgres@127.0.0.1:5432/bench_register")
     args = parser.parse_args()
@@ -249,7 +279,10 @@ def main() -> None:
     recreate_database(args.database)
     key = setup_app(env)
     payloads = bodies(args.warmup + args.requests)
-    proc, base = start_server(env, args.workers, args.worker_class, args.threads)
+    if args.server == "granian":
+        proc, base = start_granian(env, args.workers, args.threads)
+    else:
+        proc, base = start_server(env, args.workers, args.worker_class, args.threads)
     try:
         run(base, key, payloads[: args.warmup], args.clients)
         # A production table has planner statistics; a table created a second ago has none, and
@@ -266,7 +299,8 @@ def main() -> None:
     latencies.sort()
     ok = statuses.get(200, 0) + statuses.get(201, 0)
     print(
-        f"server: gunicorn {args.worker_class} x{args.workers} (threads {args.threads}); "
+        f"server: {args.server} {args.worker_class if args.server == 'gunicorn' else 'wsgi'} "
+        f"x{args.workers} (threads {args.threads}); "
         f"client: pycurl CurlMulti, {args.clients} handles; db: {urlsplit(args.database).path[1:]}"
     )
     print(f"statuses: {dict(sorted(statuses.items()))}; load average before: {load_before}")
@@ -277,7 +311,7 @@ def main() -> None:
         f"max {latencies[-1] * 1000:.1f} ms"
     )
     web, pg, client = (1e6 * (b - a) / len(latencies) for a, b in zip(cpu_before, cpu_after, strict=True))
-    print(f"cpu per request: gunicorn {web:.0f} us, postgres {pg:.0f} us, client {client:.0f} us")
+    print(f"cpu per request: web server {web:.0f} us, postgres {pg:.0f} us, client {client:.0f} us")
     if ok != len(payloads) - args.warmup:
         raise SystemExit("some upserts failed")
 

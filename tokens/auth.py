@@ -98,6 +98,33 @@ def forget_cached_keys() -> None:
     key_cache.clear()
 
 
+def verify_authorization(header: str) -> AuthenticatedKey | None:
+    """The key of an `Authorization` header value; None without one. Raises AuthenticationFailed
+    for anything but a valid, unrevoked key of an active app (one message for all cases)."""
+    if not header:
+        return None
+    scheme, _, raw = header.partition(" ")
+    raw = raw.strip()
+    if scheme.lower() != "bearer" or not raw:
+        raise exceptions.AuthenticationFailed("Use 'Authorization: Bearer <api key>'.")
+    digest = ApiKey.hash_key(raw)
+    cached = key_cache.get(digest)
+    if cached is not None:
+        return AuthenticatedKey(cached)
+    prefix = ApiKey.parse_prefix(raw)
+    key = None
+    if prefix:
+        key = ApiKey.objects.select_related("app").filter(prefix=prefix).first()
+    # One message for unknown, wrong and revoked keys: never tell an attacker which it was.
+    if key is None or not key.matches(raw) or key.is_revoked or not key.app.is_active:
+        raise exceptions.AuthenticationFailed(INVALID_KEY)
+    verified = _VerifiedKey(id=key.pk, app_id=key.app_id, prefix=key.prefix, scopes=frozenset(key.scopes))
+    ttl = getattr(settings, "API_KEY_CACHE_SECONDS", 5.0)
+    if ttl > 0:
+        key_cache.put(digest, verified, ttl)
+    return AuthenticatedKey(verified, key.app)
+
+
 class ApiKeyAuthentication(authentication.BaseAuthentication):
     """Authenticates a request as its App. `request.auth` is an `AuthenticatedKey`."""
 
@@ -105,28 +132,8 @@ class ApiKeyAuthentication(authentication.BaseAuthentication):
 
     def authenticate(self, request: Request) -> tuple[None, AuthenticatedKey] | None:
         header = authentication.get_authorization_header(request).decode("latin-1")
-        if not header:
-            return None
-        scheme, _, raw = header.partition(" ")
-        raw = raw.strip()
-        if scheme.lower() != "bearer" or not raw:
-            raise exceptions.AuthenticationFailed("Use 'Authorization: Bearer <api key>'.")
-        digest = ApiKey.hash_key(raw)
-        cached = key_cache.get(digest)
-        if cached is not None:
-            return (None, AuthenticatedKey(cached))
-        prefix = ApiKey.parse_prefix(raw)
-        key = None
-        if prefix:
-            key = ApiKey.objects.select_related("app").filter(prefix=prefix).first()
-        # One message for unknown, wrong and revoked keys: never tell an attacker which it was.
-        if key is None or not key.matches(raw) or key.is_revoked or not key.app.is_active:
-            raise exceptions.AuthenticationFailed(INVALID_KEY)
-        verified = _VerifiedKey(id=key.pk, app_id=key.app_id, prefix=key.prefix, scopes=frozenset(key.scopes))
-        ttl = getattr(settings, "API_KEY_CACHE_SECONDS", 5.0)
-        if ttl > 0:
-            key_cache.put(digest, verified, ttl)
-        return (None, AuthenticatedKey(verified, key.app))
+        key = verify_authorization(header)
+        return None if key is None else (None, key)
 
     def authenticate_header(self, request: Request) -> str:
         return self.keyword
