@@ -157,6 +157,7 @@ def test_cold_start_waits_for_settings_on_one_connection(sim, loop, engines):
     assert [getattr(r, "status", r) for r in results] == [200] * len(tokens)
     server = sim.stats()
     assert server["connections_opened"] == 1, server
+    assert server["refused_streams"] == 0, server  # no burst before the server's SETTINGS
     assert server["duplicates"] == 0
     assert set(sim.counts(tokens).values()) == {1}
     stats = engine.stats()
@@ -391,8 +392,13 @@ def test_unknown_engine_kind_is_refused():
 
 
 def test_header_block_after_interim_response_is_the_one_kept():
-    raw = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/2 410 \r\napns-id: X\r\nContent-Type: application/json\r\n\r\n"
+    raw = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/2 410 \r\napns-id: X\r\ncontent-type: application/json\r\n\r\n"
     assert _parse_headers(raw) == {"apns-id": "X", "content-type": "application/json"}
+
+
+def test_http11_header_names_are_lower_cased_and_values_trimmed():
+    raw = b"HTTP/1.1 201 Created\r\nLocation:  /wp/1 \r\nTTL:60\r\n\r\n"
+    assert _parse_headers(raw) == {"location": "/wp/1", "ttl": "60"}
 
 
 def test_curl_engine_trusts_the_system_store_by_default():

@@ -552,11 +552,21 @@ def _set_method(curl: pycurl.Curl, method: str) -> None:
 
 def _parse_headers(raw: bytes) -> dict[str, str]:
     """The last header block (earlier ones are interim 1xx responses), names lower-cased."""
-    start = raw.rfind(b"\r\n\r\n", 0, len(raw) - 4)
-    block = raw[start + 4 :] if start >= 0 else raw
+    text = raw.decode("latin-1")
+    start = text.rfind("\r\n\r\n", 0, len(text) - 4)
+    if start >= 0:
+        text = text[start + 4 :]
+    lines = text.split("\r\n")
     headers: dict[str, str] = {}
-    for line in block.split(b"\r\n")[1:]:
-        name, sep, value = line.partition(b":")
+    if text.startswith("HTTP/2") and text.endswith("\r\n\r\n"):
+        # HTTP/2 names are lower-case and values carry no surrounding whitespace; libcurl writes
+        # each field as "name: value". The common case, parsed without per-field normalising.
+        for line in lines[1:-2]:
+            name, _, value = line.partition(": ")
+            headers[name] = value
+        return headers
+    for line in lines[1:]:  # HTTP/1.1 (no h2 from ALPN): any case, optional whitespace
+        name, sep, value = line.partition(":")
         if sep:
-            headers[name.strip().lower().decode("latin-1")] = value.strip().decode("latin-1")
+            headers[name.strip().lower()] = value.strip()
     return headers
