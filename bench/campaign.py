@@ -61,8 +61,8 @@ def generate_devices(app_id: int, n: int) -> None:
     SELECT %s, 'u' || g, md5('d' || g)::uuid, t.platform, t.token, encode(sha256(t.token::bytea), 'hex'),
         '', '', '1.0', '', now(), true, '', now() - interval '1 day', now() - interval '1 day'
     FROM generate_series(%s, %s) AS g,
-    LATERAL (SELECT CASE WHEN g % 10 < 6 THEN 'ios' ELSE 'android' END AS platform,
-                    CASE WHEN g % 100 < 10 THEN 'fa017501' WHEN g % 100 < 13 THEN 'fa017503' ELSE '' END
+    LATERAL (SELECT CASE WHEN g %% 10 < 6 THEN 'ios' ELSE 'android' END AS platform,
+                    CASE WHEN g %% 100 < 10 THEN 'fa017501' WHEN g %% 100 < 13 THEN 'fa017503' ELSE '' END
                         AS prefix) k,
     LATERAL (SELECT k.platform,
                     CASE WHEN k.platform = 'ios'
@@ -182,16 +182,18 @@ def main() -> None:
             "PUSH_EVENT_LOOP": args.loop,
             **simulator_env(sim),
         }
-        workers = [
-            CeleryWorker(
-                queues=("default", "apns", "fcm"),
-                concurrency=args.concurrency,
-                env=env,
-                name=f"bench{i}",
-                loglevel="WARNING",
-            ).start()
-            for i in range(args.workers)
-        ]
+        workers: list[CeleryWorker] = []
+        try:
+            for i in range(args.workers):
+                worker = CeleryWorker(
+                    queues=("default", "apns", "fcm"), concurrency=args.concurrency, env=env, name=f"bench{i}"
+                )
+                workers.append(worker)
+                worker.start()
+        except BaseException:
+            for worker in workers:
+                worker.stop()
+            raise
 
         def worker_pids() -> list[int]:
             return [pid for w in workers for pid in ([w.proc.pid] if w.proc else []) + w.child_pids()]

@@ -29,7 +29,7 @@ from django.db.models import F, Max, QuerySet
 from django.utils import timezone
 
 from campaigns import control
-from campaigns.guard import PruneGuard, describe
+from campaigns.guard import HOLD, PASSED, PruneGuard, describe
 from campaigns.models import Campaign, Shard
 from delivery import idempotency, runtime
 from delivery.payload import PushMessage
@@ -310,21 +310,12 @@ def _send(
     provider_rate = float(settings.PUSH_RATE_LIMITS.get(shard.platform, 0) or 0)
     chunk_size = max(settings.CAMPAIGN_CHUNK_SIZE, 1)
     web = shard.platform == Platform.WEB
+    guard_armed = not campaign.prune_confirmed
     for start in range(0, len(todo), chunk_size):
         chunk = todo[start : start + chunk_size]
-        state = control.current_state(client, campaign.pk)
+        state, wait = _checkpoint(client, bucket, campaign, shard.platform, provider_rate, len(chunk))
         if state != control.RUNNING:
             return (control.CANCELLED if state == control.CANCELLED else control.PAUSED), start
-        wait = bucket.reserve(provider_key(campaign.app_id, shard.platform), provider_rate, len(chunk))
-        if campaign.rollout_start_rate or campaign.rollout_max_rate:
-            rate = rollout_rate(
-                campaign.rollout_start_rate,
-                campaign.rollout_max_rate,
-                campaign.rollout_ramp_minutes,
-                campaign.started_at or timezone.now(),
-                timezone.now(),
-            )
-            wait = max(wait, bucket.reserve(campaign_key(campaign.pk), rate, len(chunk)))
         if wait > 0:
             time.sleep(wait)
         targets = [
@@ -334,8 +325,10 @@ def _send(
         answers = runtime.run(provider.send_many(targets, message))
         invalid = sum(1 for a in answers if a.outcome == Outcome.INVALID_TOKEN)
         hold_invalid = False
-        if not campaign.prune_confirmed:
-            hold_invalid = guard.observe(campaign.pk, shard.platform, len(answers), invalid)
+        if guard_armed:
+            verdict = guard.observe(campaign.pk, shard.platform, len(answers), invalid)
+            hold_invalid = verdict == HOLD
+            guard_armed = verdict != PASSED
         final = results.add(chunk, answers, hold_invalid=hold_invalid and invalid > 0)
         idempotency.mark_finished(client, campaign.pk, final)
         if hold_invalid and invalid:
@@ -350,6 +343,29 @@ def _send(
             )
             return control.PAUSED, start + len(chunk)
     return None, len(todo)
+
+
+def _checkpoint(
+    client, bucket: TokenBucket, campaign: Campaign, platform: str, provider_rate: float, n: int
+) -> tuple[str, float]:
+    """Between two chunks, in one round trip: the campaign's control flag, and `n` tokens from
+    the provider's and the rollout's buckets. Returns (state, seconds to wait before sending)."""
+    pipe = client.pipeline(transaction=False)
+    pipe.get(control.flag_key(campaign.pk))
+    bucket.queue_reserve(pipe, provider_key(campaign.app_id, platform), provider_rate, n)
+    if campaign.rollout_start_rate or campaign.rollout_max_rate:
+        now = timezone.now()
+        rate = rollout_rate(
+            campaign.rollout_start_rate,
+            campaign.rollout_max_rate,
+            campaign.rollout_ramp_minutes,
+            campaign.started_at or now,
+            now,
+        )
+        bucket.queue_reserve(pipe, campaign_key(campaign.pk), rate, n)
+    flag, *waits = pipe.execute()
+    state = flag.decode() if flag is not None else control.current_state(client, campaign.pk)
+    return state, max((float(w) for w in waits), default=0.0)
 
 
 def _park(client, shard: Shard, state: str) -> None:

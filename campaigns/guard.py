@@ -25,7 +25,7 @@ local window = tonumber(ARGV[4])
 local ratio = tonumber(ARGV[5])
 if redis.call('HGET', key, 'tripped') == '1' then return 1 end
 local seen = tonumber(redis.call('HGET', key, 'total') or '0')
-if seen >= window then return 0 end
+if seen >= window then return 2 end
 local total = redis.call('HINCRBY', key, 'total', n)
 local invalid = redis.call('HINCRBY', key, 'invalid', bad)
 redis.call('EXPIRE', key, 7 * 24 * 3600)
@@ -37,14 +37,19 @@ return 0
 """
 
 
+HOLD = 1
+PASSED = 2
+
+
 class PruneGuard:
     def __init__(self, client: redis.Redis) -> None:
         self._script = client.register_script(_OBSERVE)
 
-    def observe(self, campaign_id: int, platform: str, results: int, invalid: int) -> bool:
-        """Count one chunk's results; True when invalid answers must be held (the guard tripped)."""
+    def observe(self, campaign_id: int, platform: str, results: int, invalid: int) -> int:
+        """Count one chunk's results: HOLD when invalid answers must be held (the guard tripped),
+        PASSED once the first results are all in without tripping (stop asking), else 0."""
         key = f"pushsvc:pruneguard:{campaign_id}:{platform}"
-        return bool(
+        return int(
             self._script(
                 keys=[key],
                 args=[

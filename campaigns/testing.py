@@ -250,7 +250,11 @@ class CeleryWorker:
             self.proc = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=BASE_DIR, start_new_session=True
             )
-        wait_for(self._ready, timeout, 0.1, f"worker {self.name} ready (log: {self.log_file})")
+        try:
+            wait_for(self._ready, timeout, 0.1, f"worker {self.name} ready (log: {self.log_file})")
+        except BaseException:
+            self.stop(timeout=5)
+            raise
         return self
 
     def _ready(self) -> bool:

@@ -49,9 +49,22 @@ class TokenBucket:
         """Take `n` tokens from bucket `key` refilled at `rate`/s; seconds to wait before using them."""
         if rate <= 0 or n <= 0:
             return 0.0
+        return float(self._script(keys=[key], args=[rate, self._burst(rate, n, burst), n]))
+
+    def queue_reserve(
+        self, pipe: redis.client.Pipeline, key: str, rate: float, n: int, burst: float | None = None
+    ) -> bool:
+        """`reserve` as one command of the caller's pipeline (its reply: the wait, as a string).
+        False (nothing queued) when the bucket is unlimited."""
+        if rate <= 0 or n <= 0:
+            return False
+        self._script(keys=[key], args=[rate, self._burst(rate, n, burst), n], client=pipe)
+        return True
+
+    @staticmethod
+    def _burst(rate: float, n: int, burst: float | None) -> float:
         # A second's worth of burst, at least one chunk, so a full chunk can go at once.
-        burst = max(burst if burst is not None else rate, float(n))
-        return float(self._script(keys=[key], args=[rate, burst, n]))
+        return max(burst if burst is not None else rate, float(n))
 
 
 def provider_key(app_id: int, platform: str) -> str:
