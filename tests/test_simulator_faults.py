@@ -1,0 +1,127 @@
+"""Faults 07 (slow) and 09 (drop) on every provider path (the per-provider files cover them on APNs)."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable, Iterator
+
+import httpx
+import pytest
+
+from delivery.simulator import webpush_keys
+from delivery.simulator.testing import (
+    SimulatorProcess,
+    apns_jwt,
+    fcm_assertion,
+    vapid_authorization,
+    webpush_encrypt,
+)
+
+
+@pytest.fixture
+def client(simulator_fast: SimulatorProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(http2=True, verify=simulator_fast.ssl_context(), timeout=30) as c:
+        yield c
+
+
+def apns(client: httpx.Client, sim: SimulatorProcess, token: str) -> httpx.Response:
+    headers = {
+        "authorization": f"bearer {apns_jwt(sim.credentials)}",
+        "apns-topic": sim.credentials.apns_topic,
+    }
+    return client.post(sim.url(f"/3/device/{token}"), headers=headers, content=b'{"aps":{}}')
+
+
+def fcm(client: httpx.Client, sim: SimulatorProcess, token: str) -> httpx.Response:
+    uri = json.loads(sim.credentials.fcm_service_account)["token_uri"]
+    grant = {
+        "grant_type": "urn:ietf:params:oauth:grant-type:jwt-bearer",
+        "assertion": fcm_assertion(sim.credentials),
+    }
+    bearer = client.post(uri, data=grant).json()["access_token"]
+    return client.post(
+        sim.url(f"/v1/projects/{sim.credentials.fcm_project_id}/messages:send"),
+        headers={"authorization": f"Bearer {bearer}"},
+        json={"message": {"token": token}},
+    )
+
+
+def hms(client: httpx.Client, sim: SimulatorProcess, token: str) -> httpx.Response:
+    creds = sim.credentials
+    form = {
+        "grant_type": "client_credentials",
+        "client_id": creds.hms_app_id,
+        "client_secret": creds.hms_client_secret,
+    }
+    bearer = client.post(sim.url("/oauth2/v3/token"), data=form).json()["access_token"]
+    return client.post(
+        sim.url(f"/v1/{creds.hms_app_id}/messages:send"),
+        headers={"authorization": f"Bearer {bearer}"},
+        json={"message": {"token": [token]}},
+    )
+
+
+def webpush(client: httpx.Client, sim: SimulatorProcess, sub_id: str) -> httpx.Response:
+    endpoint, p256dh, auth = webpush_keys.subscription(sim.base_url, sub_id)
+    headers = {
+        "authorization": vapid_authorization(sim.credentials, sim.base_url),
+        "ttl": "60",
+        "content-encoding": "aes128gcm",
+    }
+    return client.post(endpoint, headers=headers, content=webpush_encrypt(p256dh, auth, b"hi"))
+
+
+SENDERS: dict[str, Callable[[httpx.Client, SimulatorProcess, str], httpx.Response]] = {
+    "apns": apns,
+    "fcm": fcm,
+    "hms": hms,
+    "webpush": webpush,
+}
+TOKENS = {"apns": "{code}" + "ab" * 28, "fcm": "{code}-fcm", "hms": "{code}-hms", "webpush": "{code}-wp"}
+
+
+def fault_token(provider: str, code: str) -> str:
+    return TOKENS[provider].format(code=f"fa0175{code}")
+
+
+@pytest.mark.parametrize("provider", SENDERS)
+def test_fault_09_on_the_fast_front_is_a_500_once(client, simulator_fast, provider):
+    token = fault_token(provider, "09")
+    first = SENDERS[provider](client, simulator_fast, token)
+    assert first.status_code == 500
+    assert simulator_fast.counts([token]) == {token: 0}
+    second = SENDERS[provider](client, simulator_fast, token)
+    assert second.status_code in (200, 201)
+    assert simulator_fast.counts([token]) == {token: 1}
+    assert simulator_fast.stats()["by_outcome"][f"{provider} drop"] == 1
+
+
+@pytest.mark.parametrize("provider", SENDERS)
+def test_fault_07_holds_the_request_then_succeeds(client, simulator_fast, provider):
+    simulator_fast.configure(slow_ms=1500)
+    token = fault_token(provider, "07")
+    result: dict[str, int] = {}
+    thread = threading.Thread(
+        target=lambda: result.update(status=SENDERS[provider](client, simulator_fast, token).status_code)
+    )
+    thread.start()
+    simulator_fast.wait_for(lambda s: s["in_flight"] == 1)
+    thread.join(timeout=30)
+    assert result["status"] in (200, 201)
+    assert simulator_fast.counts([token]) == {token: 1}
+
+
+@pytest.mark.parametrize("provider", ["fcm", "webpush"])
+def test_fault_09_on_the_strict_front_closes_the_connection(simulator_strict, provider):
+    sim = simulator_strict
+    token = fault_token(provider, "09")
+    with (
+        httpx.Client(http2=True, verify=sim.ssl_context(), timeout=30) as client,
+        pytest.raises(httpx.RemoteProtocolError),
+    ):
+        SENDERS[provider](client, sim, token)
+    with httpx.Client(http2=True, verify=sim.ssl_context(), timeout=30) as client:
+        assert SENDERS[provider](client, sim, token).status_code in (200, 201)
+    assert sim.counts([token]) == {token: 1}
+    assert sim.stats()["connections_dropped"] == 1
