@@ -174,6 +174,8 @@ class Simulator:
         self._hms_tokens: dict[str, float] = {}
         self._serial = 0
         self._id_prefix = secrets.token_hex(4)
+        rand = secrets.token_hex(10)
+        self._uuid_prefix = f"{rand[:8]}-{rand[8:12]}-4{rand[13:16]}-a{rand[17:20]}-"
         # Filled by the front: what only the transport can see.
         self.connections_opened = 0
         self.peak_streams_per_connection = 0
@@ -258,8 +260,9 @@ class Simulator:
         return self._serial
 
     def _uuid(self) -> str:
-        h = f"{self._id_prefix}{self._next_id():024x}"
-        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+        # Unique per process start (random prefix) and cheap: this runs twice per APNs success.
+        self._serial += 1
+        return f"{self._uuid_prefix}{self._serial:012x}"
 
     def _unit(self, token: str, attempt: int, salt: int) -> float:
         """A deterministic number in [0, 1) for (seed, token, attempt): repeatable runs without a RNG."""
