@@ -39,6 +39,7 @@ async def run(
     knobs: dict[str, Any] | None = None,
     ready_file: str | None = None,
     fast_options: dict[str, Any] | None = None,
+    exit_with_parent: bool = False,
 ) -> None:
     if front not in FRONTS:
         raise ValueError(f"front must be one of {FRONTS}, got {front!r}")
@@ -55,6 +56,19 @@ async def run(
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    background: list[asyncio.Future[None]] = []  # referenced so the loop does not drop them
+    if exit_with_parent:
+        # A test run that is killed must not leave simulators behind: once the parent is gone the
+        # process is re-parented, and we stop.
+        parent = os.getppid()
+
+        async def watch_parent() -> None:
+            while os.getppid() == parent:
+                await asyncio.sleep(1)
+            log.info("parent %s exited, stopping", parent)
+            stop.set()
+
+        background.append(asyncio.ensure_future(watch_parent()))
 
     def announce() -> None:
         log.info("simulator (%s front) listening at %s, CA %s", front, base_url, creds.ca_file)

@@ -86,6 +86,7 @@ class SimulatorProcess:
             "--tls" if self.tls else "--no-tls",
             "--workdir", str(self.workdir),
             "--ready-file", str(ready),
+            "--exit-with-parent",
         ]  # fmt: skip
         if self.initial_knobs:
             cmd += ["--knobs", json.dumps(self.initial_knobs)]

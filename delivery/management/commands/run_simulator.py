@@ -23,6 +23,9 @@ class Command(BaseCommand):
         parser.add_argument("--workdir", default=str(settings.BASE_DIR / "var" / "simulator"))
         parser.add_argument("--knobs", default="", help="initial knobs as JSON, e.g. '{\"latency_ms\": 5}'")
         parser.add_argument("--ready-file", default="", help="write {base_url, port, pid} here once serving")
+        parser.add_argument(
+            "--exit-with-parent", action="store_true", help="stop when the parent process dies"
+        )
         # Tuning of the fast front, for measuring alternatives (bench/simulator_ceiling.py).
         parser.add_argument("--fast-threads", type=int, default=1, help="granian runtime threads")
         parser.add_argument("--fast-task-impl", choices=("asyncio", "rust"), default="asyncio")
@@ -43,6 +46,7 @@ class Command(BaseCommand):
             workdir=opts["workdir"],
             knobs=knobs,
             ready_file=opts["ready_file"] or None,
+            exit_with_parent=opts["exit_with_parent"],
             fast_options={
                 "runtime_threads": opts["fast_threads"],
                 "task_impl": opts["fast_task_impl"],
