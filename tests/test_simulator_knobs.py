@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -168,3 +171,34 @@ def test_initial_knobs_and_log_file(tmp_path):
         assert sim.config()["goaway_every"] == 9
         assert "listening at" in sim.log_tail()
     assert sim.proc is None
+
+
+def test_simulator_exits_with_its_parent(tmp_path):
+    """A killed test run leaves no simulator behind (SimulatorProcess passes --exit-with-parent)."""
+    script = (
+        "import os, sys\n"
+        "from delivery.simulator.testing import SimulatorProcess\n"
+        "sim = SimulatorProcess(front='strict', tls=False).start()\n"
+        "print(sim.proc.pid, flush=True)\n"
+        "os._exit(0)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    pid = int(out.stdout.strip())
+    deadline = time.monotonic() + 15
+    while Path(f"/proc/{pid}").exists() and "zombie" not in _proc_state(pid):
+        assert time.monotonic() < deadline, f"simulator {pid} outlived its parent"
+        time.sleep(0.1)
+
+
+def _proc_state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/status").read_text().lower()
+    except OSError:
+        return "zombie"
