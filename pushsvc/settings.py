@@ -169,8 +169,9 @@ HYGIENE_AUDIT_RETENTION_DAYS = _env_int("HYGIENE_AUDIT_RETENTION_DAYS", 180)
 # The campaign guard reports the share of a target not seen for this many days.
 HYGIENE_GUARD_UNSEEN_DAYS = _env_int("HYGIENE_GUARD_UNSEEN_DAYS", 30)
 # Rows per prune/sweep statement at most, and the time one such transaction should take: batches
-# shrink when writes are slow (a busy server, an UPDATE that rewrites every index), so no batch
-# holds its row locks anywhere near 1 s.
+# shrink when writes are slow (a busy server, an UPDATE that rewrites every index), and a write
+# running past 3 x the target is cancelled and retried smaller, so no batch holds its row locks
+# for 1 s.
 HYGIENE_BATCH_SIZE = _env_int("HYGIENE_BATCH_SIZE", 5000)
 HYGIENE_BATCH_TARGET_S = _env_float("HYGIENE_BATCH_TARGET_S", 0.25)
 # Invalidations applied per UPDATE, and how often the beat drains the stream (seconds): together

@@ -89,7 +89,7 @@ def test_write_over_the_time_cap_is_cancelled_and_retried_smaller(redis_client, 
     app = make_app()
     now = timezone.now()
     rows = [inactive_for(app, 60, now) for _ in range(8)]
-    settings.HYGIENE_BATCH_TARGET_S = 0.05  # cap: 4 x target = 200 ms per write transaction
+    settings.HYGIENE_BATCH_TARGET_S = 0.05  # cap: 3 x target = 150 ms per write statement
     with connection.cursor() as cursor:
         # Every deleted row costs 40 ms: a batch of 8 runs past the cap, a batch of 2 does not.
         cursor.execute(
