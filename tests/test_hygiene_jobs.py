@@ -248,6 +248,10 @@ def test_stale_share_counts_active_target_only(redis_client):
     )
     assert (narrowed.target, narrowed.unseen) == (4, 1)
     assert hygiene.stale_share(make_app(), ["ios"]).share == 0.0
+    fresh = hygiene.exclude_stale(DeviceToken.objects.filter(app=app, platform="ios"), now=now)
+    assert sorted(fresh.values_list("last_seen", flat=True)) == sorted(
+        now - days * DAY for days in (45, 31, 29, 10, 1)
+    )
 
 
 @pytest.mark.django_db

@@ -341,6 +341,13 @@ def stale_share_of(target: QuerySet, *, days: int | None = None, now: datetime |
     return StaleShare(target=counts["target"], unseen=counts["unseen"], days=days)
 
 
+def exclude_stale(target: QuerySet, *, now: datetime | None = None) -> QuerySet:
+    """A campaign target without the tokens the next stale sweep will deactivate (not seen for
+    HYGIENE_STALE_AFTER_DAYS), so a send between two daily sweeps skips them too."""
+    cutoff = (now or timezone.now()) - timedelta(days=settings.HYGIENE_STALE_AFTER_DAYS)
+    return target.filter(is_active=True, last_seen__gte=cutoff)
+
+
 def stale_share(
     app: App | int,
     platforms: Iterable[str] | None = None,
