@@ -448,3 +448,27 @@ def test_request_auth_exposes_the_app(app, api):
     _, cached = ApiKeyAuthentication().authenticate(request)  # second: from the cache
     assert key.app == app and cached.app == app and cached.app_id == app.pk
     assert cached.scopes == {"devices"}
+
+
+def test_error_shape_for_non_field_validation_errors():
+    from rest_framework.exceptions import NotFound, ValidationError
+
+    from pushsvc.api import exception_handler
+
+    assert exception_handler(ValidationError(["Too late.", "Retry."]), {}).data == {
+        "detail": "Too late. Retry."
+    }
+    assert exception_handler(ValidationError({"a": ["bad"]}), {}).data == {
+        "detail": "Invalid request.",
+        "errors": {"a": ["bad"]},
+    }
+    assert exception_handler(NotFound(), {}).data == {"detail": "Not found."}
+    assert exception_handler(ValueError("x"), {}) is None
+
+
+def test_rejected_key_is_never_echoed(app):
+    raw = make_key(app)
+    wrong = raw[:-6] + "zzzzzz"
+    response = Api(wrong).post(registration())
+    assert response.status_code == 401
+    assert wrong not in response.content.decode() and raw[:20] not in response.content.decode()
