@@ -107,6 +107,14 @@ def cancel(client: redis.Redis, campaign_id: int) -> None:
     idempotency.expire(client, campaign_id)
 
 
+def reset_keys(client: redis.Redis, campaign_id: int) -> None:
+    """Forget Redis state left under this campaign id by an earlier database (a restored backup,
+    the demo's fresh SQLite file): ids restart, Redis remembers. Called once, at launch."""
+    stale = list(client.scan_iter(match=f"pushsvc:idem:{campaign_id}:*", count=1000))
+    stale += [f"pushsvc:pruneguard:{campaign_id}:{p}" for p in ("ios", "android", "huawei", "web")]
+    client.delete(*stale)
+
+
 def start(campaign_id: int) -> bool:
     """draft/scheduled -> running, holding one `outstanding` for the planner. False if not due."""
     now = timezone.now()

@@ -106,7 +106,7 @@ def launch(campaign: Campaign) -> None:
         )
         return
     if control.start(campaign.pk):
-        control.set_flag(runtime.redis_client(), campaign.pk, control.RUNNING)
+        _arm(campaign.pk)
         enqueue_plan(campaign.pk)
 
 
@@ -120,10 +120,16 @@ def launch_due() -> list[int]:
     due = Campaign.objects.filter(status=Campaign.Status.SCHEDULED, send_at__lte=timezone.now())
     for campaign_id in due.values_list("id", flat=True)[:100]:
         if control.start(campaign_id):  # conditional: two beats cannot both start it
-            control.set_flag(runtime.redis_client(), campaign_id, control.RUNNING)
+            _arm(campaign_id)
             enqueue_plan(campaign_id)
             launched.append(campaign_id)
     return launched
+
+
+def _arm(campaign_id: int, state: str = control.RUNNING) -> None:
+    client = runtime.redis_client()
+    control.reset_keys(client, campaign_id)
+    control.set_flag(client, campaign_id, state)
 
 
 # --- planning ----------------------------------------------------------------------------------
@@ -224,8 +230,7 @@ def plan_direct(campaign: Campaign) -> int:
             outstanding=len(shards),
             targeted=len(rows),
         )
-    client = runtime.redis_client()
-    control.set_flag(client, campaign.pk, control.RUNNING if shards else Campaign.Status.COMPLETED)
+    _arm(campaign.pk, control.RUNNING if shards else Campaign.Status.COMPLETED)
     for shard in shards:
         enqueue_shard(shard.pk, shard.queue)
     return len(rows)
