@@ -241,7 +241,7 @@ def test_apns_headers_and_payload(app: App, sim: SimulatorProcess) -> None:
     if isinstance(payload, (str, bytes)):
         payload = orjson.loads(payload)
     assert headers["apns-topic"] == app.apns_topic
-    assert headers["apns-push-type"] == "alert" and str(headers["apns-priority"]) == "10"
+    assert headers["apns-push-type"] == "alert" and headers.get("apns-priority") in (None, "", "10", 10)
     assert headers["apns-collapse-id"] == "c1"
     assert before + 3600 <= int(headers["apns-expiration"]) <= int(time.time()) + 3600  # absolute time
     assert payload["aps"]["alert"] == {"title": "Hello", "body": "From the simulator"}
@@ -527,3 +527,10 @@ def test_fcm_refused_service_account_fails_fast_without_hammering_the_token_endp
     by = sim.stats()["by_outcome"]
     assert sum(v for k, v in by.items() if k.startswith("fcm-oauth 400")) == 1  # 100 sends, one attempt
     assert not any(k.startswith("fcm ") for k in by)
+
+
+def test_apns_normal_priority_is_5(app: App, sim: SimulatorProcess) -> None:
+    target = token_for("ios", sim)
+    [[result]] = send(app, "ios", [target], PushMessage(title="t", priority="normal"))
+    assert result.outcome is Outcome.DELIVERED
+    assert str(sim.last([target.token])[target.token]["headers"]["apns-priority"]) == "5"
