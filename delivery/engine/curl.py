@@ -67,8 +67,11 @@ _MAX_RESPONSE_BYTES = 1 << 20
 _ONLY_REFUSED_MESSAGE = "Connection died, tried"
 _ONLY_REFUSED_CODES = frozenset({pycurl.E_SEND_ERROR, pycurl.E_RECV_ERROR})
 # Errors that mean the connection failed under the request (not a timeout, not a stream reset).
+# Not E_HTTP2: libcurl also returns it, without a message, for a stream above a GOAWAY's
+# last-stream-id that nghttp2 had not yet opened, which would brand a cleanly drained
+# connection as failed and every refused resend from it as a possible duplicate (measured).
 _CONNECTION_FAILURES = frozenset(
-    {pycurl.E_HTTP2, pycurl.E_PARTIAL_FILE, pycurl.E_GOT_NOTHING, pycurl.E_SEND_ERROR, pycurl.E_RECV_ERROR}
+    {pycurl.E_PARTIAL_FILE, pycurl.E_GOT_NOTHING, pycurl.E_SEND_ERROR, pycurl.E_RECV_ERROR}
 )
 # Connections that failed, remembered long enough to judge the resends they caused.
 _FAILED_PORTS_KEPT = 1024
@@ -118,6 +121,9 @@ class _Transfer:
 
 
 class CurlEngine(Engine):
+    """libcurl HTTP/2 engine for one endpoint. Not thread-safe: one event loop uses it at a time
+    (a worker's loop for its lifetime); on a new loop it starts over with new connections."""
+
     def __init__(
         self,
         base_url: str,
@@ -413,6 +419,7 @@ class CurlEngine(Engine):
             # Every attempt was refused: nothing reached the application. Go again, on a fresh
             # connection, within what is left of the request's deadline.
             stats.resent_unprocessed += transfer.attempts
+            stats.extra["resubmitted_after_refusals"] = stats.extra.get("resubmitted_after_refusals", 0) + 1
             remaining_ms = int((transfer.deadline - self._loop.time()) * 1000)
             if remaining_ms <= 0:
                 future.set_exception(
