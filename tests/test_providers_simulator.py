@@ -534,3 +534,22 @@ def test_apns_normal_priority_is_5(app: App, sim: SimulatorProcess) -> None:
     [[result]] = send(app, "ios", [target], PushMessage(title="t", priority="normal"))
     assert result.outcome is Outcome.DELIVERED
     assert str(sim.last([target.token])[target.token]["headers"]["apns-priority"]) == "5"
+
+
+def test_webpush_refused_vapid_token_is_an_auth_failure(app: App, sim: SimulatorProcess) -> None:
+    # A worker whose clock runs two days ahead signs VAPID tokens expiring beyond the 24 h RFC 8292
+    # allows: the push service answers 401, which is the credentials, not the subscription.
+    provider = provider_class("web").from_app(app)
+    provider._clock = lambda: time.time() + 2 * 86400
+    target = token_for("web", sim)
+
+    async def go() -> Result:
+        try:
+            return await provider.send(target, MESSAGE)
+        finally:
+            await provider.aclose()
+
+    result = asyncio.run(go())
+    assert (result.outcome, result.status) == (Outcome.AUTH_FAILURE, 401)
+    assert "VAPID" in result.reason
+    assert sim.counts([sim_key(target)]) == {sim_key(target): 0}
