@@ -36,6 +36,7 @@ from tokens.validation import Registration, RegistrationError, validate_registra
 COLUMNS = ("device_id", "platform", "token", "user_id", "app_version", "locale", "p256dh", "auth")
 REQUIRED = 4
 SQLITE_BATCH = 2_000
+ANALYZE_AFTER_ROWS = 10_000
 _TABLE = DeviceToken._meta.db_table
 _STAGE_COLUMNS = (
     "line, device_id, platform, token, token_hash, web_p256dh, web_auth, user_id, app_version, locale"
@@ -183,9 +184,11 @@ class Command(BaseCommand):
             )
             good = cursor.rowcount
             phase("upsert")
-        with connection.cursor() as cursor:
-            # Fresh planner statistics: a bulk load changes the table's shape at once.
-            cursor.execute(f"ANALYZE {_TABLE}")
+        if good >= ANALYZE_AFTER_ROWS:
+            with connection.cursor() as cursor:
+                # Fresh planner statistics: a bulk load changes the table's shape at once (and
+                # autovacuum may take a minute to notice).
+                cursor.execute(f"ANALYZE {_TABLE}")
         phase("commit and analyze")
         return good
 
