@@ -49,6 +49,9 @@ class EngineStats:
     resent_maybe_processed: int = 0  # re-sent after the connection died with it in flight
     in_flight: int = 0
     peak_in_flight: int = 0
+    # Requests assigned to one connection at once, as the client sees it (libcurl hands nghttp2
+    # requests that it holds back while the server's SETTINGS_MAX_CONCURRENT_STREAMS is reached;
+    # the server's own count is the figure on the wire). 0 where the engine cannot observe it.
     peak_streams_per_connection: int = 0
     extra: dict[str, float] = field(default_factory=dict)
 
