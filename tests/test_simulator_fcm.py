@@ -243,3 +243,12 @@ def test_transient_faults(client, sim, code, answers):
             assert resp.headers["retry-after"] == "1"
             assert resp.json()["error"]["status"] == "RESOURCE_EXHAUSTED"
     assert got == answers
+
+
+def test_access_token_lifetime_knob(client, sim):
+    bearer = access_token(client, sim)
+    assert send(client, sim, bearer=bearer).status_code == 200
+    sim.configure(oauth_token_lifetime_s=0.001)  # every token issued so far is now past its lifetime
+    assert fcm_error(send(client, sim, bearer=bearer)) == (401, "UNAUTHENTICATED", None)
+    sim.configure(oauth_token_lifetime_s=0)
+    assert send(client, sim, bearer=bearer).status_code == 200

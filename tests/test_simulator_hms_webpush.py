@@ -241,3 +241,12 @@ def test_webpush_faults(client, sim, code, answers):
         if resp.status_code == 429:
             assert resp.headers["retry-after"] == "1"
     assert got == answers
+
+
+def test_hms_expired_token_is_80200003(client, sim):
+    bearer = hms_token(client, sim)
+    assert hms_send(client, sim, ["h"], bearer=bearer).json()["code"] == "80000000"
+    sim.configure(oauth_token_lifetime_s=0.001)
+    resp = hms_send(client, sim, ["h"], bearer=bearer)
+    assert (resp.status_code, resp.json()["code"]) == (401, "80200003")
+    assert sim.counts(["h"]) == {"h": 1}

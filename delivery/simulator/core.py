@@ -39,6 +39,8 @@ FCM_MAX_DATA = 4096
 HMS_MAX_BODY = 4096
 WEBPUSH_MAX_RECORD = 4096
 APNS_JWT_MAX_AGE_S = 3600
+FCM_TOKEN_TTL = 3599  # what Google's token endpoint announces
+HMS_TOKEN_TTL = 3600
 APNS_PUSH_TYPES = frozenset(
     {
         "alert",
@@ -110,6 +112,9 @@ class Knobs:
     slow_ms: float = 2000.0
     apns_topics: list[str] = field(default_factory=list)  # empty: the generated topic
     record_payloads: bool = True
+    # Issued FCM/HMS access tokens stop working this many seconds after issue (0: as announced, ~1 h),
+    # without changing the announced expires_in: how a client meets 401 / 80200003 and must refresh.
+    oauth_token_lifetime_s: float = 0.0
     seed: int = 0
 
 
@@ -170,7 +175,7 @@ class Simulator:
         self._fcm_public = serialization.load_pem_private_key(sa["private_key"].encode(), None).public_key()
         self._apns_jwts: dict[str, _ApnsJwt] = {}
         self._vapid: dict[str, _Vapid] = {}
-        self._fcm_tokens: dict[str, float] = {}  # access token -> expiry (epoch s)
+        self._fcm_tokens: dict[str, float] = {}  # issued access token -> issue time (epoch s)
         self._hms_tokens: dict[str, float] = {}
         self._serial = 0
         self._id_prefix = secrets.token_hex(4)
@@ -518,6 +523,12 @@ class Simulator:
             200, [("apns-id", apns_id or self._uuid()), ("apns-unique-id", self._uuid())], b"", delay
         )
 
+    def _expired(self, issued: float, announced: float) -> bool:
+        """An issued OAuth token lives as announced, or less when `oauth_token_lifetime_s` caps it."""
+        cap = self.knobs.oauth_token_lifetime_s
+        lifetime = min(announced, cap) if cap > 0 else announced
+        return time.time() >= issued + lifetime
+
     def _any_global(self) -> bool:
         k = self.knobs
         return bool(k.outage_until or k.rate_limit_per_s or k.error_rate)
@@ -568,10 +579,10 @@ class Simulator:
         token = "ya29.sim." + secrets.token_urlsafe(32)
         if len(self._fcm_tokens) > 10_000:
             now = time.time()
-            self._fcm_tokens = {t: e for t, e in self._fcm_tokens.items() if e > now}
-        self._fcm_tokens[token] = time.time() + 3599
+            self._fcm_tokens = {t: i for t, i in self._fcm_tokens.items() if i + FCM_TOKEN_TTL > now}
+        self._fcm_tokens[token] = time.time()
         self._outcome("fcm-oauth 200")
-        resp = _json(200, {"access_token": token, "expires_in": 3599, "token_type": "Bearer"})
+        resp = _json(200, {"access_token": token, "expires_in": FCM_TOKEN_TTL, "token_type": "Bearer"})
         resp.authenticated = True
         return resp
 
@@ -617,8 +628,8 @@ class Simulator:
         if method != "POST" or not sep or action != "messages:send":
             return self._fcm_error(404, "NOT_FOUND", "Requested entity was not found.")
         auth = headers.get("authorization") or ""
-        expiry = self._fcm_tokens.get(auth[7:]) if auth[:7].lower() == "bearer " else None
-        if expiry is None or expiry < time.time() or self.knobs.fcm_revoked:
+        issued = self._fcm_tokens.get(auth[7:]) if auth[:7].lower() == "bearer " else None
+        if issued is None or self._expired(issued, FCM_TOKEN_TTL) or self.knobs.fcm_revoked:
             return self._fcm_error(
                 401,
                 "UNAUTHENTICATED",
@@ -734,10 +745,10 @@ class Simulator:
         token = "CF" + secrets.token_urlsafe(40)
         if len(self._hms_tokens) > 10_000:
             now = time.time()
-            self._hms_tokens = {t: e for t, e in self._hms_tokens.items() if e > now}
-        self._hms_tokens[token] = time.time() + 3600
+            self._hms_tokens = {t: i for t, i in self._hms_tokens.items() if i + HMS_TOKEN_TTL > now}
+        self._hms_tokens[token] = time.time()
         self._outcome("hms-oauth 200")
-        resp = _json(200, {"access_token": token, "expires_in": 3600, "token_type": "Bearer"})
+        resp = _json(200, {"access_token": token, "expires_in": HMS_TOKEN_TTL, "token_type": "Bearer"})
         resp.authenticated = True
         return resp
 
@@ -754,10 +765,10 @@ class Simulator:
         if method != "POST" or not sep or action != "messages:send":
             return SimResponse(404, TEXT, b"not found\n")
         auth = headers.get("authorization") or ""
-        expiry = self._hms_tokens.get(auth[7:]) if auth[:7].lower() == "bearer " else None
-        if expiry is None:
+        issued = self._hms_tokens.get(auth[7:]) if auth[:7].lower() == "bearer " else None
+        if issued is None:
             return self._hms_result(401, "80200001", "Oauth authentication error")
-        if expiry < time.time():
+        if self._expired(issued, HMS_TOKEN_TTL):
             return self._hms_result(401, "80200003", "Oauth token expired")
         if app_id != self.creds.hms_app_id:
             return self._hms_result(
