@@ -89,6 +89,19 @@ def rss_sampler(pids_of, stop: threading.Event, peaks: dict[int, int]) -> None:
         stop.wait(0.5)
 
 
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of the processes (and their reaped children), from /proc."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        total += sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
+    return total / ticks
+
+
 def db_counters() -> dict[str, int]:
     from django.db import connection
 
@@ -167,7 +180,7 @@ def main() -> None:
         client.flushdb()
         return
 
-    with SimulatorProcess(front=args.front, tls=True) as sim:
+    with SimulatorProcess(front=args.front, tls=True, record_payloads=False) as sim:
         app = simulator_app(sim, slug="bench")
         t0 = time.perf_counter()
         generate_devices(app.pk, args.devices)
@@ -230,6 +243,8 @@ def main() -> None:
                 if campaign.status != Campaign.Status.RUNNING:
                     break
             finished = time.perf_counter()
+            worker_cpu = cpu_seconds(worker_pids())
+            sim_cpu = cpu_seconds([sim.proc.pid]) if sim.proc else 0.0
         finally:
             stop.set()
             sampler.join()
@@ -258,6 +273,11 @@ def main() -> None:
     print(f"throughput: {campaign.delivered / total:,.0f} deliveries/s ({processed / total:,.0f} results/s)")
     first_rate = (campaign.sent - campaign.retried) / (first_attempts_at - launched)
     print(f"first-attempt pass: {first_rate:,.0f} requests/s")
+    per_k = 1000 / max(campaign.sent, 1)
+    print(
+        f"CPU: workers {worker_cpu:.1f} s ({worker_cpu * per_k * 1000:.0f} ms per 1,000 requests), "
+        f"simulator {sim_cpu:.1f} s ({sim_cpu * per_k * 1000:.0f} ms per 1,000 requests)"
+    )
     rss = sorted(peaks.values())
     if rss:
         print(

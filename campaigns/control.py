@@ -70,10 +70,10 @@ def resume(client: redis.Redis, campaign_id: int, *, confirm_prune: bool = False
     set_flag(client, campaign_id, RUNNING)
     from campaigns import fanout
 
+    # A planner still at work keeps planning through a pause (its shards park themselves), and a
+    # planner that died is redelivered by the broker: resuming never starts a second one.
     for shard_id, queue in unpark_shards(campaign_id):
         fanout.enqueue_shard(shard_id, queue)
-    if not Campaign.objects.filter(pk=campaign_id).values_list("planned", flat=True).first():
-        fanout.enqueue_plan(campaign_id)
     complete_if_done(client, campaign_id)
 
 

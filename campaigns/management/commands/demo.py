@@ -77,7 +77,7 @@ class Command(BaseCommand):
 
         from delivery.simulator.testing import SimulatorProcess
 
-        sim = stack.enter_context(SimulatorProcess(front="fast", tls=True))
+        sim = stack.enter_context(SimulatorProcess(front="fast", tls=True, record_payloads=False))
         say(f"Provider simulator (APNs, FCM, HMS, Web Push): {sim.base_url}")
 
         App.objects.filter(slug=SLUG).delete()
