@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gc
 import logging
 import os
@@ -248,6 +249,7 @@ def main() -> None:
     parser.add_argument("--no-ceiling", dest="ceiling", action="store_false")
     parser.add_argument("--ceiling-n", type=int, default=200_000)
     parser.add_argument("--uvloop", action="store_true", help="run the client on uvloop")
+    parser.add_argument("--repeat", type=int, default=1, help="runs per case; the median run is reported")
     args = parser.parse_args()
     kinds = [k.strip() for k in args.engines.split(",") if k.strip()]
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one INFO line per request otherwise
@@ -265,22 +267,30 @@ def main() -> None:
             assert sim.proc is not None
             ceiling = measure(sim.base_url, sim.credentials, pid=sim.proc.pid, n=args.ceiling_n)
         h2c = not args.tls
+        runs: list[Callable[[], Case]] = []
         for kind in kinds:
             n = args.httpx_n if kind == "httpx" else args.n
+            common = (n, args.concurrency, args.connections, h2c)
             if args.level in ("engine", "all"):
-                cases.append(bench_engine(sim, kind, n, args.concurrency, args.connections, h2c))
-                print(cases[-1].line(), flush=True)
+                runs.append(functools.partial(bench_engine, sim, kind, *common))
             if args.level in ("adapter", "all"):
                 for platform in ("ios", "android"):
-                    cases.append(
-                        bench_adapter(sim, platform, kind, n, args.concurrency, args.connections, h2c)
-                    )
-                    print(cases[-1].line(), flush=True)
+                    runs.append(functools.partial(bench_adapter, sim, platform, kind, *common))
+        for run in runs:
+            repeats = []
+            for _ in range(args.repeat):
+                repeats.append(run())
+                print(repeats[-1].line(), flush=True)
+            repeats.sort(key=lambda c: c.sends / c.seconds)
+            median = repeats[len(repeats) // 2]
+            median.notes["runs"] = [round(c.sends / c.seconds) for c in repeats]
+            cases.append(median)
 
     print()
     print(
         f"bench/providers.py: fast front, {'TLS' if args.tls else 'h2c'}, {args.concurrency} in flight, "
         f"max {args.connections} connections, loop {'uvloop' if args.uvloop else 'asyncio'}, "
+        f"median of {args.repeat} run(s) per case, "
         f"{os.cpu_count()} cores shared by client and simulator"
     )
     if ceiling:
@@ -292,8 +302,7 @@ def main() -> None:
             )
     for case in cases:
         print(case.line())
-        if case.notes["resent_unprocessed"] or case.notes["resent_maybe_processed"]:
-            print(f"    resends: {case.notes}")
+        print(f"    {case.notes}")
     if not all(c.delivered_once and c.failures == 0 for c in cases):
         raise SystemExit("some sends failed or were not counted exactly once")
 

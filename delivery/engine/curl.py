@@ -146,6 +146,7 @@ class CurlEngine(Engine):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._multi: pycurl.CurlMulti | None = None
         self._timer: asyncio.TimerHandle | asyncio.Handle | None = None
+        self._timer_soon = False  # the pending timer is a call_soon
         self._watched: dict[int, int] = {}  # fd -> POLL_* mask currently registered with the loop
         self._pool: list[_Transfer] = []
         self._active: set[_Transfer] = set()
@@ -259,6 +260,7 @@ class CurlEngine(Engine):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._timer_soon = False
         # Detach from the loop first: removing handles and closing the multi make libcurl call
         # the socket and timer callbacks, which must not touch a loop that may be closed.
         loop, self._loop = self._loop, None
@@ -329,14 +331,19 @@ class CurlEngine(Engine):
             self._watched.pop(fd, None)
 
     def _on_timer(self, timeout_ms: int) -> None:
+        # Every add_handle asks for "now": one wake-up on the next loop turn serves them all.
+        if timeout_ms == 0 and self._timer_soon:
+            return
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+            self._timer_soon = False
         loop = self._loop
         if timeout_ms < 0 or loop is None or loop.is_closed():
             return
         if timeout_ms == 0:
             self._timer = loop.call_soon(self._on_timeout)
+            self._timer_soon = True
         else:
             self._timer = loop.call_later(timeout_ms / 1000, self._on_timeout)
 
@@ -358,6 +365,7 @@ class CurlEngine(Engine):
     # --- driving libcurl -------------------------------------------------------------------------
     def _on_timeout(self) -> None:
         self._timer = None
+        self._timer_soon = False
         self._drive(_SOCKET_TIMEOUT, 0)
 
     def _drive(self, fd: int, mask: int) -> None:
