@@ -16,8 +16,11 @@ earlier connection failed: libcurl recorded an error for the transfer (it record
 refusal), or another request on that connection failed with a connection error. A response that
 follows an unsafe resend is marked `maybe_duplicate`. A transfer that exhausted libcurl's
 resends with nothing but refusals is re-submitted here until its deadline, so a GOAWAY storm
-loses nothing. Residual blind spot: a connection that dies under exactly one request, over TLS,
-gives no evidence; that resend counts as unprocessed.
+loses nothing. Two residual cases, both rare and both on the safe side of "counted": a
+connection that dies under exactly one request, over TLS, leaves no evidence (that resend counts
+as unprocessed); and libcurl fails, without saying why, a request that nghttp2 still held back
+when a GOAWAY arrived, so it raises as "may have reached" although it was above the
+last-stream-id (the caller's re-send is counted as a possible duplicate that is not one).
 
 may_have_reached: PREREQFUNCTION runs after the connection is up and before the request is
 written. A transfer that failed before it ever ran (resolve, connect, TLS, or a timeout while
