@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import ssl
 import statistics
@@ -72,7 +73,9 @@ def _h2load(
         ]
         for header in headers:
             cmd += ["-H", header]
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         out = subprocess.run([*cmd, url], capture_output=True, text=True, timeout=600, check=False).stdout
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
     finished, requests, status = _FINISHED.search(out), _REQUESTS.search(out), _STATUS.search(out)
     if not (finished and requests and status):
         raise RuntimeError(f"unexpected h2load output:\n{out}")
@@ -86,6 +89,10 @@ def _h2load(
         "status_2xx": int(status.group(1)),
         "status_4xx": int(status.group(3)),
         "status_5xx": int(status.group(4)),
+        # h2load's own CPU: with the simulator's, the whole budget a request costs on this machine.
+        "client_cpu_us_per_req": (after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+        / n
+        * 1e6,
     }
 
 
@@ -166,6 +173,7 @@ def main() -> None:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "pushsvc.settings")
     runs: dict[str, list[float]] = {"apns": [], "fcm": []}
     cpu: dict[str, list[float]] = {"apns": [], "fcm": []}
+    client_cpu: dict[str, list[float]] = {"apns": [], "fcm": []}
     extra = [
         "--fast-threads", str(args.fast_threads),
         "--fast-task-impl", args.fast_task_impl,
@@ -194,6 +202,7 @@ def main() -> None:
                     raise SystemExit(f"{path}: not every request succeeded: {figures}")
                 runs[path].append(figures["req_per_s"])
                 cpu[path].append(figures["server_cpu_us_per_req"])
+                client_cpu[path].append(figures["client_cpu_us_per_req"])
             stats = sim.stats()
             if stats["delivered_total"] != 2 * args.n:
                 raise SystemExit(
@@ -211,7 +220,8 @@ def main() -> None:
     for path, values in runs.items():
         print(
             f"  {path:5s} median {statistics.median(values):>9,.0f} req/s, "
-            f"{statistics.median(cpu[path]):.1f} µs simulator CPU per request; runs: "
+            f"CPU per request: simulator {statistics.median(cpu[path]):.1f} µs, "
+            f"h2load {statistics.median(client_cpu[path]):.1f} µs; runs: "
             + ", ".join(f"{v:,.0f}" for v in values)
         )
 
