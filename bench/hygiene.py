@@ -11,7 +11,7 @@ fresh. Then, each phase timed on its own:
    workers do (one pipelined XADD per 1,000 invalidations), in id order as a campaign's keyset
    shards produce them (`--order random`: the worst case, every batch spread over the whole
    table), then applied with `apply_feedback` in batches of HYGIENE_FEEDBACK_BATCH by
-   `--consumers` consumers of the group (threads, as separate run_feedback processes would);
+   `--consumers` consumers of the group (threads, as drain_feedback starts on a backlog);
    prints publish and apply time, invalidations/s, per-batch median/max.
 2. prune: `prune_inactive` over the whole table while a thread keeps re-registering active devices
    through the registry upsert (the API's write path); prints rows deleted, batches, the longest and

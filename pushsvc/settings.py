@@ -178,6 +178,8 @@ HYGIENE_BATCH_TARGET_S = _env_float("HYGIENE_BATCH_TARGET_S", 0.25)
 # "every 5 s or 2,500 tokens, whichever comes first".
 HYGIENE_FEEDBACK_BATCH = _env_int("HYGIENE_FEEDBACK_BATCH", 2500)
 HYGIENE_FEEDBACK_FLUSH_S = _env_float("HYGIENE_FEEDBACK_FLUSH_S", 5.0)
+# Parallel consumers a drain starts when it finds a backlog (threads in the worker process).
+HYGIENE_FEEDBACK_CONSUMERS = _env_int("HYGIENE_FEEDBACK_CONSUMERS", 2)
 # Entries read by a consumer that has not acknowledged them after this long are presumed
 # orphaned by a dead consumer and reclaimed (a healthy batch is applied in well under a second).
 HYGIENE_FEEDBACK_CLAIM_IDLE_S = _env_float("HYGIENE_FEEDBACK_CLAIM_IDLE_S", 60.0)

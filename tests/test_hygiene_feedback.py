@@ -300,7 +300,7 @@ def test_drain_applies_full_batches_until_empty(redis_client):
     app = make_app()
     rows = make_tokens(app, 1000, "android")
     publish_invalidations([invalidation(r) for r in rows], client=redis_client)
-    report = feedback.drain_feedback(30, batch_max=300, client=redis_client)
+    report = feedback.drain_feedback(30, batch_max=300, consumers=1, client=redis_client)
     assert (report.batches, report.deactivated) == (4, 1000)
     assert feedback.backlog(redis_client) == {"stream_length": 0, "pending": 0}
 
@@ -360,3 +360,22 @@ def test_feedback_for_a_token_that_moved_to_another_device_spares_it(redis_clien
     publish_invalidations([Invalidation.from_result(answer, app_id=app.pk, platform="android")])
     assert apply_feedback(block_ms=0).deactivated == 0
     assert list(DeviceToken.objects.filter(app=app).values_list("id", "is_active")) == [(second.id, True)]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_drain_works_a_backlog_with_parallel_consumers(redis_client):
+    app = make_app()
+    rows = make_tokens(app, 3000, "android")
+    publish_invalidations([invalidation(r, campaign_id=11) for r in rows], client=redis_client)
+    try:
+        report = feedback.drain_feedback(
+            60, batch_max=250, consumers=3, consumer="drain", client=redis_client
+        )
+        consumers = {c["name"] for c in redis_client.xinfo_consumers(STREAM, GROUP)}
+        assert (report.read, report.deactivated, report.audited, report.acked) == (3000, 3000, 3000, 3000)
+        assert consumers == {b"drain", b"drain:1", b"drain:2"}
+        assert active_ids(app) == set()
+        assert feedback.backlog(redis_client) == {"stream_length": 0, "pending": 0}
+    finally:
+        with connection.cursor() as cursor:  # not a model table: the flush after this test skips it
+            cursor.execute(f"DELETE FROM {feedback.AUDIT_TABLE}")
