@@ -228,7 +228,12 @@ def main() -> None:
         default="shard",
         help="order the invalidations arrive in: shard (a campaign's id order) or random (worst case)",
     )
-    parser.add_argument("--consumers", type=int, default=1, help="feedback consumers applying in parallel")
+    parser.add_argument(
+        "--consumers",
+        type=int,
+        default=2,
+        help="parallel feedback consumers (HYGIENE_FEEDBACK_CONSUMERS default: 2)",
+    )
     args = parser.parse_args()
 
     recreate_database(args.database)
