@@ -283,3 +283,24 @@ def test_webpush_topic_is_at_most_32_base64url_characters(key: str, expected_len
     assert len(topic) == expected_len
     assert re.fullmatch(r"[A-Za-z0-9_-]+", topic)
     assert topic_for(key) == topic
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "origin"),
+    [
+        ("https://fcm.googleapis.com/fcm/send/abc", "https://fcm.googleapis.com"),
+        (
+            "https://Updates.Push.Services.Mozilla.com:443/wpush/v2/x",
+            "https://updates.push.services.mozilla.com",
+        ),
+        ("https://push.example.com:8443/x", "https://push.example.com:8443"),
+        ("http://127.0.0.1:8080/wp/1", "http://127.0.0.1:8080"),
+        ("https://[::1]:9443/wp/1", "https://[::1]:9443"),
+    ],
+)
+def test_webpush_vapid_audience_is_the_serialized_origin(endpoint: str, origin: str) -> None:
+    from urllib.parse import urlsplit
+
+    from delivery.providers.webpush import _origin
+
+    assert _origin(urlsplit(endpoint)) == origin

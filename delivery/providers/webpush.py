@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import http_ece
 import jwt
@@ -201,6 +201,8 @@ class WebPushProvider(Provider):
         if not problem and self._resolved_until.get(parts.netloc, 0.0) <= self._clock():
             problem = await asyncio.to_thread(_endpoint_problem, endpoint, resolve=True)
             if not problem:
+                if len(self._resolved_until) >= 1024:
+                    self._resolved_until.clear()
                 self._resolved_until[parts.netloc] = self._clock() + RESOLVE_RECHECK
         if problem:
             # A name that does not resolve right now may be a DNS hiccup; anything else is a refusal.
@@ -220,12 +222,13 @@ class WebPushProvider(Provider):
             return Result(
                 target, Outcome.REJECTED, reason=f"subscription keys unusable: {type(exc).__name__}"
             )
-        origin = f"{parts.scheme}://{parts.netloc}"
+        origin = _origin(parts)
         headers = rendered.headers.copy()
         try:
             headers["authorization"] = self._vapid_header(origin)
         except (ValueError, TypeError, jwt.PyJWTError) as exc:
-            return Result(target, Outcome.AUTH_FAILURE, reason=f"credentials: VAPID signing failed: {exc}")
+            reason = f"credentials: VAPID signing failed: {type(exc).__name__}"
+            return Result(target, Outcome.AUTH_FAILURE, reason=reason)
         try:
             resp = await self._engine(origin).request(HttpRequest("POST", endpoint, headers, body))
         except TransportError as exc:
@@ -266,6 +269,17 @@ class WebPushProvider(Provider):
 
     def __repr__(self) -> str:
         return f"<WebPushProvider key {fingerprint(self._private_pem) if self._private_pem else '-'}>"
+
+
+def _origin(parts: SplitResult) -> str:
+    """RFC 6454 serialization, as push services compare it with the VAPID `aud`: lower-case host, the
+    port only when it is not the scheme's default."""
+    host = (parts.hostname or "").lower()
+    if ":" in host:
+        host = f"[{host}]"
+    port = parts.port
+    default = 443 if parts.scheme == "https" else 80
+    return f"{parts.scheme}://{host}" + (f":{port}" if port and port != default else "")
 
 
 def _default_engine(origin: str) -> Engine:
