@@ -1,17 +1,21 @@
 """Benchmark: device registrations through the real HTTP API, served by gunicorn on PostgreSQL.
 
     .venv/bin/python bench/register.py [--requests 10000] [--clients 16] [--workers 3]
-        [--worker-class sync] [--database postgres://postgres@127.0.0.1:5432/bench_register]
+        [--worker-class sync|gthread] [--threads 1] [--server gunicorn|granian]
+        [--database postgres://postgres@127.0.0.1:5432/bench_register]
 
 It recreates the benchmark database, migrates it, creates an app and an API key, starts gunicorn
 (production settings, persistent DB connections) on a listening socket it hands over by file
 descriptor (a free port, no race), and sends the upserts from a pycurl CurlMulti driving
 `--clients` handles at once (libcurl does the I/O in C, so the client is not the bottleneck;
 with sync workers every request is a new connection, as gunicorn's sync worker closes them).
+`--server granian` serves the same WSGI app with granian instead, for comparison.
 
 Half of the requests register new devices, half re-register known ones (an app registers on every
 launch), so both the INSERT and the UPDATE branch of the upsert are measured. Prints upserts/s
-over the measured run (after a warm-up that is not counted) and p50/p99 latency per request.
+over the measured run (after a warm-up that is not counted), p50/p99 latency per request, the
+load average before the run (the machine is shared) and the CPU time per request spent by the
+web server processes, the PostgreSQL backends and the client.
 """
 
 from __future__ import annotations
