@@ -3,13 +3,52 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import IO, Any
 
+import orjson
+from django.core.exceptions import RequestDataTooBig
+from rest_framework import parsers
+from rest_framework.exceptions import ParseError
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
 
 
+class JSONParser(parsers.JSONParser):
+    """JSON bodies through orjson, which refuses lone surrogates, NaN and nesting deeper than 1,024
+    with an error message (the stdlib parser gives a RecursionError, a 500). NUL is refused too:
+    PostgreSQL text and jsonb cannot store it, so it would fail later as a database error."""
+
+    def parse(
+        self, stream: IO[bytes] | None, media_type: str | None = None, parser_context: Any = None
+    ) -> Any:
+        try:
+            data = orjson.loads(stream.read() if stream is not None else b"")
+        except orjson.JSONDecodeError as exc:
+            raise ParseError(f"The body is not valid JSON: {exc}") from None
+        if _contains_nul(data):
+            raise ParseError("Text must not contain the NUL character (\\u0000).")
+        return data
+
+
+def _contains_nul(data: Any) -> bool:
+    stack = [data]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if "\x00" in item:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
+    if isinstance(exc, RequestDataTooBig):
+        # Django's own answer is an HTML 400; say what is wrong in the API's shape instead.
+        return Response({"detail": "The request body is too large."}, status=413)
     response = drf_exception_handler(exc, context)
     if response is None:
         return None
