@@ -59,11 +59,20 @@ def pause(client: redis.Redis, campaign_id: int, reason: str = "", *, to: str = 
     return bool(changed)
 
 
-def resume(client: redis.Redis, campaign_id: int, *, confirm_prune: bool = False) -> None:
-    """Resume a paused or halted campaign and re-enqueue its parked shards."""
+def resume(
+    client: redis.Redis,
+    campaign_id: int,
+    *,
+    confirm_prune: bool = False,
+    halt_error_rate: float | None = None,
+) -> None:
+    """Resume a paused or halted campaign and re-enqueue its parked shards. A halted campaign
+    halts again at its next shard unless `halt_error_rate` raises the limit."""
     updates: dict[str, object] = {"status": RUNNING, "status_reason": ""}
     if confirm_prune:
         updates["prune_confirmed"] = True
+    if halt_error_rate is not None:
+        updates["halt_error_rate"] = halt_error_rate
     changed = Campaign.objects.filter(pk=campaign_id, status__in=(PAUSED, HALTED)).update(**updates)
     if not changed:
         raise TransitionError("Only a paused or halted campaign can be resumed.")

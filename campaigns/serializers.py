@@ -120,7 +120,12 @@ class DirectSendSerializer(serializers.Serializer):
 
 
 class ResumeSerializer(serializers.Serializer):
-    confirm_prune = serializers.BooleanField(default=False)
+    confirm_prune = serializers.BooleanField(
+        default=False, help_text="the mass-prune guard's invalid answers are real: apply them"
+    )
+    halt_error_rate = serializers.FloatField(
+        min_value=0.0, max_value=1.0, required=False, help_text="a new limit, to resume a halted campaign"
+    )
 
 
 def represent(campaign: Campaign) -> dict[str, Any]:

@@ -75,7 +75,12 @@ class CampaignActionView(APIView):
             elif self.action == "resume":
                 body = ResumeSerializer(data=request.data or {})
                 body.is_valid(raise_exception=True)
-                control.resume(client, campaign.pk, confirm_prune=body.validated_data["confirm_prune"])
+                control.resume(
+                    client,
+                    campaign.pk,
+                    confirm_prune=body.validated_data["confirm_prune"],
+                    halt_error_rate=body.validated_data.get("halt_error_rate"),
+                )
             elif self.action == "cancel":
                 control.cancel(client, campaign.pk)
         except control.TransitionError as exc:

@@ -112,7 +112,8 @@ def test_error_rate_halts_the_campaign_and_says_why(fresh_sim, start_worker) -> 
     # One device in five answers 503 forever; with one attempt allowed each is a final failure.
     load_devices(app, build_population({"ios": 4000}, {"ios": {"05": 800}}))
     start_worker(concurrency=1, env={"CAMPAIGN_MAX_ATTEMPTS": "1"})
-    campaign_id = _launch(api_client(app), halt_error_rate=0.05)
+    client = api_client(app)
+    campaign_id = _launch(client, halt_error_rate=0.05)
 
     campaign = wait_for(lambda: _status(campaign_id, "halted"), 60, what="the halt")
     assert "ServiceUnavailable" in campaign.status_reason
@@ -127,6 +128,15 @@ def test_error_rate_halts_the_campaign_and_says_why(fresh_sim, start_worker) -> 
     assert campaign.sent < 4000, "it stopped before sending everything"
     assert campaign.failed == DeadLetter.objects.filter(campaign_id=campaign_id).count() > 0
     assert DeviceToken.objects.filter(app=app, is_active=False).count() == 0
+
+    # The operator accepts a higher failure rate for this one: resume with a new limit.
+    response = client.post(
+        f"/api/v1/campaigns/{campaign_id}/resume/", {"halt_error_rate": 0.5}, format="json"
+    )
+    assert response.status_code == 200, response.content
+    campaign = wait_for(lambda: _status(campaign_id, "completed"), 60, what="completion")
+    assert (campaign.delivered, campaign.failed, campaign.targeted) == (3200, 800, 4000)
+    assert DeadLetter.objects.filter(campaign_id=campaign_id).count() == 800
 
 
 def test_credential_failure_pauses_without_touching_tokens(fresh_sim, start_worker) -> None:
