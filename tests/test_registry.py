@@ -120,3 +120,25 @@ def test_upsert_inside_an_outer_transaction_uses_a_savepoint():
     assert moved.created
     devices = DeviceToken.objects.filter(app=app).values_list("device_id", flat=True)
     assert list(devices) == [uuid.UUID(device)]
+
+
+def test_session_that_lost_its_prepared_statements_prepares_again():
+    from django.db import connection
+
+    app = make_app()
+    register(app, device_id=str(uuid.uuid4()), platform="ios", token=apns_token())  # prepares
+    with connection.cursor() as cursor:
+        cursor.execute("DEALLOCATE ALL")  # what a pooler's DISCARD ALL does to the session
+    again = register(app, device_id=str(uuid.uuid4()), platform="ios", token=apns_token())
+    assert again.created
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT count(*) FROM pg_prepared_statements WHERE name LIKE 'pushsvc_device_%%'")
+        assert cursor.fetchone()[0] == 2
+
+
+def test_without_prepared_statements(settings):
+    settings.REGISTRY_PREPARED_STATEMENTS = False
+    app = make_app()
+    device, token = str(uuid.uuid4()), apns_token()
+    assert register(app, device_id=device, platform="ios", token=token).created
+    assert not register(app, device_id=device, platform="ios", token=token).created

