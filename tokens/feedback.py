@@ -517,9 +517,11 @@ def drain_feedback(
         ]
         for thread in helpers:
             thread.start()
-        work(consumer)
-        for thread in helpers:
-            thread.join()
+        try:
+            work(consumer)
+        finally:
+            for thread in helpers:
+                thread.join()
     forget_idle_consumers(client)
     return total
 
