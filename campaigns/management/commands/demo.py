@@ -75,9 +75,13 @@ class Command(BaseCommand):
         say(f"Redis: {redis_url}")
         call_command("migrate", verbosity=0)
 
-        from delivery.simulator.testing import SimulatorProcess
+        from delivery.simulator.testing import SimulatorError, SimulatorProcess
 
-        sim = stack.enter_context(SimulatorProcess(front="fast", tls=True, record_payloads=False))
+        try:
+            sim = stack.enter_context(SimulatorProcess(front="fast", tls=True, record_payloads=False))
+        except SimulatorError as exc:  # the Rust front needs granian's wheel; the asyncio one always works
+            say(f"(fast simulator front unavailable: {str(exc).splitlines()[0]}; using the strict front)")
+            sim = stack.enter_context(SimulatorProcess(front="strict", tls=True, record_payloads=False))
         say(f"Provider simulator (APNs, FCM, HMS, Web Push): {sim.base_url}")
 
         App.objects.filter(slug=SLUG).delete()
