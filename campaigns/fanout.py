@@ -37,6 +37,7 @@ from delivery.providers.base import Outcome, Target
 from delivery.providers.registry import provider_class
 from delivery.ratelimit import TokenBucket, campaign_key, provider_key, rollout_rate
 from delivery.results import Device, ShardResults, apply_shard_run
+from pushsvc import logging as log_context
 from tokens.models import DeviceToken, Platform
 
 logger = logging.getLogger(__name__)
@@ -253,6 +254,7 @@ def run_shard(shard_id: int) -> None:
     if shard is None or shard.status != Shard.Status.PENDING:
         return  # already recorded (a redelivery), parked or cancelled
     campaign = shard.campaign
+    log_context.bind(campaign=campaign.pk, shard=shard.pk, provider=shard.platform)  # pushsvc/logging.py
     client = runtime.redis_client()
     state = control.current_state(client, campaign.pk)
     if state != control.RUNNING:

@@ -35,6 +35,7 @@ from django.utils import timezone
 from campaigns.models import Campaign, OutcomeTally, Shard
 from delivery.models import DeadLetter
 from delivery.providers.base import Outcome, Result
+from pushsvc import metrics
 from tokens.models import DeviceToken
 
 logger = logging.getLogger(__name__)
@@ -251,6 +252,7 @@ def apply_shard_run(
                     devices=devices,
                 )
             )
+    metrics.record_shard(app_id, shard.platform, results)  # pushsvc/metrics.py: one pipeline per shard
     return applied
 
 

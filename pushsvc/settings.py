@@ -13,6 +13,8 @@ import dj_database_url
 from celery.schedules import crontab
 from kombu import Queue
 
+from pushsvc import logging as _logging
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 
@@ -86,6 +88,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "campaigns.admin_views.admin_links",
             ],
         },
     },
@@ -310,18 +313,13 @@ SPECTACULAR_SETTINGS = {
 # --- Logging ----------------------------------------------------------------------------------
 LOG_LEVEL = _env("LOG_LEVEL", "INFO")
 LOG_JSON = _env_bool("LOG_JSON", False)
-LOGGING = {
-    "version": 1,
-    "disable_existing_loggers": False,
-    "formatters": {
-        "plain": {"format": "%(asctime)s %(levelname)s %(name)s %(message)s"},
-    },
-    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": LOG_LEVEL},
-    "loggers": {
-        "django.db.backends": {"level": "INFO"},
-        # httpx logs every request URL at INFO; Web Push endpoints are capability URLs.
-        "httpx": {"level": "WARNING"},
-        "httpcore": {"level": "WARNING"},
-    },
-}
+# pushsvc/logging.py: campaign/shard/provider on every record, secrets masked, JSON lines with
+# LOG_JSON=true; the same on Celery workers' handlers.
+LOGGING = _logging.logging_config(LOG_LEVEL, LOG_JSON)
+_logging.use_in_celery(LOG_JSON)
+
+# --- Operations (pushsvc/metrics.py, pushsvc/health.py, campaigns/admin.py) -----------------------
+# METRICS_TOKEN: when set, /metrics wants "Authorization: Bearer <token>". FLOWER_URL: where the
+# admin's Flower link points.
+METRICS_TOKEN = _env("METRICS_TOKEN", "")
+FLOWER_URL = _env("FLOWER_URL", "http://127.0.0.1:5555")

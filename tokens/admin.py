@@ -14,6 +14,8 @@ from django.http import HttpRequest
 from django.utils import timezone
 from django.utils.functional import cached_property
 
+from campaigns.admin_views import send_test_push_action
+
 from . import credentials
 from .auth import forget_cached_keys
 from .models import ApiKey, App, DeviceToken
@@ -120,6 +122,7 @@ class AppAdmin(admin.ModelAdmin):
     list_display = ("slug", "name", "is_active", "apns_topic", "configured", "created_at")
     search_fields = ("slug", "name")
     readonly_fields = ("vapid_public_key", "created_at")
+    actions = (send_test_push_action,)  # campaigns/admin_views.py: the direct-send path
     fieldsets = (
         (None, {"fields": ("name", "slug", "is_active", "created_at")}),
         (

@@ -1,0 +1,349 @@
+"""Prometheus metrics: `/metrics` on the web process, fed by the workers through Redis.
+
+Why Redis and not prometheus-client's own counters: sends happen in Celery prefork children that
+start, recycle and die on their own schedule, none of them serves HTTP, and their in-process
+counters would vanish with them (prometheus-client's multiprocess mode needs a shared directory
+on one host, and workers run on many). So each worker process adds what a shard did to Redis
+hashes, and the web process exports those hashes with a custom collector at scrape time:
+
+- per shard run, in ONE pipeline after the shard's results are committed: sends by app, provider,
+  outcome and reason (HINCRBY per distinct tally, a handful per shard), retries scheduled, dead
+  letters, and the shard's duration into histogram buckets;
+- per worker process, in that same pipeline: its providers' engine figures (connections opened,
+  requests in flight) in a hash that expires when the process stops reporting;
+- at scrape time only (the web process reads, nothing is pushed): queue depths (LLEN of the Celery
+  queues), the progress of running/paused/halted campaigns, token churn per app (the hygiene
+  module's figure, cached for a minute because it counts active tokens).
+
+Counters in Redis are monotonic, so Prometheus' rate() and increase() work as usual; a Redis flush
+looks like a counter reset, which rate() already handles. Nothing here is on a per-token path.
+
+`METRICS_TOKEN` set: /metrics wants `Authorization: Bearer <token>`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
+
+import redis
+from celery.signals import task_postrun, task_prerun
+from django.conf import settings
+from django.http import HttpRequest, HttpResponse
+from django.views.decorators.cache import never_cache
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+if TYPE_CHECKING:
+    from delivery.results import ShardResults
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "pushsvc:metrics:"
+SENDS = PREFIX + "sends"  # "app|provider|outcome|reason" -> devices
+RETRIES = PREFIX + "retries"  # "app|provider" -> retry attempts scheduled
+SHARD_SECONDS = PREFIX + "shard_seconds"  # "queue|le" -> count, "queue|sum", "queue|count"
+PROCS = PREFIX + "procs"  # zset: per-process hash key -> last report (unix time)
+PROC_TTL_S = 120
+SEP = "|"
+# A shard is ~1,000 devices: tens of milliseconds against a fast provider, minutes when throttled.
+SHARD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+PROVIDER_OF = {"ios": "apns", "android": "fcm", "huawei": "hms", "web": "webpush"}
+SEND_TASK = "delivery.tasks.send_shard"
+
+_local = threading.local()
+_redis: redis.Redis | None = None
+_redis_pid: int | None = None
+
+
+def _client() -> redis.Redis:
+    global _redis, _redis_pid
+    if _redis is None or _redis_pid != os.getpid():
+        _redis = redis.Redis.from_url(settings.REDIS_URL, socket_timeout=2, socket_connect_timeout=2)
+        _redis_pid = os.getpid()
+    return _redis
+
+
+# --- worker side ---------------------------------------------------------------------------------
+def record_shard(app_id: int, platform: str, results: ShardResults) -> None:
+    """Count one recorded shard run (called by delivery/results.py after its transaction).
+
+    Inside a send task the figures wait for the task's end and leave with its duration in one
+    pipeline; anywhere else (a test, a shell) they are written at once.
+    """
+    provider = PROVIDER_OF.get(platform, platform)
+    sends: Counter[str] = Counter()
+    if results.delivered:
+        sends[SEP.join((str(app_id), provider, "delivered", ""))] += len(results.delivered)
+    for (outcome, reason), count in results.tallies.items():
+        sends[SEP.join((str(app_id), provider, str(outcome), reason))] += count
+    retries = Counter({SEP.join((str(app_id), provider)): len(results.retry)} if results.retry else {})
+    pending = getattr(_local, "pending", None)
+    if pending is not None:
+        pending[0].update(sends)
+        pending[1].update(retries)
+        return
+    _safe_flush(sends, retries, None, None)
+
+
+@task_prerun.connect(weak=False)
+def _task_started(task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    if getattr(task, "name", "") == SEND_TASK:
+        _local.pending = (Counter(), Counter())
+        _local.started = time.monotonic()
+
+
+@task_postrun.connect(weak=False)
+def _task_finished(task_id: str | None = None, task: Any = None, **_: Any) -> None:
+    if getattr(task, "name", "") != SEND_TASK or getattr(_local, "pending", None) is None:
+        return
+    sends, retries = _local.pending
+    _local.pending = None
+    elapsed = time.monotonic() - _local.started
+    queue = ((getattr(task.request, "delivery_info", None) or {}).get("routing_key")) or "unknown"
+    _safe_flush(sends, retries, (queue, elapsed), _engine_figures())
+
+
+def _engine_figures() -> dict[str, int]:
+    """Connections opened and requests in flight of this process's warm providers."""
+    from delivery import runtime
+
+    figures: Counter[str] = Counter()
+    with runtime._lock:
+        providers = list(runtime._providers.items()) if runtime._pid == os.getpid() else []
+    for (_app, platform, _fp), provider in providers:
+        engine = getattr(provider, "_engine", None)  # Web Push keeps one engine per push service
+        if engine is None:
+            continue
+        stats = engine.stats()
+        name = PROVIDER_OF.get(platform, platform)
+        figures[f"{name}{SEP}connections_opened"] += stats.connections_opened
+        figures[f"{name}{SEP}in_flight"] += stats.in_flight
+    return dict(figures)
+
+
+def _safe_flush(
+    sends: Counter[str],
+    retries: Counter[str],
+    duration: tuple[str, float] | None,
+    engines: dict[str, int] | None,
+) -> None:
+    # Metrics must never fail a send: a Redis blip loses one shard's figures, logged.
+    try:
+        _flush(_client(), sends, retries, duration, engines)
+    except redis.RedisError as exc:
+        logger.warning("metrics not recorded: %s", type(exc).__name__)
+
+
+def _flush(
+    client: redis.Redis,
+    sends: Counter[str],
+    retries: Counter[str],
+    duration: tuple[str, float] | None,
+    engines: dict[str, int] | None,
+) -> None:
+    pipe = client.pipeline(transaction=False)
+    for field, count in sends.items():
+        pipe.hincrby(SENDS, field, count)
+    for field, count in retries.items():
+        pipe.hincrby(RETRIES, field, count)
+    if duration is not None:
+        queue, seconds = duration
+        bucket = next((b for b in SHARD_BUCKETS if seconds <= b), None)
+        pipe.hincrby(SHARD_SECONDS, f"{queue}{SEP}{bucket if bucket is not None else '+Inf'}", 1)
+        pipe.hincrbyfloat(SHARD_SECONDS, f"{queue}{SEP}sum", seconds)
+        pipe.hincrby(SHARD_SECONDS, f"{queue}{SEP}count", 1)
+    if engines is not None:
+        key = f"{PREFIX}proc:{socket.gethostname()}:{os.getpid()}"
+        pipe.delete(key)
+        if engines:
+            pipe.hset(key, mapping=engines)
+        pipe.expire(key, PROC_TTL_S)
+        pipe.zadd(PROCS, {key: time.time()})
+    pipe.execute()
+
+
+# --- web side ------------------------------------------------------------------------------------
+_churn_cache: tuple[float, list[tuple[str, float, int]]] = (0.0, [])
+CHURN_CACHE_S = 60.0
+
+
+class RedisCollector:
+    """Reads the workers' tallies and the live state at scrape time."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+
+    def collect(self) -> Iterator[Any]:
+        from campaigns.models import Campaign
+
+        pipe = self.client.pipeline(transaction=False)
+        pipe.hgetall(SENDS)
+        pipe.hgetall(RETRIES)
+        pipe.hgetall(SHARD_SECONDS)
+        pipe.zremrangebyscore(PROCS, "-inf", time.time() - PROC_TTL_S)
+        pipe.zrange(PROCS, 0, -1)
+        queues = ("default", "priority", *settings.PUSH_QUEUES)
+        for queue in queues:
+            pipe.llen(queue)
+        sends, retries, shard_seconds, _, procs, *depths = pipe.execute()
+        slugs = _app_slugs()
+
+        family = CounterMetricFamily(
+            "pushsvc_sends",
+            "Devices sent to, by final or intermediate outcome and provider reason.",
+            labels=["app", "provider", "outcome", "reason"],
+        )
+        for field, value in sends.items():
+            app, provider, outcome, reason = field.decode().split(SEP, 3)
+            family.add_metric([slugs.get(app, app), provider, outcome, reason], int(value))
+        yield family
+
+        family = CounterMetricFamily(
+            "pushsvc_retries", "Retry attempts scheduled (devices).", labels=["app", "provider"]
+        )
+        for field, value in retries.items():
+            app, provider = field.decode().split(SEP, 1)
+            family.add_metric([slugs.get(app, app), provider], int(value))
+        yield family
+
+        yield _histogram(shard_seconds)
+
+        engines: Counter[str] = Counter()
+        if procs:
+            pipe = self.client.pipeline(transaction=False)
+            for key in procs:
+                pipe.hgetall(key)
+            for figures in pipe.execute():
+                for field, value in figures.items():
+                    engines[field.decode()] += int(value)
+        opened = GaugeMetricFamily(
+            "pushsvc_provider_connections_opened",
+            "Connections opened by live worker processes' warm providers (sum over processes).",
+            labels=["provider"],
+        )
+        in_flight = GaugeMetricFamily(
+            "pushsvc_provider_streams_in_flight",
+            "Requests in flight at each worker process's last report (sum over processes).",
+            labels=["provider"],
+        )
+        for field, value in sorted(engines.items()):
+            provider, name = field.split(SEP, 1)
+            (opened if name == "connections_opened" else in_flight).add_metric([provider], value)
+        yield opened
+        yield in_flight
+        yield GaugeMetricFamily(
+            "pushsvc_worker_processes_reporting", "Worker processes that reported recently.", value=len(procs)
+        )
+
+        family = GaugeMetricFamily(
+            "pushsvc_queue_depth", "Messages waiting in a Celery queue.", labels=["queue"]
+        )
+        for queue, depth in zip(queues, depths, strict=True):
+            family.add_metric([queue], depth)
+        yield family
+
+        yield from _campaign_families(Campaign, slugs)
+        yield from _churn_families()
+
+
+def _histogram(raw: dict[bytes, bytes]) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(
+        "pushsvc_shard_duration_seconds", "Wall time of one send-shard task, by queue.", labels=["queue"]
+    )
+    per_queue: dict[str, dict[str, float]] = {}
+    for field, value in raw.items():
+        queue, key = field.decode().rsplit(SEP, 1)
+        per_queue.setdefault(queue, {})[key] = float(value)
+    for queue, values in sorted(per_queue.items()):
+        cumulative, buckets = 0.0, []
+        for bound in SHARD_BUCKETS:
+            cumulative += values.get(str(bound), 0.0)
+            buckets.append((str(bound), cumulative))
+        buckets.append(("+Inf", values.get("count", 0.0)))
+        family.add_metric([queue], buckets, values.get("sum", 0.0))
+    return family
+
+
+def _app_slugs() -> dict[str, str]:
+    from tokens.models import App
+
+    return {str(pk): slug for pk, slug in App.objects.values_list("pk", "slug")}
+
+
+def _campaign_families(campaign_model: Any, slugs: dict[str, str]) -> Iterable[Any]:
+    live = (campaign_model.Status.RUNNING, campaign_model.Status.PAUSED, campaign_model.Status.HALTED)
+    fields = ("targeted", "delivered", "retried", "failed", "invalidated", "skipped_duplicate")
+    rows = campaign_model.objects.filter(status__in=live).values("pk", "app_id", "status", *fields)[:200]
+    family = GaugeMetricFamily(
+        "pushsvc_campaign_devices",
+        "Progress counters of running, paused and halted campaigns.",
+        labels=["campaign", "app", "status", "counter"],
+    )
+    for row in rows:
+        labels = [str(row["pk"]), slugs.get(str(row["app_id"]), str(row["app_id"])), row["status"]]
+        for name in fields:
+            family.add_metric([*labels, name], row[name])
+    yield family
+    family = GaugeMetricFamily("pushsvc_campaigns", "Campaigns by status (live ones).", labels=["status"])
+    counts = Counter(row["status"] for row in rows)
+    for status in live:
+        family.add_metric([str(status)], counts.get(status, 0))
+    yield family
+
+
+def _churn_families() -> Iterable[Any]:
+    global _churn_cache
+    from tokens.hygiene import token_churn
+    from tokens.models import App
+
+    stamp, rows = _churn_cache
+    if time.monotonic() - stamp > CHURN_CACHE_S or not stamp:
+        rows = []
+        for app in App.objects.filter(is_active=True).only("pk", "slug")[:100]:
+            churn = token_churn(app)
+            rows.append((app.slug, churn.per_day, churn.active))
+        _churn_cache = (time.monotonic(), rows)
+    churn_family = GaugeMetricFamily(
+        "pushsvc_token_churn_ratio",
+        "Provider invalidations over the last day as a share of active tokens (cached 60 s).",
+        labels=["app"],
+    )
+    active_family = GaugeMetricFamily(
+        "pushsvc_tokens_active", "Active device tokens (cached 60 s).", labels=["app"]
+    )
+    for slug, per_day, active in rows:
+        churn_family.add_metric([slug], per_day)
+        active_family.add_metric([slug], active)
+    yield churn_family
+    yield active_family
+
+
+def render() -> bytes:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(RedisCollector(_client()))
+    return generate_latest(registry)
+
+
+@never_cache
+def metrics_view(request: HttpRequest) -> HttpResponse:
+    token = settings.METRICS_TOKEN
+    if token:
+        given = request.headers.get("Authorization", "")
+        if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+            response = HttpResponse("A bearer token is required (METRICS_TOKEN).\n", status=401)
+            response["WWW-Authenticate"] = 'Bearer realm="metrics"'
+            return response
+    try:
+        body = render()
+    except redis.RedisError as exc:
+        return HttpResponse(f"metrics unavailable: Redis {type(exc).__name__}\n", status=503)
+    return HttpResponse(body, content_type=CONTENT_TYPE_LATEST)
