@@ -7,6 +7,8 @@ from typing import IO, Any
 
 import orjson
 from django.core.exceptions import RequestDataTooBig
+from django.http import HttpRequest, HttpResponse
+from django.views.defaults import page_not_found
 from rest_framework import parsers
 from rest_framework.exceptions import ParseError
 from rest_framework.response import Response
@@ -60,3 +62,12 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         # Field errors: keep DRF's {field: [messages]} and add a one-line summary.
         response.data = {"detail": "Invalid request.", "errors": data}
     return response
+
+
+def not_found(request: HttpRequest, exception: Exception) -> HttpResponse:
+    """handler404: an API path the URL patterns do not match (e.g. a non-numeric campaign id)
+    answers in the API's error shape instead of Django's HTML page."""
+    if request.path.startswith("/api/"):
+        body = orjson.dumps({"detail": f"No API resource at {request.path!r}."})
+        return HttpResponse(body, status=404, content_type="application/json")
+    return page_not_found(request, exception)

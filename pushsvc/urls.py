@@ -15,3 +15,5 @@ urlpatterns = [
     path("readyz", health.readyz, name="readyz"),
     path("metrics", metrics.metrics_view, name="metrics"),
 ]
+
+handler404 = "pushsvc.api.not_found"
