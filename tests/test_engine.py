@@ -390,6 +390,14 @@ def test_after_aclose_requests_fail_without_reaching(sim, loop, engines):
     assert info.value.may_have_reached is False
 
 
+def test_unsupported_method_is_refused_before_anything_is_sent(sim, loop, engines):
+    engine = make_engine(engines, sim)
+    with pytest.raises(ValueError, match="unsupported method 'HEAD'"):
+        loop.run_until_complete(engine.request(HttpRequest("HEAD", "/3/device/ab", {})))
+    assert engine.stats().requests_sent == 0
+    assert loop.run_until_complete(engine.request(apns_request(sim, device_token()))).status == 200
+
+
 def test_unknown_engine_kind_is_refused():
     with pytest.raises(ValueError, match="unknown engine kind"):
         create_engine("https://example.invalid", kind="carrier-pigeon")

@@ -61,6 +61,8 @@ _HANDLES_PER_CONNECTION = 2048
 _IDLE_CONNECTION_MAX_AGE_S = 600
 _CONNECT_TIMEOUT_CAP_S = 10.0
 _MAX_RESPONSE_BYTES = 1 << 20
+# Requests with a body, or GET; HEAD would need libcurl told not to wait for a body.
+_METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")
 # libcurl keeps the first error message of a transfer. A transfer that ends with libcurl's
 # "gave up re-sending" message had no attempt fail with an error of its own: every one was
 # refused. Otherwise the message is that earlier error's. If a libcurl release rewords it, such
@@ -186,6 +188,9 @@ class CurlEngine(Engine):
         curl.setopt(pycurl.HTTPHEADER, _header_lines(req.headers))
         method = req.method.upper()
         if method != transfer.method:
+            if method not in _METHODS:
+                self._pool.append(transfer)
+                raise ValueError(f"unsupported method {req.method!r}; expected one of {', '.join(_METHODS)}")
             _set_method(curl, method)
             transfer.method = method
         if method != "GET":
