@@ -177,3 +177,61 @@ def test_generated_sample_file_imports_cleanly(tmp_path):
     out, err, error = run(str(path), app.slug)
     assert error is None and err == "" and "imported 5000 rows" in out
     assert DeviceToken.objects.filter(app=app, is_active=True).count() == 5_000
+
+
+def test_import_racing_an_api_registration_of_the_same_token(tmp_path):
+    """A registration commits token T on device X while the import is inserting T for device Y:
+    the import's insert waits, fails on the unique token, re-runs its step and moves T to Y."""
+    import threading
+    import time
+
+    import psycopg2
+    from django.db import connection
+
+    from tokens import registry
+
+    app = make_app()
+    token = apns_token()
+    api_device, csv_device = uuid.uuid4(), uuid.uuid4()
+    path = write(tmp_path / "t.csv", [(str(csv_device), "ios", token, "from-csv")])
+    params = connection.settings_dict
+    dsn = {"dbname": params["NAME"], "user": params["USER"], "host": params["HOST"], "port": params["PORT"]}
+    blocker = psycopg2.connect(**dsn)
+    # pg_stat_activity is a per-transaction snapshot: watch it from an autocommit session.
+    watcher = psycopg2.connect(**dsn)
+    watcher.autocommit = True
+    now = timezone.now()
+    row = [app.pk, str(api_device), "ios", token, DeviceToken.hash_token(token), "", "", "api", "", ""]
+    with blocker.cursor() as cursor:  # the registration, mid-transaction
+        cursor.execute(registry._INSERT, [*row, now, now, now])
+    outcome: dict[str, object] = {}
+
+    def do_import() -> None:
+        try:
+            outcome["result"] = run(path, app.slug)
+        finally:
+            connection.close()
+
+    importer = threading.Thread(target=do_import)
+    importer.start()
+    try:
+        deadline = time.monotonic() + 60
+        with watcher.cursor() as watch:
+            while True:  # until the import's INSERT waits on the registration's row
+                watch.execute(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND query LIKE '%%INSERT INTO tokens_devicetoken%%' AND pid <> pg_backend_pid()"
+                )
+                if watch.fetchone()[0] or time.monotonic() > deadline or not importer.is_alive():
+                    break
+        assert importer.is_alive(), outcome
+    finally:
+        blocker.commit()
+        blocker.close()
+        watcher.close()
+        importer.join(timeout=60)
+    out, err, error = outcome["result"]
+    assert error is None, err
+    assert "imported 1 rows" in out
+    rows = list(DeviceToken.objects.filter(app=app).values_list("device_id", "user_id"))
+    assert rows == [(csv_device, "from-csv")]
