@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | 
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/test
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
 
-.PHONY: venv demo test lint migrate simulator web worker beat flower bench
+.PHONY: venv demo test lint migrate simulator web worker beat flower bench browser-deps
 
 venv: $(STAMP)
 
@@ -20,8 +20,17 @@ $(STAMP): requirements.txt requirements-dev.txt
 demo: venv
 	$(PY) manage.py demo
 
-test: venv
+test: venv browser-deps
 	DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) $(PY) -m pytest $(PYTEST_ARGS)
+
+# The browser test (tests/browser/) drives Debian's chromium through chromium-driver; install them
+# on a fresh machine (as root, or through sudo) only when they are missing.
+browser-deps:
+	@if [ ! -x /usr/bin/chromium ] || [ ! -x /usr/bin/chromedriver ]; then \
+		echo "Installing chromium and chromium-driver for tests/browser"; \
+		SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y chromium chromium-driver; \
+	fi
 
 lint: venv
 	$(VENV)/bin/ruff check .

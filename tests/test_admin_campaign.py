@@ -15,7 +15,7 @@ from campaigns.testing import build_population, load_devices, simulator_app, wai
 from delivery.models import DeadLetter
 from tokens.models import App, DeviceToken
 
-pytestmark = pytest.mark.django_db(transaction=True)
+pytestmark = pytest.mark.django_db  # the one test with a worker asks for committed transactions
 
 ADD_URL = "/admin/campaigns/campaign/add/"
 CHANGELIST = "/admin/campaigns/campaign/"
@@ -186,6 +186,7 @@ def test_admin_index_links_flower(staff: Client) -> None:
     assert "Flower" in page and "http://127.0.0.1:5555" in page
 
 
+@pytest.mark.django_db(transaction=True)
 def test_send_test_push_reaches_the_device_through_the_direct_path(
     staff: Client, fresh_sim, start_worker
 ) -> None:

@@ -30,6 +30,24 @@
     }
   }
 
+  // Which buttons apply in which state (the server refuses the others anyway).
+  const ALLOWED = {
+    launch: ["draft"],
+    pause: ["running"],
+    resume: ["paused", "halted"],
+    cancel: ["draft", "scheduled", "running", "paused", "halted"],
+    duplicate: null,
+  };
+
+  function formatEta(iso) {
+    if (!iso) return "—";
+    const seconds = Math.max(0, Math.round((Date.parse(iso) - Date.now()) / 1000));
+    const when = new Date(iso).toLocaleTimeString();
+    if (seconds < 90) return `${seconds} s (${when})`;
+    if (seconds < 5400) return `${Math.round(seconds / 60)} min (${when})`;
+    return `${(seconds / 3600).toFixed(1)} h (${when})`;
+  }
+
   function draw(data) {
     bar.max = Math.max(data.counters.targeted, 1);
     bar.value = data.processed;
@@ -38,7 +56,11 @@
     setText('[data-field="status_reason"]', data.status_reason || "");
     setText('[data-field="percent"]', data.percent);
     setText('[data-field="rate"]', data.progress.rate_per_s);
-    setText('[data-field="eta"]', data.progress.eta || "—");
+    setText('[data-field="eta"]', formatEta(data.progress.eta));
+    panel.querySelectorAll("button[data-action]").forEach((button) => {
+      const allowed = ALLOWED[button.dataset.action];
+      button.disabled = allowed !== null && !allowed.includes(data.status);
+    });
     setText('[data-field="dead_letters"]', data.dead_letters);
     setText('[data-field="updated"]', new Date().toLocaleTimeString());
     redrawFailures(data.failures || []);
@@ -58,5 +80,5 @@
     }
     setTimeout(poll, delay);
   }
-  setTimeout(poll, delay);
+  poll();
 })();

@@ -1,0 +1,132 @@
+"""The campaign page in a real headless Chromium: log into the admin, open a running campaign's
+page, and watch its progress bar move without a page reload while a real worker sends to the
+simulator. Leaves a screenshot in var/artifacts/campaign_page.png.
+
+Needs Debian's chromium and chromium-driver (`make test` installs them when missing). A browser
+that cannot start fails the test with the reason; it is never skipped.
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+from django.contrib.auth.models import User
+
+from campaigns.models import Campaign
+from campaigns.pytest_fixtures import *  # noqa: F403  (sim, fresh_sim, worker_env, start_worker)
+from campaigns.pytest_fixtures import api_client
+from campaigns.testing import build_population, load_devices, simulator_app, wait_for
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMEDRIVER = "/usr/bin/chromedriver"
+ARTIFACT = Path(settings.BASE_DIR) / "var" / "artifacts" / "campaign_page.png"
+# Small shards so the counters move shard by shard, and a rollout rate so the campaign lasts
+# long enough to watch (~7 s for 900 devices at 120/s).
+DEVICES = 900
+RATE = 120
+WORKER_ENV = {"CAMPAIGN_SHARD_SIZE": "100", "CAMPAIGN_CHUNK_SIZE": "50"}
+
+
+@pytest.fixture
+def browser() -> Iterator[object]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    for path in (CHROMIUM, CHROMEDRIVER):
+        if not Path(path).exists():
+            pytest.fail(f"{path} is missing: `make test` installs chromium and chromium-driver (apt-get).")
+    profile = tempfile.mkdtemp(prefix="pushsvc-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        "--window-size=1280,1000",
+    ):
+        options.add_argument(flag)
+    try:
+        driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+    except Exception as exc:
+        shutil.rmtree(profile, ignore_errors=True)
+        pytest.fail(f"Chromium could not start ({CHROMIUM} via {CHROMEDRIVER}): {exc}")
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+def _progress(driver) -> tuple[int, int, str]:
+    from selenium.webdriver.common.by import By
+
+    bar = driver.find_element(By.ID, "campaign-progress")
+    status = driver.find_element(By.CSS_SELECTOR, '#campaign-live [data-field="status"]').text
+    return int(float(bar.get_attribute("value"))), int(float(bar.get_attribute("max"))), status
+
+
+def test_progress_bar_moves_without_reload(live_server, browser, fresh_sim, start_worker) -> None:
+    from selenium.webdriver.common.by import By
+
+    User.objects.create_superuser("operator", "op@example.com", "browser-pw-123")
+    app = simulator_app(fresh_sim)
+    load_devices(
+        app, build_population({"ios": 600, "android": 300}, {"ios": {"01": 30}, "android": {"03": 20}})
+    )
+    start_worker(concurrency=2, env=WORKER_ENV)
+    response = api_client(app).post(
+        "/api/v1/campaigns/",
+        {"name": "browser test", "message": {"title": "Hello", "body": "watch me"},
+         "rollout": {"start_rate": RATE, "max_rate": RATE}},
+        format="json",
+    )  # fmt: skip
+    assert response.status_code == 201, response.content
+    campaign_id = response.json()["id"]
+
+    browser.get(f"{live_server.url}/admin/login/?next=/admin/campaigns/campaign/{campaign_id}/change/")
+    browser.find_element(By.NAME, "username").send_keys("operator")
+    browser.find_element(By.NAME, "password").send_keys("browser-pw-123")
+    browser.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
+    wait_for(lambda: browser.find_elements(By.ID, "campaign-progress"), 15, what="the campaign page")
+    # A marker a reload would wipe out: the bar must move in this same document.
+    browser.execute_script("window.__pushsvcNoReload = 'still here';")
+
+    first, _, status = _progress(browser)
+    assert status in {"running", "scheduled"}, status
+    moved = wait_for(lambda: _progress(browser)[0] > first and _progress(browser), 30, what="the bar to move")
+    assert moved[0] > first
+    ARTIFACT.parent.mkdir(parents=True, exist_ok=True)
+    wait_for(lambda: _progress(browser)[0] >= moved[1] // 3, 30, what="a third of the campaign")
+    browser.save_screenshot(str(ARTIFACT))
+
+    value, maximum, status = wait_for(
+        lambda: (p := _progress(browser))[2] == "completed" and p, 60, what="the page to show completion"
+    )
+    assert browser.execute_script("return window.__pushsvcNoReload") == "still here"
+    campaign = Campaign.objects.get(pk=campaign_id)
+    assert maximum == campaign.targeted == DEVICES
+    assert value == campaign.processed == DEVICES
+    delivered = browser.find_element(By.CSS_SELECTOR, '[data-counter="delivered"]').text
+    assert int(delivered) == campaign.delivered == DEVICES - 30
+    failures = browser.find_element(By.ID, "campaign-failures").text
+    assert "invalid_token" in failures and "retry" in failures
+    buttons = {
+        b.get_attribute("data-action"): b.is_enabled()
+        for b in browser.find_elements(By.CSS_SELECTOR, "button[data-action]")
+    }
+    assert buttons == {"launch": False, "pause": False, "resume": False, "cancel": False, "duplicate": True}
+    assert ARTIFACT.stat().st_size > 10_000
