@@ -51,4 +51,4 @@ beat: venv
 	$(VENV)/bin/celery -A pushsvc beat
 
 flower: venv
-	$(VENV)/bin/celery -A pushsvc flower --port=5555
+	$(VENV)/bin/celery -A pushsvc flower --address=127.0.0.1 --port=5555
