@@ -1,0 +1,4 @@
+"""Fixtures of the fault tests: the campaign suites' real parts (a strict-front simulator per
+module, worker subprocesses on the test database and Redis database)."""
+
+from campaigns.pytest_fixtures import *  # noqa: F403  (sim, fresh_sim, worker_env, start_worker)

@@ -1,0 +1,88 @@
+"""What every fault test does around its fault: load a population, launch a campaign through the
+API, wait for a final state, and account for every token in the simulator's per-token counts."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from campaigns.models import Campaign
+from campaigns.pytest_fixtures import api_client
+from campaigns.testing import Population, build_population, load_devices, sim_counts, simulator_app, wait_for
+from tokens.models import App, DeviceToken
+
+MESSAGE = {"title": "Fault test", "body": "every device exactly once"}
+
+
+@dataclass
+class Run:
+    app: App
+    population: Population
+    campaign_id: int
+    client: Any
+
+    def campaign(self) -> Campaign:
+        return Campaign.objects.get(pk=self.campaign_id)
+
+    def status(self, *statuses: str) -> Campaign | None:
+        campaign = self.campaign()
+        return campaign if campaign.status in statuses else None
+
+    def wait_status(self, *statuses: str, timeout: float = 120) -> Campaign:
+        return wait_for(lambda: self.status(*statuses), timeout, 0.2, f"campaign in {statuses}")
+
+    def wait_done(self, timeout: float = 180) -> Campaign:
+        # Paused and halted end the wait too: a test that expects completion fails with the reason.
+        return self.wait_status(*Campaign.FINAL_STATUSES, "paused", "halted", timeout=timeout)
+
+
+def launch(sim: Any, counts: dict[str, int], faults: dict | None = None, **body: Any) -> Run:
+    app = simulator_app(sim)
+    population = load_devices(app, build_population(counts, faults or {}))
+    client = api_client(app)
+    response = client.post("/api/v1/campaigns/", {"message": MESSAGE, **body}, format="json")
+    assert response.status_code == 201, response.content
+    return Run(app, population, response.json()["id"], client)
+
+
+@dataclass
+class Tally:
+    lost: list[str]
+    duplicated: dict[str, int]
+
+    @property
+    def extra_deliveries(self) -> int:
+        return sum(n - 1 for n in self.duplicated.values())
+
+
+def tally(sim: Any, tokens: list[str]) -> Tally:
+    """Per-token accepted deliveries: tokens never delivered, and tokens delivered more than once."""
+    counts = sim_counts(sim, tokens)
+    return Tally(
+        lost=[t for t in tokens if counts.get(t, 0) == 0],
+        duplicated={t: n for t, n in counts.items() if n > 1},
+    )
+
+
+def wait_delivered(sim: Any, at_least: int, timeout: float = 60) -> int:
+    return wait_for(
+        lambda: (n := sim.stats()["delivered_total"]) >= at_least and n,
+        timeout,
+        0.05,
+        f"{at_least} deliveries",
+    )
+
+
+def inactive_count(app: App) -> int:
+    return DeviceToken.objects.filter(app=app, is_active=False).count()
+
+
+def sample_requests(sim: Any, seconds: float, every: float = 0.25) -> list[tuple[float, int]]:
+    """(monotonic time, simulator request counter) every `every` seconds for `seconds`."""
+    out = []
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        out.append((time.monotonic(), sim.stats()["requests"]))
+        time.sleep(every)
+    return out

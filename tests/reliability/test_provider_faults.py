@@ -1,0 +1,156 @@
+"""Provider-side faults during a campaign, from the simulator (strict front: real HTTP/2
+connection behaviour): an outage, GOAWAY every 1,000 requests, dropped connections, 429
+throttling and credentials revoked mid-campaign. Real workers, PostgreSQL and Redis.
+
+The outage lasts RELIABILITY_OUTAGE_S seconds (default 10 in CI; the issue's 60 s variant:
+`RELIABILITY_OUTAGE_S=60 make test PYTEST_ARGS="tests/reliability/test_provider_faults.py -k outage -s"`).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+
+from campaigns.testing import wait_for
+from tests.reliability.harness import inactive_count, launch, tally, wait_delivered
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(400)]
+
+OUTAGE_S = float(os.environ.get("RELIABILITY_OUTAGE_S", "10"))
+# Production retry pacing (settings defaults), not the campaign suites' fast test retries: how the
+# sender behaves against a down provider is the subject here.
+PRODUCTION_RETRIES = {"CAMPAIGN_RETRY_BASE_S": "2", "CAMPAIGN_RETRY_MAX_S": "300"}
+
+
+def test_provider_outage_no_retry_storm_and_nothing_invalidated(fresh_sim, start_worker) -> None:
+    fresh_sim.configure(latency_ms=20, retry_after_s=2)
+    start_worker(concurrency=2, env={**PRODUCTION_RETRIES, "CAMPAIGN_CHUNK_SIZE": "200"})
+    run = launch(fresh_sim, {"ios": 3600, "android": 2400})
+    tokens = run.population.of()
+
+    delivered_before = wait_delivered(fresh_sim, 1000)
+    requests_before = fresh_sim.stats()["requests"]
+    fresh_sim.configure(outage_until=time.time() + OUTAGE_S)
+    wait_for(lambda: time.time() >= fresh_sim.config()["outage_until"], OUTAGE_S + 5, 0.2, "outage end")
+    stats = fresh_sim.stats()
+    during = stats["requests"] - requests_before
+    in_flight = len(tokens) - delivered_before  # every token not yet delivered is waiting on the provider
+
+    campaign = run.wait_done(timeout=OUTAGE_S * 8 + 120)
+    result = tally(fresh_sim, tokens)
+    print(
+        f"\noutage {OUTAGE_S:.0f}s: {during} requests during it for {in_flight} tokens in flight "
+        f"({during / in_flight:.2f} per token); finished {campaign.status} delivered={campaign.delivered} "
+        f"failed={campaign.failed} retried={campaign.retried} lost={len(result.lost)} "
+        f"repeated={result.extra_deliveries}"
+    )
+    assert during <= 2 * in_flight, "no retry storm: at most two tries per waiting token during the outage"
+    assert campaign.status == "completed", campaign.status_reason
+    assert inactive_count(run.app) == 0 and campaign.invalidated == 0
+    assert result.lost == [] and campaign.failed == 0
+    assert result.extra_deliveries == 0
+
+
+def test_goaway_every_thousand_requests_loses_and_repeats_nothing(fresh_sim, start_worker) -> None:
+    fresh_sim.configure(goaway_every=1000)
+    start_worker(concurrency=2)
+    run = launch(fresh_sim, {"ios": 4800, "android": 3200})
+    campaign = run.wait_done(timeout=180)
+    result = tally(fresh_sim, run.population.of())
+    stats = fresh_sim.stats()
+    print(
+        f"\nGOAWAY: {stats['goaways_sent']} sent, lost={len(result.lost)} repeated={result.extra_deliveries}"
+    )
+    assert stats["goaways_sent"] >= 6
+    assert campaign.status == "completed", campaign.status_reason
+    assert result.lost == [] and result.extra_deliveries == 0
+    assert campaign.delivered == 8000 and stats["duplicates"] == 0
+
+
+def test_dropped_connections_lose_nothing_and_repeat_only_requests_in_flight(fresh_sim, start_worker) -> None:
+    # Fault 09: the simulator closes the connection with the request unanswered (first attempt
+    # only). Requests on the same connection that were already processed are answered never: a
+    # client cannot know, so re-sending them is the only way to lose nothing (APNs and FCM have
+    # no idempotency key), and each drop may repeat at most the streams open on that connection.
+    fresh_sim.configure(max_concurrent_streams=50, latency_ms=5)
+    start_worker(concurrency=2)
+    run = launch(fresh_sim, {"ios": 3000, "android": 2000}, {"ios": {"09": 12}, "android": {"09": 8}})
+    campaign = run.wait_done(timeout=180)
+    result = tally(fresh_sim, run.population.of())
+    stats = fresh_sim.stats()
+    print(
+        f"\ndrops: {stats['connections_dropped']} connections dropped, lost={len(result.lost)} "
+        f"repeated={result.extra_deliveries} (bound {stats['connections_dropped']} x 50 streams)"
+    )
+    assert stats["connections_dropped"] >= 20
+    assert campaign.status == "completed", campaign.status_reason
+    assert result.lost == []
+    assert result.extra_deliveries <= stats["connections_dropped"] * 50
+    assert campaign.failed == 0 and inactive_count(run.app) == 0
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap (reported): 429s do not slow the sender down. Each throttled token is retried "
+    "after Retry-After, but fresh shards keep sending at full speed, so about half of all requests "
+    "are refused (12,323 requests, 6,322 answered 429 for 6,000 tokens at 600/s). Needs an adaptive "
+    "per-(app, provider) rate in campaigns/fanout.py (lower the shared bucket on 429, raise it slowly).",
+)
+def test_throttled_sender_settles_under_the_rate(fresh_sim, start_worker) -> None:
+    rate = 600
+    fresh_sim.configure(rate_limit_per_s=rate, retry_after_s=1)
+    start_worker(concurrency=2, env={"CAMPAIGN_CHUNK_SIZE": "200"})
+    run = launch(fresh_sim, {"ios": 3600, "android": 2400})
+    campaign = run.wait_done(timeout=240)
+    result = tally(fresh_sim, run.population.of())
+    outcomes = fresh_sim.stats()["by_outcome"]
+    throttled = sum(n for k, n in outcomes.items() if " 429" in k)
+    requests = fresh_sim.stats()["requests"]
+    seconds = (campaign.finished_at - campaign.started_at).total_seconds()
+    print(
+        f"\nthrottled at {rate}/s: {requests} requests for 6000 tokens, {throttled} answered 429 "
+        f"({throttled / requests:.1%}); {6000 / seconds:.0f} deliveries/s over {seconds:.1f}s; "
+        f"lost={len(result.lost)} repeated={result.extra_deliveries}"
+    )
+    assert campaign.status == "completed", campaign.status_reason
+    assert result.lost == [] and result.extra_deliveries == 0
+    assert throttled <= 6000, "backs off instead of hammering: fewer 429s than tokens"
+    assert 6000 / seconds <= rate * 1.2
+
+
+@pytest.mark.parametrize("provider", ["apns", "fcm"])
+def test_credentials_revoked_mid_campaign_pause_and_resume(fresh_sim, start_worker, provider) -> None:
+    fresh_sim.configure(latency_ms=20)
+    start_worker(concurrency=2, env={"CAMPAIGN_CHUNK_SIZE": "100"})
+    platform = "ios" if provider == "apns" else "android"
+    run = launch(fresh_sim, {platform: 6000}, {platform: {"01": 60}})
+    wait_delivered(fresh_sim, 1000)
+    if provider == "apns":
+        fresh_sim.configure(revoked_apns_keys=[fresh_sim.credentials.apns_key_id])
+    else:
+        fresh_sim.configure(fcm_revoked=True, oauth_token_lifetime_s=0.001)
+
+    paused = run.wait_status("paused", "completed", "failed", "halted", timeout=60)
+    assert paused.status == "paused", (paused.status, paused.status_reason)
+    reason = paused.status_reason
+    print(f"\n{provider} revoked: paused at delivered={paused.delivered}: {reason}")
+    assert "credential" in reason.lower()
+    invalid_before = inactive_count(run.app)
+    # No token touched by the credential failure: only the 01 (unregistered) tokens met so far.
+    assert invalid_before <= 60
+    held = fresh_sim.stats()["delivered_total"]
+    assert held < 6000 - 60
+
+    # New credentials: the simulator accepts the key again (an operator uploading a new key has the
+    # same effect on the adapter: the next token minted is valid).
+    fresh_sim.configure(revoked_apns_keys=[], fcm_revoked=False, oauth_token_lifetime_s=0)
+    response = run.client.post(f"/api/v1/campaigns/{run.campaign_id}/resume/")
+    assert response.status_code == 200, response.content
+    campaign = run.wait_status("completed", "paused", "failed", "halted", timeout=180)
+    assert campaign.status == "completed", campaign.status_reason
+    healthy = run.population.of(fault="")
+    result = tally(fresh_sim, healthy)
+    assert result.lost == [] and result.extra_deliveries == 0
+    assert inactive_count(run.app) == 60 == campaign.invalidated

@@ -1,0 +1,49 @@
+"""A whole worker (main process and pool) killed with SIGKILL mid-campaign.
+
+The worker had prefetched and was running shards, unacknowledged (acks_late). Nothing can tell
+the broker that it died: its messages sit in the Redis transport's unacked set until the
+visibility timeout passes, then another worker receives them. Production's timeout is an hour
+(CELERY_VISIBILITY_TIMEOUT, it must exceed the longest shard plus retry countdown); the test
+lowers it to 10 s so the recovery happens within the test. The idempotency bitmap makes the
+re-run skip what the dead worker recorded; only its requests in flight may repeat.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from tests.reliability.harness import launch, tally, wait_delivered
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(300)]
+
+CHUNK = 100  # a shard sends at most this many requests at once: the bound on repeats per dead process
+
+
+def test_sigkill_of_a_whole_worker_mid_campaign_loses_nothing(fresh_sim, start_worker) -> None:
+    fresh_sim.configure(latency_ms=30)
+    env = {"CAMPAIGN_CHUNK_SIZE": str(CHUNK), "CELERY_VISIBILITY_TIMEOUT": "10"}
+    victim = start_worker(concurrency=2, env=env, name="victim")
+    survivor = start_worker(concurrency=1, env=env, name="survivor")
+    run = launch(fresh_sim, {"ios": 4800, "android": 3200})
+    tokens = run.population.of()
+
+    at_kill = wait_delivered(fresh_sim, 1500)
+    assert at_kill < len(tokens), "the kill must land mid-campaign"
+    pool = victim.child_pids()
+    os.killpg(victim.proc.pid, signal.SIGKILL)  # main process and its pool, no goodbye to the broker
+
+    campaign = run.wait_done(timeout=200)
+    assert campaign.status == "completed", (campaign.status, campaign.status_reason, survivor.log_tail())
+    result = tally(fresh_sim, tokens)
+    print(
+        f"\nkill -9 worker at {at_kill}/{len(tokens)} delivered: lost={len(result.lost)} "
+        f"repeated={result.extra_deliveries} (bound {len(pool)} x {CHUNK}), skipped_duplicate="
+        f"{campaign.skipped_duplicate}"
+    )
+    assert result.lost == []
+    assert result.extra_deliveries <= len(pool) * CHUNK, "only requests in flight in the dead pool may repeat"
+    assert campaign.delivered + campaign.skipped_duplicate >= len(tokens)
+    assert campaign.failed == 0 and campaign.invalidated == 0
