@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 
 from django.conf import settings
@@ -44,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 PRIORITY_QUEUE = "priority"
 PLAN_BATCH = 100  # shards written and enqueued per transaction while planning
+PLAN_PUBLISHERS = 4  # threads publishing shard tasks while the planner scans on
 _VERSION_RE = r"^[0-9]{1,9}(\.[0-9]{1,9}){0,3}$"
 
 
@@ -160,25 +162,36 @@ def plan(campaign_id: int) -> None:
     client = runtime.redis_client()
     size = settings.CAMPAIGN_SHARD_SIZE
     base = target_queryset(campaign)
-    for platform in target_platforms(campaign):
-        queue = queue_for(campaign, platform)
-        done_upto = (
-            Shard.objects.filter(campaign_id=campaign_id, platform=platform, is_child=False).aggregate(
-                hi=Max("hi")
-            )["hi"]
-            or 0
-        )
-        batch: list[Shard] = []
-        for lo, hi, n in iter_ranges(base.filter(platform=platform), size, done_upto):
-            batch.append(
-                Shard(campaign_id=campaign_id, platform=platform, queue=queue, lo=lo, hi=hi, planned=n)
+    # Publishing a task is a few broker round trips: threads publish batch n while this thread
+    # scans and writes batch n+1, so planning runs at the speed of the keyset scan.
+    with ThreadPoolExecutor(max_workers=PLAN_PUBLISHERS, thread_name_prefix="plan-publish") as pool:
+        published: list[Future[None]] = []
+        cancelled = False
+        for platform in target_platforms(campaign):
+            queue = queue_for(campaign, platform)
+            done_upto = (
+                Shard.objects.filter(campaign_id=campaign_id, platform=platform, is_child=False).aggregate(
+                    hi=Max("hi")
+                )["hi"]
+                or 0
             )
-            if len(batch) >= PLAN_BATCH:
-                if not _flush(client, campaign_id, batch):
-                    return
-                batch = []
-        if batch and not _flush(client, campaign_id, batch):
-            return
+            batch: list[Shard] = []
+            for lo, hi, n in iter_ranges(base.filter(platform=platform), size, done_upto):
+                batch.append(
+                    Shard(campaign_id=campaign_id, platform=platform, queue=queue, lo=lo, hi=hi, planned=n)
+                )
+                if len(batch) >= PLAN_BATCH:
+                    cancelled = not _flush(client, pool, published, campaign_id, batch)
+                    batch = []
+                    if cancelled:
+                        break
+            if cancelled or (batch and not _flush(client, pool, published, campaign_id, batch)):
+                cancelled = True
+                break
+        for future in published:
+            future.result()  # a failed publish fails the task (retried by Celery; see delivery/tasks.py)
+    if cancelled:
+        return
     with transaction.atomic():
         Campaign.objects.filter(pk=campaign_id, planned=False).update(
             planned=True, outstanding=F("outstanding") - 1
@@ -186,8 +199,11 @@ def plan(campaign_id: int) -> None:
     control.complete_if_done(client, campaign_id)
 
 
-def _flush(client, campaign_id: int, batch: list[Shard]) -> bool:
-    """Write a batch of shards, count them outstanding, enqueue them. False once cancelled."""
+def _flush(
+    client, pool: ThreadPoolExecutor, published: list[Future[None]], campaign_id: int, batch: list[Shard]
+) -> bool:
+    """Write a batch of shards, count them outstanding, hand them to the publishers.
+    False once the campaign is cancelled."""
     if control.current_state(client, campaign_id) == control.CANCELLED:
         return False
     with transaction.atomic():
@@ -196,9 +212,13 @@ def _flush(client, campaign_id: int, batch: list[Shard]) -> bool:
             outstanding=F("outstanding") + len(batch),
             targeted=F("targeted") + sum(s.planned for s in batch),
         )
-    for shard in batch:
-        enqueue_shard(shard.pk, shard.queue)
+    published.append(pool.submit(_publish, [(shard.pk, shard.queue) for shard in batch]))
     return True
+
+
+def _publish(shards: list[tuple[int, str]]) -> None:
+    for shard_id, queue in shards:
+        enqueue_shard(shard_id, queue)
 
 
 def plan_direct(campaign: Campaign) -> int:
