@@ -1,7 +1,7 @@
 """Benchmark: one campaign end to end, launch -> completed, against the provider simulator.
 
     .venv/bin/python bench/campaign.py [--devices 200000] [--workers 2] [--concurrency 1]
-        [--front fast|strict] [--loop asyncio|uvloop]
+        [--front fast|strict] [--loop uvloop|asyncio]
         [--database postgres://postgres@127.0.0.1:5432/bench_campaign] [--redis redis://127.0.0.1:6379/5]
     .venv/bin/python bench/campaign.py --plan-only --devices 10000000
 
@@ -128,7 +128,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="worker processes (each -c --concurrency)")
     parser.add_argument("--concurrency", type=int, default=1)
     parser.add_argument("--front", default="fast", choices=("fast", "strict"))
-    parser.add_argument("--loop", default="asyncio", choices=("asyncio", "uvloop"))
+    parser.add_argument("--loop", default="uvloop", choices=("asyncio", "uvloop"))
     parser.add_argument("--plan-only", action="store_true")
     parser.add_argument("--database", default="postgres://postgres@127.0.0.1:5432/bench_campaign")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/5")
