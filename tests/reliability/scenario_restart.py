@@ -1,0 +1,78 @@
+"""Inner scenario of test_restarts.py, run in its own pytest process whose DATABASE_URL and
+REDIS_URL point at a private server (not collected by the suite: the name is not test_*).
+
+RELIABILITY_RESTART names what to restart ("redis" or "postgres"); RELIABILITY_SERVICE carries
+how to reach its control (port for Redis, data dir and binaries for PostgreSQL).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import pytest
+from django.db import close_old_connections, connections
+
+from campaigns.testing import wait_for
+from tests.reliability import services
+from tests.reliability.harness import launch, tally, wait_delivered
+
+pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(400)]
+
+
+def _restart() -> float:
+    kind = os.environ["RELIABILITY_RESTART"]
+    info = json.loads(os.environ["RELIABILITY_SERVICE"])
+    started = time.monotonic()
+    if kind == "redis":
+        server = services.PrivateRedis(info["port"], appendonly=info["appendonly"])
+        server.dir = services.Path(info["dir"])
+        server.restart()
+    else:
+        server = services.PrivatePostgres.__new__(services.PrivatePostgres)
+        server.bin, server.port = services.Path(info["bin"]), info["port"]
+        server.dir, server.data = services.Path(info["dir"]), services.Path(info["dir"]) / "data"
+        server.restart()
+        for conn in connections.all():
+            conn.close()  # this test process reconnects like any client after a restart
+    return time.monotonic() - started
+
+
+def _status(run) -> str | None:
+    try:
+        campaign = run.campaign()
+    except Exception:  # the database is coming back
+        close_old_connections()
+        return None
+    return (
+        campaign.status
+        if campaign.status in ("completed", "failed", "cancelled", "halted", "paused")
+        else None
+    )
+
+
+def test_campaign_survives_the_restart(fresh_sim, start_worker) -> None:
+    fresh_sim.configure(latency_ms=20)
+    start_worker(concurrency=2, env={"CAMPAIGN_CHUNK_SIZE": "100"})
+    run = launch(fresh_sim, {"ios": 4800, "android": 3200})
+    tokens = run.population.of()
+    at = wait_delivered(fresh_sim, 1500)
+    assert at < len(tokens)
+    down = _restart()
+    # A healthy run finishes within ~30 s of the restart on this machine; 150 s is generous.
+    try:
+        status = wait_for(lambda: _status(run), 150, 0.5, "campaign to finish after the restart")
+    except TimeoutError:
+        status = f"still {run.campaign().status} 150 s after the restart"
+    campaign = run.campaign()
+    result = tally(fresh_sim, tokens)
+    print(
+        f"\nRESULT {os.environ['RELIABILITY_RESTART']} restart at {at}/{len(tokens)} delivered "
+        f"(down {down:.1f}s): status={status} lost={len(result.lost)} repeated={result.extra_deliveries} "
+        f"delivered={campaign.delivered} skipped_duplicate={campaign.skipped_duplicate}"
+    )
+    assert status == "completed", (status, campaign.status_reason)
+    assert result.lost == []
+    # Repeats are limited to what was in flight: at most one chunk per pool process.
+    assert result.extra_deliveries <= 2 * 100
