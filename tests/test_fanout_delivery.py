@@ -28,7 +28,9 @@ def test_planning_covers_the_segment_exactly_with_keyset_ranges(settings) -> Non
     other = make_app()
     load_devices(app, build_population({"ios": 1234, "android": 250}, {}))
     load_devices(other, build_population({"ios": 300}, {}), user_prefix="o")
-    middle = DeviceToken.objects.filter(app=app, platform="ios").order_by("id").values_list("id", flat=True)[500]
+    middle = (
+        DeviceToken.objects.filter(app=app, platform="ios").order_by("id").values_list("id", flat=True)[500]
+    )
     DeviceToken.objects.filter(id=middle).update(is_active=False)
 
     qs = DeviceToken.objects.filter(app=app, is_active=True, platform="ios")
