@@ -60,11 +60,11 @@ def test_campaign_survives_the_restart(fresh_sim, start_worker) -> None:
     at = wait_delivered(fresh_sim, 1500)
     assert at < len(tokens)
     down = _restart()
-    # A healthy run finishes within ~30 s of the restart on this machine; 150 s is generous.
+    # A healthy run finishes within ~30 s of the restart on this machine, even under load.
     try:
-        status = wait_for(lambda: _status(run), 150, 0.5, "campaign to finish after the restart")
+        status = wait_for(lambda: _status(run), 90, 0.5, "campaign to finish after the restart")
     except TimeoutError:
-        status = f"still {run.campaign().status} 150 s after the restart"
+        status = f"still {run.campaign().status} 90 s after the restart"
     campaign = run.campaign()
     result = tally(fresh_sim, tokens)
     print(
