@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
@@ -46,6 +47,7 @@ logger = logging.getLogger(__name__)
 PRIORITY_QUEUE = "priority"
 PLAN_BATCH = 100  # shards written and enqueued per transaction while planning
 PLAN_PUBLISHERS = 4  # threads publishing shard tasks while the planner scans on
+LEASE_RECHECK_S = 5  # a shard found leased by another run is looked at again after this long
 _VERSION_RE = r"^[0-9]{1,9}(\.[0-9]{1,9}){0,3}$"
 
 
@@ -167,6 +169,10 @@ def plan(campaign_id: int) -> None:
     with ThreadPoolExecutor(max_workers=PLAN_PUBLISHERS, thread_name_prefix="plan-publish") as pool:
         published: list[Future[None]] = []
         cancelled = False
+        # A re-run after a crash: shards written but maybe never published go out again (a shard
+        # already queued runs once anyway: leases and its status make the second message a no-op).
+        unsent = Shard.objects.filter(campaign_id=campaign_id, is_child=False, status=Shard.Status.PENDING)
+        published.append(pool.submit(_publish, list(unsent.values_list("pk", "queue"))))
         for platform in target_platforms(campaign):
             queue = queue_for(campaign, platform)
             done_upto = (
@@ -281,6 +287,23 @@ def run_shard(shard_id: int) -> None:
         _park(client, shard, state)
         return
 
+    token = uuid.uuid4().hex
+    busy_for = idempotency.acquire_lease(client, shard.pk, token, settings.CAMPAIGN_SHARD_LEASE_S)
+    if busy_for:
+        # Another run holds the shard (or died holding it): look again shortly; a live holder
+        # finishes or parks it, a dead one's lease runs out.
+        enqueue_shard(shard.pk, shard.queue, countdown=min(busy_for, LEASE_RECHECK_S))
+        return
+    try:
+        _run_leased(client, shard, campaign, token)
+    finally:
+        idempotency.release_lease(client, shard.pk, token)
+
+
+def _run_leased(client, shard: Shard, campaign: Campaign, token: str) -> None:
+    shard.refresh_from_db(fields=["status", "lo", "device_ids", "loaded"])
+    if shard.status != Shard.Status.PENDING:
+        return  # the run that held the lease before us finished or parked it
     devices = _load(shard, campaign)
     first_run = not shard.is_child and shard.loaded is None
     already = idempotency.finished(client, campaign.pk, [d.pk for d in devices])
@@ -293,7 +316,7 @@ def run_shard(shard_id: int) -> None:
     park: str | None = None
     done_upto = 0
     if todo:
-        park, done_upto = _send(client, shard, campaign, todo, results)
+        park, done_upto = _send(client, shard, campaign, todo, results, token)
 
     rest_lo: int | None = None
     rest_ids: list[int] | None = None
@@ -327,7 +350,7 @@ def run_shard(shard_id: int) -> None:
 
 
 def _send(
-    client, shard: Shard, campaign: Campaign, todo: list[Device], results: ShardResults
+    client, shard: Shard, campaign: Campaign, todo: list[Device], results: ShardResults, lease: str
 ) -> tuple[str | None, int]:
     """Send `todo` chunk by chunk; (why it stopped early or None, how many devices it finished)."""
     message = PushMessage.from_dict(campaign.message)
@@ -340,11 +363,14 @@ def _send(
     guard_armed = not campaign.prune_confirmed
     for start in range(0, len(todo), chunk_size):
         chunk = todo[start : start + chunk_size]
-        state, wait = _checkpoint(client, bucket, campaign, shard.platform, provider_rate, len(chunk))
+        state, wait = _checkpoint(client, bucket, campaign, shard, provider_rate, len(chunk), lease)
         if state != control.RUNNING:
             return (control.CANCELLED if state == control.CANCELLED else control.PAUSED), start
         if wait > 0:
             time.sleep(wait)
+            pipe = client.pipeline(transaction=False)
+            idempotency.refresh_lease(pipe, shard.pk, lease, settings.CAMPAIGN_SHARD_LEASE_S)
+            pipe.execute()
         targets = [
             Target(device_id=d.pk, token=d.token, p256dh=d.p256dh if web else "", auth=d.auth if web else "")
             for d in chunk
@@ -373,13 +399,14 @@ def _send(
 
 
 def _checkpoint(
-    client, bucket: TokenBucket, campaign: Campaign, platform: str, provider_rate: float, n: int
+    client, bucket: TokenBucket, campaign: Campaign, shard: Shard, provider_rate: float, n: int, lease: str
 ) -> tuple[str, float]:
-    """Between two chunks, in one round trip: the campaign's control flag, and `n` tokens from
-    the provider's and the rollout's buckets. Returns (state, seconds to wait before sending)."""
+    """Between two chunks, in one round trip: the campaign's control flag, the shard's lease, and
+    `n` tokens from the provider's and the rollout's buckets. Returns (state, seconds to wait)."""
     pipe = client.pipeline(transaction=False)
     pipe.get(control.flag_key(campaign.pk))
-    bucket.queue_reserve(pipe, provider_key(campaign.app_id, platform), provider_rate, n)
+    idempotency.refresh_lease(pipe, shard.pk, lease, settings.CAMPAIGN_SHARD_LEASE_S)
+    bucket.queue_reserve(pipe, provider_key(campaign.app_id, shard.platform), provider_rate, n)
     if campaign.rollout_start_rate or campaign.rollout_max_rate:
         now = timezone.now()
         rate = rollout_rate(
@@ -390,7 +417,7 @@ def _checkpoint(
             now,
         )
         bucket.queue_reserve(pipe, campaign_key(campaign.pk), rate, n)
-    flag, *waits = pipe.execute()
+    flag, _lease, *waits = pipe.execute()
     state = flag.decode() if flag is not None else control.current_state(client, campaign.pk)
     return state, max((float(w) for w in waits), default=0.0)
 

@@ -23,6 +23,7 @@ TEST_WORKER_SETTINGS = {
     "CAMPAIGN_RETRY_BASE_S": "0.2",
     "CAMPAIGN_RETRY_MAX_S": "2",
     "CAMPAIGN_SCHEDULER_INTERVAL_S": "0.5",
+    "CAMPAIGN_SHARD_LEASE_S": "5",  # a killed worker's shard is re-run within seconds
     "PUSH_REQUEST_TIMEOUT": "10",
     "LOG_LEVEL": "WARNING",
 }

@@ -77,3 +77,33 @@ def memory_bytes(client: redis.Redis, campaign_id: int) -> int:
     return sum(
         client.memory_usage(key) or 0 for key in client.scan_iter(match=f"pushsvc:idem:{campaign_id}:*")
     )
+
+
+# --- shard leases ------------------------------------------------------------------------------
+# The bitmap keeps a device from being sent twice by runs that follow each other; a lease keeps two
+# runs of one shard from overlapping (a broker redelivery after the visibility timeout while the
+# first run still sends, or a planner re-publishing after a crash). The holder refreshes it at
+# every chunk; a run killed without releasing it blocks the shard for at most one lease period.
+_RELEASE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+
+def lease_key(shard_id: int) -> str:
+    return f"pushsvc:shard-lease:{shard_id}"
+
+
+def acquire_lease(client: redis.Redis, shard_id: int, token: str, ttl_s: int) -> int:
+    """0 when `token` now holds the shard's lease, else the seconds the current holder has left."""
+    if client.set(lease_key(shard_id), token, nx=True, ex=ttl_s):
+        return 0
+    return max(int(client.ttl(lease_key(shard_id))), 1)
+
+
+def refresh_lease(pipe: redis.client.Pipeline, shard_id: int, token: str, ttl_s: int) -> None:
+    pipe.set(lease_key(shard_id), token, xx=True, ex=ttl_s)
+
+
+def release_lease(client: redis.Redis, shard_id: int, token: str) -> None:
+    client.eval(_RELEASE, 1, lease_key(shard_id), token)

@@ -247,6 +247,9 @@ CAMPAIGN_PRUNE_GUARD_MIN = _env_int("CAMPAIGN_PRUNE_GUARD_MIN", 200)
 CAMPAIGN_PRUNE_GUARD_WINDOW = _env_int("CAMPAIGN_PRUNE_GUARD_WINDOW", 1000)
 CAMPAIGN_PRUNE_GUARD_RATIO = _env_float("CAMPAIGN_PRUNE_GUARD_RATIO", 0.5)
 CAMPAIGN_SCHEDULER_INTERVAL_S = _env_float("CAMPAIGN_SCHEDULER_INTERVAL_S", 5.0)
+# CAMPAIGN_SHARD_LEASE_S: a running shard holds a Redis lease, refreshed every chunk, so that two
+# runs of one shard never overlap; a worker killed mid-shard delays its re-run by at most this.
+CAMPAIGN_SHARD_LEASE_S = _env_int("CAMPAIGN_SHARD_LEASE_S", 120)
 DIRECT_SEND_MAX_RECIPIENTS = _env_int("DIRECT_SEND_MAX_RECIPIENTS", 10_000)
 # Per (app, provider) send rate shared by all workers (token bucket in Redis), in messages per
 # second; 0 = unlimited. FCM publishes 600,000/min per project; APNs, HMS and Web Push publish

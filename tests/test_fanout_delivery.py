@@ -14,8 +14,9 @@ from campaigns import fanout
 from campaigns.models import Campaign, Shard
 from campaigns.pytest_fixtures import *  # noqa: F403  (the fixtures: sim, fresh_sim, worker_env, start_worker)
 from campaigns.pytest_fixtures import api_client
-from campaigns.testing import build_population, load_devices, simulator_app, wait_for
+from campaigns.testing import build_population, load_devices, sim_counts, simulator_app, wait_for
 from delivery import idempotency
+from delivery.tasks import send_shard
 from tokens.models import DeviceToken
 from tokens.testing import make_app
 
@@ -108,6 +109,26 @@ def test_a_worker_killed_mid_shard_repeats_at_most_the_requests_in_flight(fresh_
     assert campaign.delivered + campaign.skipped_duplicate == 1000
     assert campaign.targeted == 1000
     assert set(fresh_sim.counts(population.of()).values()) <= {1, 2}
+
+
+def test_a_shard_published_twice_runs_once(fresh_sim, start_worker) -> None:
+    app = simulator_app(fresh_sim)
+    population = load_devices(app, build_population({"android": 1000}, {}))
+    fresh_sim.configure(latency_ms=100)
+    start_worker(concurrency=2, env={"CAMPAIGN_CHUNK_SIZE": "50"})
+    response = api_client(app).post("/api/v1/campaigns/", {"message": {"title": "twice"}}, format="json")
+    campaign_id = response.json()["id"]
+    shard = wait_for(lambda: Shard.objects.filter(campaign_id=campaign_id).first(), 30, what="the shard")
+    wait_for(lambda: fresh_sim.stats()["delivered_total"] > 0, 30, what="the first run to send")
+
+    send_shard.apply_async(args=[shard.pk], queue=shard.queue)  # the same shard, while it runs
+
+    campaign = wait_for(
+        lambda: Campaign.objects.filter(pk=campaign_id, status="completed").first(), 60, what="completion"
+    )
+    assert (campaign.delivered, campaign.skipped_duplicate, campaign.sent) == (1000, 0, 1000)
+    assert fresh_sim.stats()["duplicates"] == 0
+    assert set(sim_counts(fresh_sim, population.of()).values()) == {1}
 
 
 def test_scheduled_campaign_fires_at_send_at(fresh_sim, start_worker) -> None:
