@@ -191,6 +191,11 @@ class CampaignAdmin(admin.ModelAdmin):
             admin_views.apply_action("launch", obj)
             obj.refresh_from_db()
 
+    def get_actions(self, request: HttpRequest) -> dict[str, Any]:
+        actions = super().get_actions(request)
+        actions.pop("delete_selected", None)  # a bulk delete would not ask whether campaigns run
+        return actions
+
     def has_delete_permission(self, request: HttpRequest, obj: Campaign | None = None) -> bool:
         # Deleting a running campaign would orphan its queued shards; cancel it instead.
         return obj is None or obj.status in (*Campaign.FINAL_STATUSES, Campaign.Status.DRAFT)

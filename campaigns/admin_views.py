@@ -24,7 +24,7 @@ from campaigns.models import Campaign
 from campaigns.serializers import DirectSendSerializer, represent
 from delivery import runtime
 from delivery.models import DeadLetter
-from tokens.models import App
+from tokens.models import App, DeviceToken
 
 ACTIONS = ("launch", "pause", "resume", "cancel", "duplicate")
 DEAD_LETTERS_SHOWN = 100
@@ -128,6 +128,12 @@ class TestPushForm(forms.Form):
         data = super().clean()
         if self.errors:
             return data
+        device = DeviceToken.objects.filter(app=data["app"], device_id=data["device_id"]).first()
+        if device is None:
+            raise forms.ValidationError({"device_id": f"No device with this id in app {data['app'].slug}."})
+        if not device.is_active:
+            reason = device.deactivation_reason or "deactivated"
+            raise forms.ValidationError({"device_id": f"This device's token is inactive ({reason})."})
         # The direct-send API's own validation (message rules, recipient limits).
         serializer = DirectSendSerializer(
             data={

@@ -205,6 +205,13 @@ def test_send_test_push_reaches_the_device_through_the_direct_path(
         response["Location"], {"app": app.pk, "device_id": "not-a-uuid", "title": "t", "body": "b"}
     )
     assert "Enter a valid UUID" in bad.content.decode()
+    stranger = "5b0f8c0e-8d5a-4f7e-9a59-7f0c2b1d9e11"
+    bad = staff.post(response["Location"], {"app": app.pk, "device_id": stranger, "title": "t", "body": "b"})
+    assert f"No device with this id in app {app.slug}" in bad.content.decode()
+    silent_title = staff.post(
+        response["Location"], {"app": app.pk, "device_id": str(device.device_id), "title": "", "body": ""}
+    )
+    assert "This field is required" in silent_title.content.decode()
 
     start_worker(queues=("priority",), concurrency=1)
     response = staff.post(
