@@ -1,13 +1,15 @@
 """Structured logs: the send path's context on every record, and JSON lines when LOG_JSON=true.
 
-The send path binds `campaign`, `shard` and `provider` once per shard (`bind`, a contextvar, so
-the send loop's thread and concurrent tasks never see each other's values); `ContextFilter`
-copies them onto every record logged meanwhile, whichever module logs it. `JsonFormatter` writes
-one JSON object per line for log shippers.
+The send path binds `campaign`, `shard` and `provider` once per shard (`bind`, a contextvar: a
+coroutine handed to the worker's send loop carries a copy of the caller's context, so adapter logs
+are labelled too, and a task never sees the previous task's values because every task starts with
+the context cleared); `ContextFilter` copies them onto every record logged meanwhile, whichever
+module logs it. `JsonFormatter` writes one JSON object per line for log shippers.
 
 Secrets: adapters never log credentials or tokens (tests assert it); as a second line of
-defence the formatter masks anything that looks like a PEM block or a bearer token in the final
-text, so a careless `logger.info("%s", headers)` cannot ship a key to the log store.
+defence the filter masks anything shaped like a PEM block, a bearer token, a Google access token
+or a JWT in the final message, so a careless `logger.info("%s", headers)` cannot ship a key to
+the log store. Long-lived connection tasks keep the context of the shard that created them.
 """
 
 from __future__ import annotations
@@ -73,7 +75,10 @@ class ContextFilter(logging.Filter):
             if not hasattr(record, name):
                 setattr(record, name, bound.get(name))
         if not getattr(record, "_pushsvc_redacted", False):
-            message = record.getMessage()
+            try:
+                message = record.getMessage()
+            except (TypeError, ValueError):
+                return True  # a malformed call; logging reports it in the handler
             cleaned = redact(message)
             if cleaned != message:
                 record.msg, record.args = cleaned, ()
