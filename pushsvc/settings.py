@@ -295,6 +295,19 @@ WEBPUSH_ALLOW_INSECURE = _env_bool("WEBPUSH_ALLOW_INSECURE", False)
 PUSH_CONNECTIONS_PER_POOL = _env_int("PUSH_CONNECTIONS_PER_POOL", 2)
 PUSH_REQUEST_TIMEOUT = _env_float("PUSH_REQUEST_TIMEOUT", 15.0)
 
+# --- Registration API -------------------------------------------------------------------------
+# A verified API key is cached per web process this many seconds (revocation is immediate in the
+# revoking process, within this window elsewhere).
+API_KEY_CACHE_SECONDS = _env_float("API_KEY_CACHE_SECONDS", 5.0)
+# Failed API-key attempts allowed per client address and window before 429 (brute force).
+API_AUTH_FAILURES_MAX = _env_int("API_AUTH_FAILURES_MAX", 20)
+API_AUTH_FAILURE_WINDOW_S = _env_int("API_AUTH_FAILURE_WINDOW_S", 60)
+# Registrations commit without waiting for the WAL flush: a PostgreSQL crash may lose the last
+# fraction of a second of them, and apps register again on their next launch. `true` waits.
+REGISTRY_SYNCHRONOUS_COMMIT = _env_bool("REGISTRY_SYNCHRONOUS_COMMIT", False)
+# Server-side prepared statements for the upsert; turn off behind PgBouncer in transaction mode.
+REGISTRY_PREPARED_STATEMENTS = _env_bool("REGISTRY_PREPARED_STATEMENTS", True)
+
 # --- REST framework ---------------------------------------------------------------------------
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": ["tokens.auth.ApiKeyAuthentication"],

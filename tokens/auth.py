@@ -119,7 +119,7 @@ def verify_authorization(header: str) -> AuthenticatedKey | None:
     if key is None or not key.matches(raw) or key.is_revoked or not key.app.is_active:
         raise exceptions.AuthenticationFailed(INVALID_KEY)
     verified = _VerifiedKey(id=key.pk, app_id=key.app_id, prefix=key.prefix, scopes=frozenset(key.scopes))
-    ttl = getattr(settings, "API_KEY_CACHE_SECONDS", 5.0)
+    ttl = settings.API_KEY_CACHE_SECONDS
     if ttl > 0:
         key_cache.put(digest, verified, ttl)
     return AuthenticatedKey(verified, key.app)

@@ -154,7 +154,7 @@ def upsert_device(app: App | int, reg: Registration, *, now: datetime | None = N
     postgres = connection.vendor == "postgresql"
     lock_params = (_LOCK_NAMESPACE, int(token_hash[:8], 16) - 2**31)
     one_trip = postgres and not connection.in_atomic_block
-    sync_commit = "on" if getattr(settings, "REGISTRY_SYNCHRONOUS_COMMIT", False) else "off"
+    sync_commit = "on" if settings.REGISTRY_SYNCHRONOUS_COMMIT else "off"
     for attempt in range(1, MAX_ATTEMPTS + 1):
         try:
             if one_trip:
@@ -196,7 +196,7 @@ def _as_datetime(value: datetime | str) -> datetime:
 
 def _one_trip_sql(cursor: object) -> str:
     """The prepared form when this session can hold prepared statements (prepared on first use)."""
-    if not getattr(settings, "REGISTRY_PREPARED_STATEMENTS", True):
+    if not settings.REGISTRY_PREPARED_STATEMENTS:
         return _PG_ONE_TRIP
     raw = connection.connection
     if raw not in _prepared_on:

@@ -43,8 +43,8 @@ def _redis() -> redis.Redis:
 
 def _limits() -> tuple[int, int]:
     return (
-        int(getattr(settings, "API_AUTH_FAILURES_MAX", 20)),
-        int(getattr(settings, "API_AUTH_FAILURE_WINDOW_S", 60)),
+        int(settings.API_AUTH_FAILURES_MAX),
+        int(settings.API_AUTH_FAILURE_WINDOW_S),
     )
 
 
