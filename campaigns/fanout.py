@@ -40,6 +40,7 @@ from delivery.providers.registry import provider_class
 from delivery.ratelimit import TokenBucket, campaign_key, provider_key, rollout_rate
 from delivery.results import Device, ShardResults, apply_shard_run
 from pushsvc import logging as log_context
+from pushsvc import metrics
 from tokens.models import DeviceToken, Platform
 
 logger = logging.getLogger(__name__)
@@ -375,7 +376,9 @@ def _send(
             Target(device_id=d.pk, token=d.token, p256dh=d.p256dh if web else "", auth=d.auth if web else "")
             for d in chunk
         ]
+        sent_at = time.monotonic()
         answers = runtime.run(provider.send_many(targets, message))
+        metrics.observe_chunk(shard.platform, time.monotonic() - sent_at)  # pushsvc/metrics.py
         invalid = sum(1 for a in answers if a.outcome == Outcome.INVALID_TOKEN)
         hold_invalid = False
         if guard_armed:

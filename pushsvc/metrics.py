@@ -7,8 +7,8 @@ on one host, and workers run on many). So each worker process adds what a shard 
 hashes, and the web process exports those hashes with a custom collector at scrape time:
 
 - per shard run, in ONE pipeline after the shard's results are committed: sends by app, provider,
-  outcome and reason (HINCRBY per distinct tally, a handful per shard), retries scheduled, dead
-  letters, and the shard's duration into histogram buckets;
+  outcome and reason (HINCRBY per distinct tally, a handful per shard), retries scheduled, the
+  shard's duration and its chunks' provider round trips into histogram buckets;
 - per worker process, in that same pipeline: its providers' engine figures (connections opened,
   requests in flight) in a hash that expires when the process stops reporting;
 - at scrape time only (the web process reads, nothing is pushed): queue depths (LLEN of the Celery
@@ -51,11 +51,15 @@ PREFIX = "pushsvc:metrics:"
 SENDS = PREFIX + "sends"  # "app|provider|outcome|reason" -> devices
 RETRIES = PREFIX + "retries"  # "app|provider" -> retry attempts scheduled
 SHARD_SECONDS = PREFIX + "shard_seconds"  # "queue|le" -> count, "queue|sum", "queue|count"
+CHUNK_SECONDS = PREFIX + "chunk_seconds"  # "provider|le" -> count, "provider|sum", "provider|count"
 PROCS = PREFIX + "procs"  # zset: per-process hash key -> last report (unix time)
 PROC_TTL_S = 120
 SEP = "|"
 # A shard is ~1,000 devices: tens of milliseconds against a fast provider, minutes when throttled.
 SHARD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+# A chunk is up to CAMPAIGN_CHUNK_SIZE requests in flight together: its round trip is about the
+# slowest answer among them (the adapters expose no per-request timing).
+CHUNK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 PROVIDER_OF = {"ios": "apns", "android": "fcm", "huawei": "hms", "web": "webpush"}
 SEND_TASK = "delivery.tasks.send_shard"
 
@@ -94,10 +98,28 @@ def record_shard(app_id: int, platform: str, results: ShardResults) -> None:
     _safe_flush(sends, retries, None, None)
 
 
+def observe_chunk(platform: str, seconds: float) -> None:
+    """One chunk's provider round trip (called by the send loop in campaigns/fanout.py)."""
+    provider = PROVIDER_OF.get(platform, platform)
+    field = f"{provider}{SEP}{_bucket(seconds, CHUNK_BUCKETS)}"
+    pending = getattr(_local, "pending", None)
+    if pending is not None:
+        pending[2][field] += 1
+        pending[2][f"{provider}{SEP}count"] += 1
+        pending[3][provider] += seconds
+        return
+    chunks: Counter[str] = Counter({field: 1, f"{provider}{SEP}count": 1})
+    _safe_flush(Counter(), Counter(), None, None, (chunks, Counter({provider: seconds})))
+
+
+def _bucket(seconds: float, bounds: tuple[float, ...]) -> str:
+    return next((str(b) for b in bounds if seconds <= b), "+Inf")
+
+
 @task_prerun.connect(weak=False)
 def _task_started(task_id: str | None = None, task: Any = None, **_: Any) -> None:
     if getattr(task, "name", "") == SEND_TASK:
-        _local.pending = (Counter(), Counter())
+        _local.pending = (Counter(), Counter(), Counter(), Counter())
         _local.started = time.monotonic()
 
 
@@ -105,11 +127,11 @@ def _task_started(task_id: str | None = None, task: Any = None, **_: Any) -> Non
 def _task_finished(task_id: str | None = None, task: Any = None, **_: Any) -> None:
     if getattr(task, "name", "") != SEND_TASK or getattr(_local, "pending", None) is None:
         return
-    sends, retries = _local.pending
+    sends, retries, chunks, chunk_sums = _local.pending
     _local.pending = None
     elapsed = time.monotonic() - _local.started
     queue = ((getattr(task.request, "delivery_info", None) or {}).get("routing_key")) or "unknown"
-    _safe_flush(sends, retries, (queue, elapsed), _engine_figures())
+    _safe_flush(sends, retries, (queue, elapsed), _engine_figures(), (chunks, chunk_sums))
 
 
 def _engine_figures() -> dict[str, int]:
@@ -135,10 +157,11 @@ def _safe_flush(
     retries: Counter[str],
     duration: tuple[str, float] | None,
     engines: dict[str, int] | None,
+    chunks: tuple[Counter[str], Counter[str]] | None = None,
 ) -> None:
     # Metrics must never fail a send: a Redis blip loses one shard's figures, logged.
     try:
-        _flush(_client(), sends, retries, duration, engines)
+        _flush(_client(), sends, retries, duration, engines, chunks)
     except redis.RedisError as exc:
         logger.warning("metrics not recorded: %s", type(exc).__name__)
 
@@ -149,6 +172,7 @@ def _flush(
     retries: Counter[str],
     duration: tuple[str, float] | None,
     engines: dict[str, int] | None,
+    chunks: tuple[Counter[str], Counter[str]] | None = None,
 ) -> None:
     pipe = client.pipeline(transaction=False)
     for field, count in sends.items():
@@ -157,10 +181,15 @@ def _flush(
         pipe.hincrby(RETRIES, field, count)
     if duration is not None:
         queue, seconds = duration
-        bucket = next((b for b in SHARD_BUCKETS if seconds <= b), None)
-        pipe.hincrby(SHARD_SECONDS, f"{queue}{SEP}{bucket if bucket is not None else '+Inf'}", 1)
+        pipe.hincrby(SHARD_SECONDS, f"{queue}{SEP}{_bucket(seconds, SHARD_BUCKETS)}", 1)
         pipe.hincrbyfloat(SHARD_SECONDS, f"{queue}{SEP}sum", seconds)
         pipe.hincrby(SHARD_SECONDS, f"{queue}{SEP}count", 1)
+    if chunks is not None:
+        counts, sums = chunks
+        for field, count in counts.items():
+            pipe.hincrby(CHUNK_SECONDS, field, count)
+        for provider, seconds in sums.items():
+            pipe.hincrbyfloat(CHUNK_SECONDS, f"{provider}{SEP}sum", seconds)
     if engines is not None:
         key = f"{PREFIX}proc:{socket.gethostname()}:{os.getpid()}"
         pipe.delete(key)
@@ -189,12 +218,13 @@ class RedisCollector:
         pipe.hgetall(SENDS)
         pipe.hgetall(RETRIES)
         pipe.hgetall(SHARD_SECONDS)
+        pipe.hgetall(CHUNK_SECONDS)
         pipe.zremrangebyscore(PROCS, "-inf", time.time() - PROC_TTL_S)
         pipe.zrange(PROCS, 0, -1)
         queues = ("default", "priority", *settings.PUSH_QUEUES)
         for queue in queues:
             pipe.llen(queue)
-        sends, retries, shard_seconds, _, procs, *depths = pipe.execute()
+        sends, retries, shard_seconds, chunk_seconds, _, procs, *depths = pipe.execute()
         slugs = _app_slugs()
 
         family = CounterMetricFamily(
@@ -215,7 +245,15 @@ class RedisCollector:
             family.add_metric([slugs.get(app, app), provider], int(value))
         yield family
 
-        yield _histogram(shard_seconds)
+        yield _histogram(
+            "pushsvc_shard_duration_seconds", "Wall time of one send-shard task, by queue.", "queue",
+            shard_seconds, SHARD_BUCKETS,
+        )  # fmt: skip
+        yield _histogram(
+            "pushsvc_provider_chunk_seconds",
+            "Provider round trip of one chunk of concurrent requests (about its slowest answer).",
+            "provider", chunk_seconds, CHUNK_BUCKETS,
+        )  # fmt: skip
 
         engines: Counter[str] = Counter()
         if procs:
@@ -255,21 +293,21 @@ class RedisCollector:
         yield from _churn_families()
 
 
-def _histogram(raw: dict[bytes, bytes]) -> HistogramMetricFamily:
-    family = HistogramMetricFamily(
-        "pushsvc_shard_duration_seconds", "Wall time of one send-shard task, by queue.", labels=["queue"]
-    )
-    per_queue: dict[str, dict[str, float]] = {}
+def _histogram(
+    name: str, documentation: str, label: str, raw: dict[bytes, bytes], bounds: tuple[float, ...]
+) -> HistogramMetricFamily:
+    family = HistogramMetricFamily(name, documentation, labels=[label])
+    per_key: dict[str, dict[str, float]] = {}
     for field, value in raw.items():
-        queue, key = field.decode().rsplit(SEP, 1)
-        per_queue.setdefault(queue, {})[key] = float(value)
-    for queue, values in sorted(per_queue.items()):
+        key, part = field.decode().rsplit(SEP, 1)
+        per_key.setdefault(key, {})[part] = float(value)
+    for key, values in sorted(per_key.items()):
         cumulative, buckets = 0.0, []
-        for bound in SHARD_BUCKETS:
+        for bound in bounds:
             cumulative += values.get(str(bound), 0.0)
             buckets.append((str(bound), cumulative))
         buckets.append(("+Inf", values.get("count", 0.0)))
-        family.add_metric([queue], buckets, values.get("sum", 0.0))
+        family.add_metric([key], buckets, values.get("sum", 0.0))
     return family
 
 

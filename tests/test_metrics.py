@@ -76,6 +76,14 @@ def test_a_campaign_s_sends_reach_the_scrape_exactly(fresh_sim, start_worker, re
     assert _sum(samples, "pushsvc_retries_total", provider="fcm") == campaign.retried == 20
     assert _sum(samples, "pushsvc_sends_total") == campaign.sent
     assert _sum(samples, "pushsvc_shard_duration_seconds_count") == shards
+    # Every shard sends at least one chunk; retry shards too. Buckets are cumulative up to +Inf.
+    assert _sum(samples, "pushsvc_provider_chunk_seconds_count") >= shards
+    for provider in ("apns", "fcm"):
+        count = _sum(samples, "pushsvc_provider_chunk_seconds_count", provider=provider)
+        assert (
+            _sum(samples, "pushsvc_provider_chunk_seconds_bucket", provider=provider, le="+Inf") == count > 0
+        )
+        assert _sum(samples, "pushsvc_provider_chunk_seconds_sum", provider=provider) > 0
     queues = {s.labels["queue"] for s in samples["pushsvc_queue_depth"]}
     assert queues == {"default", "priority", "apns", "fcm", "hms", "webpush"}
     assert _sum(samples, "pushsvc_worker_processes_reporting") >= 1
@@ -118,6 +126,7 @@ def _record_examples() -> None:
         }
     )
     metrics.record_shard(app.pk, "ios", results)
+    metrics.observe_chunk("ios", 0.03)
 
 
 def test_alert_rules_parse_and_name_only_exported_metrics(redis_client) -> None:
@@ -135,7 +144,7 @@ def test_alert_rules_parse_and_name_only_exported_metrics(redis_client) -> None:
         "ApnsAuthErrors",
         "PushQueueBacklogGrowing",
     }
-    promql_words = {"sum", "by", "rate", "increase", "deriv", "and", "or", "unless", "without", "on"}
+    promql_words = {"sum", "by", "rate", "increase", "deriv", "and", "or", "unless", "without", "on", "le"}
     for alert in alerts:
         assert alert["labels"]["severity"] in {"warning", "critical"}
         expr = alert["expr"]
@@ -149,7 +158,7 @@ def test_alert_rules_parse_and_name_only_exported_metrics(redis_client) -> None:
         )
         for selector in re.findall(r"\{([^}]*)\}", expr):
             for label, value in re.findall(r'(\w+)\s*!?=\s*"([^"]*)"', selector):
-                assert label in {"provider", "outcome", "app", "reason", "queue"}, label
+                assert label in {"provider", "outcome", "app", "reason", "queue", "le"}, label
                 if label == "outcome":
                     assert value in {o.value for o in Outcome}, value
                 if label == "provider":
@@ -158,3 +167,5 @@ def test_alert_rules_parse_and_name_only_exported_metrics(redis_client) -> None:
     samples = _samples(text)
     assert _sum(samples, "pushsvc_sends_total", provider="apns", outcome="auth_failure", app="alerts") == 1
     assert _sum(samples, "pushsvc_sends_total", provider="apns", outcome="delivered", app="alerts") == 3
+    assert _sum(samples, "pushsvc_provider_chunk_seconds_bucket", provider="apns", le="0.025") == 0
+    assert _sum(samples, "pushsvc_provider_chunk_seconds_bucket", provider="apns", le="0.05") == 1
