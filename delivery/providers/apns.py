@@ -28,7 +28,7 @@ from delivery.engine.base import Engine, HttpRequest, TransportError
 from delivery.payload import PushMessage, fit_message
 from delivery.providers import mapping as m
 from delivery.providers.auth import AuthToken
-from delivery.providers.base import Outcome, Provider, Result, Target
+from delivery.providers.base import Outcome, Provider, Result, Target, provider_engine
 
 if TYPE_CHECKING:
     from tokens.models import App
@@ -139,19 +139,11 @@ class ApnsProvider(Provider):
 
     @classmethod
     def from_app(cls, app: App) -> ApnsProvider:
-        from delivery.engine import create_engine
         from tokens.models import ApnsEnvironment
 
         sandbox = app.apns_environment == ApnsEnvironment.SANDBOX
         base_url = settings.APNS_ENDPOINT_SANDBOX if sandbox else settings.APNS_ENDPOINT_PRODUCTION
-        engine = create_engine(
-            base_url,
-            kind="curl",
-            ca_file=settings.PUSH_CA_BUNDLE or None,
-            max_connections=settings.PUSH_CONNECTIONS_PER_POOL,
-            timeout=settings.PUSH_REQUEST_TIMEOUT,
-            h2c=base_url.startswith("http://"),
-        )
+        engine = provider_engine(base_url, kind="curl")
         missing = [
             f for f in ("apns_key_p8", "apns_key_id", "apns_team_id", "apns_topic") if not getattr(app, f)
         ]

@@ -14,6 +14,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, ClassVar
 
 if TYPE_CHECKING:
+    from delivery.engine import Engine
     from delivery.payload import PushMessage
     from tokens.models import App
 
@@ -84,3 +85,20 @@ class Provider(abc.ABC):
 
     async def aclose(self) -> None:
         return None
+
+
+def provider_engine(base_url: str, *, kind: str, max_connections: int | None = None) -> Engine:
+    """An engine for one provider endpoint, configured from settings (trust store, pool size,
+    timeout). A cleartext URL can only be a local stand-in, which speaks h2c by prior knowledge."""
+    from django.conf import settings
+
+    from delivery.engine import create_engine
+
+    return create_engine(
+        base_url,
+        kind=kind,
+        ca_file=settings.PUSH_CA_BUNDLE or None,
+        max_connections=max_connections or settings.PUSH_CONNECTIONS_PER_POOL,
+        timeout=settings.PUSH_REQUEST_TIMEOUT,
+        h2c=base_url.startswith("http://"),
+    )

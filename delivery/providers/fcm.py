@@ -30,7 +30,7 @@ from delivery.engine.base import Engine, HttpRequest, TransportError
 from delivery.payload import PushMessage, fit_message
 from delivery.providers import mapping as m
 from delivery.providers.auth import AuthToken
-from delivery.providers.base import Outcome, Provider, Result, Target
+from delivery.providers.base import Outcome, Provider, Result, Target, provider_engine
 
 if TYPE_CHECKING:
     from tokens.models import App
@@ -145,17 +145,8 @@ class FcmProvider(Provider):
 
     @classmethod
     def from_app(cls, app: App) -> FcmProvider:
-        from delivery.engine import create_engine
-
         base_url = settings.FCM_ENDPOINT
-        engine = create_engine(
-            base_url,
-            kind="curl",
-            ca_file=settings.PUSH_CA_BUNDLE or None,
-            max_connections=settings.PUSH_CONNECTIONS_PER_POOL,
-            timeout=settings.PUSH_REQUEST_TIMEOUT,
-            h2c=base_url.startswith("http://"),
-        )
+        engine = provider_engine(base_url, kind="curl")
         try:
             account = ServiceAccount.parse(app.fcm_service_account)
         except CredentialError as exc:

@@ -28,7 +28,7 @@ from delivery.engine.base import Engine, HttpRequest, TransportError
 from delivery.payload import PushMessage, fit_message
 from delivery.providers import mapping as m
 from delivery.providers.auth import AuthToken
-from delivery.providers.base import Outcome, Provider, Result, Target
+from delivery.providers.base import Outcome, Provider, Result, Target, provider_engine
 
 if TYPE_CHECKING:
     from tokens.models import App
@@ -109,17 +109,8 @@ class HmsProvider(Provider):
 
     @classmethod
     def from_app(cls, app: App) -> HmsProvider:
-        from delivery.engine import create_engine
-
         base_url = settings.HMS_ENDPOINT
-        engine = create_engine(
-            base_url,
-            kind="httpx",
-            ca_file=settings.PUSH_CA_BUNDLE or None,
-            max_connections=settings.PUSH_CONNECTIONS_PER_POOL,
-            timeout=settings.PUSH_REQUEST_TIMEOUT,
-            h2c=base_url.startswith("http://"),
-        )
+        engine = provider_engine(base_url, kind="httpx")
         if not (app.hms_app_id and app.hms_client_secret):
             auth = AuthToken(None, config_error=f"app {app.slug} lacks hms_app_id or hms_client_secret")
         else:

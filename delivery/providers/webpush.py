@@ -36,13 +36,12 @@ import jwt
 import orjson
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat, load_pem_private_key
-from django.conf import settings
 
 from delivery.credentials import Clock, fingerprint
 from delivery.engine.base import Engine, HttpRequest, TransportError
 from delivery.payload import PushMessage, fit_message
 from delivery.providers import mapping as m
-from delivery.providers.base import Outcome, Provider, Result, Target
+from delivery.providers.base import Outcome, Provider, Result, Target, provider_engine
 
 if TYPE_CHECKING:
     from tokens.models import App
@@ -283,16 +282,7 @@ def _origin(parts: SplitResult) -> str:
 
 
 def _default_engine(origin: str) -> Engine:
-    from delivery.engine import create_engine
-
-    return create_engine(
-        origin,
-        kind="httpx",
-        ca_file=settings.PUSH_CA_BUNDLE or None,
-        max_connections=1,
-        timeout=settings.PUSH_REQUEST_TIMEOUT,
-        h2c=origin.startswith("http://"),
-    )
+    return provider_engine(origin, kind="httpx", max_connections=1)
 
 
 def _endpoint_problem(endpoint: str, *, resolve: bool) -> str:
