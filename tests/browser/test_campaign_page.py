@@ -87,7 +87,7 @@ def test_progress_bar_moves_without_reload(live_server, browser, fresh_sim, star
     load_devices(
         app, build_population({"ios": 600, "android": 300}, {"ios": {"01": 30}, "android": {"03": 20}})
     )
-    start_worker(concurrency=2, env=WORKER_ENV)
+    worker = start_worker(concurrency=2, env=WORKER_ENV)
     response = api_client(app).post(
         "/api/v1/campaigns/",
         {"name": "browser test", "message": {"title": "Hello", "body": "watch me"},
@@ -107,7 +107,18 @@ def test_progress_bar_moves_without_reload(live_server, browser, fresh_sim, star
 
     first, _, status = _progress(browser)
     assert status in {"running", "scheduled"}, status
-    moved = wait_for(lambda: _progress(browser)[0] > first and _progress(browser), 30, what="the bar to move")
+    try:
+        moved = wait_for(
+            lambda: _progress(browser)[0] > first and _progress(browser), 45, what="the bar to move"
+        )
+    except TimeoutError:
+        campaign = Campaign.objects.get(pk=campaign_id)
+        updated = browser.find_element(By.CSS_SELECTOR, '[data-field="updated"]').text
+        pytest.fail(
+            f"bar stuck at {first}: page says {_progress(browser)}, updated {updated!r}; database: "
+            f"{campaign.status} processed={campaign.processed}/{campaign.targeted} "
+            f"shards={list(campaign.shards.values_list('status', flat=True))}\n{worker.log_tail(30)}"
+        )
     assert moved[0] > first
     ARTIFACT.parent.mkdir(parents=True, exist_ok=True)
     wait_for(lambda: _progress(browser)[0] >= moved[1] // 3, 30, what="a third of the campaign")
