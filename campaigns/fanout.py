@@ -41,6 +41,8 @@ from delivery.ratelimit import TokenBucket, campaign_key, provider_key, rollout_
 from delivery.results import Device, ShardResults, apply_shard_run
 from pushsvc import logging as log_context
 from pushsvc import metrics
+from tokens import hygiene
+from tokens.feedback import PROVIDER_BY_PLATFORM
 from tokens.models import DeviceToken, Platform
 
 logger = logging.getLogger(__name__)
@@ -165,6 +167,8 @@ def plan(campaign_id: int) -> None:
     client = runtime.redis_client()
     size = settings.CAMPAIGN_SHARD_SIZE
     base = target_queryset(campaign)
+    if campaign.stale_at_launch is None:
+        _record_stale_share(campaign, base)
     # Publishing a task is a few broker round trips: threads publish batch n while this thread
     # scans and writes batch n+1, so planning runs at the speed of the keyset scan.
     with ThreadPoolExecutor(max_workers=PLAN_PUBLISHERS, thread_name_prefix="plan-publish") as pool:
@@ -204,6 +208,19 @@ def plan(campaign_id: int) -> None:
             planned=True, outstanding=F("outstanding") - 1
         )
     control.complete_if_done(client, campaign_id)
+
+
+def _record_stale_share(campaign: Campaign, target: QuerySet[DeviceToken]) -> None:
+    """Taken here, in the planning task, not in the launch request: one aggregate over the whole
+    segment, which can take seconds on millions of devices; still before the first shard is sent."""
+    stale = hygiene.stale_share_of(target)
+    campaign.stale_at_launch = {
+        "target": stale.target,
+        "unseen": stale.unseen,
+        "days": stale.days,
+        "share": round(stale.share, 4),
+    }
+    Campaign.objects.filter(pk=campaign.pk).update(stale_at_launch=campaign.stale_at_launch)
 
 
 def _flush(
@@ -337,6 +354,15 @@ def _run_leased(client, shard: Shard, campaign: Campaign, token: str) -> None:
     )
     if not applied.recorded:
         return
+    # Answered sends and invalid answers per provider: flags a campaign whose first sends are
+    # mostly invalid (a bad import, the wrong APNs environment). Shown on the campaign API.
+    hygiene.record_sends(
+        campaign.pk,
+        PROVIDER_BY_PLATFORM.get(shard.platform, shard.platform),
+        results.sent,
+        len(results.invalid) + results.held_invalid,
+        client=client,
+    )
     for follow_up, queue, delay in applied.follow_ups:
         enqueue_shard(follow_up, queue, countdown=delay)
     if applied.completed:

@@ -68,6 +68,9 @@ class Campaign(models.Model):
     failed = models.BigIntegerField(default=0)
     invalidated = models.BigIntegerField(default=0)
     skipped_duplicate = models.BigIntegerField(default=0)
+    # tokens.hygiene.stale_share_of(target) taken when planning starts (before the first send):
+    # {"target", "unseen", "days", "share"}; a high share warns of a stale segment.
+    stale_at_launch = models.JSONField(null=True, blank=True)
 
     # Completion bookkeeping: shards not yet done, plus one held by the planner while it plans.
     # The transaction that brings it to 0 (see delivery/results.py) completes the campaign.

@@ -5,12 +5,14 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import redis
 from django.conf import settings
 from rest_framework import serializers
 
 from campaigns.fanout import progress
 from campaigns.models import Campaign
 from delivery.payload import PayloadError, PushMessage
+from tokens import hygiene
 from tokens.models import Platform
 
 VERSION_RE = re.compile(r"^[0-9]{1,9}(\.[0-9]{1,9}){0,3}$")
@@ -128,6 +130,18 @@ class ResumeSerializer(serializers.Serializer):
     )
 
 
+def _spikes(campaign_id: int) -> dict[str, dict[str, Any]] | None:
+    """None while Redis is unreachable: the campaign's own counters still answer."""
+    try:
+        spikes = hygiene.spike_status(campaign_id)
+    except redis.RedisError:
+        return None
+    return {
+        provider: {"window_sent": s.window_sent, "window_invalid": s.window_invalid, "flagged": s.flagged}
+        for provider, s in spikes.items()
+    }
+
+
 def represent(campaign: Campaign) -> dict[str, Any]:
     counters = {
         name: getattr(campaign, name)
@@ -163,6 +177,12 @@ def represent(campaign: Campaign) -> dict[str, Any]:
         "finished_at": campaign.finished_at,
         "counters": counters,
         "progress": progress(campaign),
+        "hygiene": {
+            "stale_at_launch": campaign.stale_at_launch,
+            # Per provider: invalid answers among the first HYGIENE_SPIKE_WINDOW sends; flagged
+            # when over HYGIENE_SPIKE_SHARE (tokens/hygiene.py record_sends).
+            "invalid_spike": _spikes(campaign.pk),
+        },
         "failures": [
             {"platform": t.platform, "outcome": t.outcome, "reason": t.reason, "count": t.count}
             for t in campaign.tallies.order_by("-count")[:50]

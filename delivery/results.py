@@ -3,8 +3,10 @@
 `ShardResults` sorts a run's results as they come in (chunk by chunk); `apply_shard_run` records
 them in one transaction:
 
-1. invalid tokens deactivated (one UPDATE; an APNs 410 only if the token was not registered again
-   after Apple's timestamp: `updated_at <= invalid_since`),
+1. invalid tokens deactivated with an audit row each (one statement: tokens.feedback
+   `apply_invalidations`), matched on id AND the hash of the token this shard sent, so a device
+   that rotated its token since the shard loaded it keeps the new one; an APNs 410 only if the
+   token was not registered again after Apple's timestamp (`updated_at <= invalid_since`),
 2. `last_success_at` of delivered tokens (one UPDATE),
 3. dead letters (one INSERT),
 4. per-reason tallies (one upsert),
@@ -15,36 +17,38 @@ them in one transaction:
 A second run of an already recorded shard (the broker redelivered it) finds it no longer pending
 and records nothing; the idempotency bitmap made it send nothing either.
 
-Hook for token hygiene: `tokens_invalidated` is sent after commit with the deactivated devices.
+Invalidations are applied synchronously, in this transaction, rather than published to the
+hygiene stream after commit: the deactivation then commits atomically with the shard's counters
+and follow-up shards (a retry shard created here can never resend to a token this run found
+dead), it survives a Redis restart (a stream entry published after commit would not, without
+AOF), and it costs one statement per shard, the same as the id-only UPDATE it replaces. A second
+run of a recorded shard records nothing (see above), so no audit row is written twice.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
-from collections import Counter, defaultdict
+from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.db import connection, transaction
-from django.db.models import Case, F, Q, Value, When
-from django.dispatch import Signal
+from django.db.models import F
 from django.utils import timezone
 
 from campaigns.models import Campaign, OutcomeTally, Shard
 from delivery.models import DeadLetter
 from delivery.providers.base import Outcome, Result
 from pushsvc import metrics
+from tokens.feedback import PROVIDER_BY_PLATFORM, Invalidation, apply_invalidations
 from tokens.models import DeviceToken
 
 logger = logging.getLogger(__name__)
 
-# sender=None, app_id, platform, campaign_id, devices=[(device_pk, reason, invalid_since)]
-tokens_invalidated = Signal()
-
 DEAD_LETTER = "dead_letter"
-_REASON_MAX = 64
 
 
 @dataclass(slots=True)
@@ -64,12 +68,14 @@ class ShardResults:
     max_attempts: int
     sent: int = 0
     delivered: list[int] = field(default_factory=list)
-    invalid: list[tuple[int, str, datetime | None]] = field(default_factory=list)
+    # (device pk, hash of the token sent to, reason, APNs 410 timestamp, when the answer came)
+    invalid: list[tuple[int, str, str, datetime | None, datetime]] = field(default_factory=list)
     rejected: list[tuple[int, str]] = field(default_factory=list)
     dead: list[tuple[Device, str, int | None]] = field(default_factory=list)
     retry: list[int] = field(default_factory=list)
     retry_after: float = 0.0
     held: list[int] = field(default_factory=list)  # auth failure or mass-prune guard: send again on resume
+    held_invalid: int = 0  # invalid answers held by the mass-prune guard (in `held`, not `invalid`)
     skipped_duplicate: int = 0
     tallies: Counter = field(default_factory=Counter)  # (outcome, reason) -> devices
     auth_reason: str = ""
@@ -79,6 +85,7 @@ class ShardResults:
         final: list[int] = []
         last_attempt = self.attempt + 1 >= self.max_attempts
         self.sent += len(results)
+        observed_at = timezone.now()
         for device, result in zip(devices, results, strict=True):
             outcome = result.outcome
             detail = (result.reason or str(result.status or ""))[:128]
@@ -92,8 +99,10 @@ class ShardResults:
             if outcome == Outcome.INVALID_TOKEN:
                 if hold_invalid:
                     self.held.append(device.pk)
+                    self.held_invalid += 1
                     continue
-                self.invalid.append((device.pk, reason, result.invalid_since))
+                token_hash = hashlib.sha256(device.token.encode()).hexdigest()
+                self.invalid.append((device.pk, token_hash, reason, result.invalid_since, observed_at))
                 final.append(device.pk)
             elif outcome == Outcome.REJECTED:
                 self.rejected.append((device.pk, detail))
@@ -164,7 +173,7 @@ def apply_shard_run(
             results.held.clear()
         app_id = Campaign.objects.filter(pk=campaign_id).values_list("app_id", flat=True).get()
 
-        deactivated = _deactivate(app_id, results.invalid, now)
+        _deactivate(app_id, shard.platform, campaign_id, results.invalid, now)
         if results.delivered:
             DeviceToken.objects.filter(id__in=results.delivered).update(last_success_at=now)
         if results.dead:
@@ -241,17 +250,6 @@ def apply_shard_run(
         applied.follow_ups = [
             (s.pk, s.queue, delay) for s, delay in follow_ups if s.status == Shard.Status.PENDING
         ]
-        if deactivated:
-            devices = [(pk, reason, since) for pk, reason, since in results.invalid]
-            transaction.on_commit(
-                lambda: tokens_invalidated.send(
-                    sender=None,
-                    app_id=app_id,
-                    platform=shard.platform,
-                    campaign_id=campaign_id,
-                    devices=devices,
-                )
-            )
     metrics.record_shard(app_id, shard.platform, results)  # pushsvc/metrics.py: one pipeline per shard
     return applied
 
@@ -271,27 +269,32 @@ def _child(parent: Shard, device_ids: list[int], attempt: int, now: datetime, de
     )
 
 
-def _deactivate(app_id: int, invalid: list[tuple[int, str, datetime | None]], now: datetime) -> int:
-    """One UPDATE for the shard's invalid tokens, each with its provider reason."""
+def _deactivate(
+    app_id: int,
+    platform: str,
+    campaign_id: int,
+    invalid: list[tuple[int, str, str, datetime | None, datetime]],
+    now: datetime,
+) -> int:
+    """The shard's invalid tokens, deactivated and audited in one statement (tokens/feedback.py)."""
     if not invalid:
         return 0
-    unconditional: list[int] = []
-    since_groups: dict[datetime, list[int]] = defaultdict(list)
-    reason_groups: dict[str, list[int]] = defaultdict(list)
-    for pk, reason, since in invalid:
-        (since_groups[since].append(pk) if since is not None else unconditional.append(pk))
-        reason_groups[reason[:_REASON_MAX] or "invalid"].append(pk)
-    # Apple's 410 timestamps are few distinct values per shard: one OR term per value.
-    condition = Q(id__in=unconditional) if unconditional else Q(pk__in=[])
-    for since, pks in since_groups.items():
-        condition |= Q(id__in=pks, updated_at__lte=since)
-    if len(reason_groups) == 1:
-        reason_value: object = Value(next(iter(reason_groups)))
-    else:
-        reason_value = Case(*(When(id__in=pks, then=Value(r)) for r, pks in reason_groups.items()))
-    return DeviceToken.objects.filter(condition, app_id=app_id, is_active=True).update(
-        is_active=False, deactivated_at=now, deactivation_reason=reason_value
-    )
+    provider = PROVIDER_BY_PLATFORM.get(platform, platform)
+    items = [
+        Invalidation(
+            device_id=pk,
+            token_hash=token_hash,
+            app_id=app_id,
+            provider=provider,
+            reason=reason or "invalid",
+            provider_ts=since,
+            campaign_id=campaign_id,
+            observed_at=observed_at,
+        )
+        for pk, token_hash, reason, since, observed_at in invalid
+    ]
+    deactivated, _audited = apply_invalidations(items, now=now)
+    return deactivated
 
 
 def _add_tallies(campaign_id: int, platform: str, tallies: Counter) -> None:
