@@ -18,6 +18,7 @@ in one pipelined round trip.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import uuid
@@ -25,6 +26,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
 
+import redis
 from django.conf import settings
 from django.db import transaction
 from django.db.models import F, Max, QuerySet
@@ -35,7 +37,7 @@ from campaigns.guard import HOLD, PASSED, PruneGuard, describe
 from campaigns.models import Campaign, Shard
 from delivery import idempotency, runtime
 from delivery.payload import PushMessage
-from delivery.providers.base import Outcome, Target
+from delivery.providers.base import Outcome, Result, Target
 from delivery.providers.registry import provider_class
 from delivery.ratelimit import TokenBucket, campaign_key, provider_key, rollout_rate
 from delivery.results import Device, ShardResults, apply_shard_run
@@ -50,7 +52,10 @@ logger = logging.getLogger(__name__)
 PRIORITY_QUEUE = "priority"
 PLAN_BATCH = 100  # shards written and enqueued per transaction while planning
 PLAN_PUBLISHERS = 4  # threads publishing shard tasks while the planner scans on
+REDIS_LOST = "redis_lost"  # _send stopped because Redis failed: record what was sent, then retry
 LEASE_RECHECK_S = 5  # a shard found leased by another run is looked at again after this long
+THROTTLE_MIN_SHARE = 0.1  # of a chunk's answers throttled before the provider's rate is cut
+THROTTLE_REASONS = frozenset({"TooManyRequests", "QUOTA_EXCEEDED"})  # APNs, FCM (also on 429)
 _VERSION_RE = r"^[0-9]{1,9}(\.[0-9]{1,9}){0,3}$"
 
 
@@ -315,7 +320,9 @@ def run_shard(shard_id: int) -> None:
     try:
         _run_leased(client, shard, campaign, token)
     finally:
-        idempotency.release_lease(client, shard.pk, token)
+        # Redis away: the lease expires on its own (or went with the restart).
+        with contextlib.suppress(redis.RedisError):
+            idempotency.release_lease(client, shard.pk, token)
 
 
 def _run_leased(client, shard: Shard, campaign: Campaign, token: str) -> None:
@@ -348,10 +355,15 @@ def _run_leased(client, shard: Shard, campaign: Campaign, token: str) -> None:
         shard,
         results,
         loaded=len(devices) if first_run else None,
-        park=park,
+        park=Shard.Status.PENDING if park == REDIS_LOST else park,
         rest_lo=rest_lo,
         rest_ids=rest_ids,
     )
+    if park == REDIS_LOST:
+        # What was sent is recorded and the shard stays pending after it, so the re-run does not
+        # depend on the idempotency bitmap (a Redis restart without persistence loses it). Its
+        # follow-ups are rows; the recovery sweep publishes them if this worker cannot.
+        raise redis.ConnectionError(f"Redis failed during shard {shard.pk}; sent part recorded")
     if not applied.recorded:
         return
     # Answered sends and invalid answers per provider: flags a campaign whose first sends are
@@ -388,16 +400,24 @@ def _send(
     chunk_size = max(settings.CAMPAIGN_CHUNK_SIZE, 1)
     web = shard.platform == Platform.WEB
     guard_armed = not campaign.prune_confirmed
+    # The previous chunk's throttled answers, reported with the next reservation (delivery/ratelimit.py).
+    throttle: tuple[int, float] = (0, 0.0)
     for start in range(0, len(todo), chunk_size):
         chunk = todo[start : start + chunk_size]
-        state, wait = _checkpoint(client, bucket, campaign, shard, provider_rate, len(chunk), lease)
-        if state != control.RUNNING:
-            return (control.CANCELLED if state == control.CANCELLED else control.PAUSED), start
-        if wait > 0:
-            time.sleep(wait)
-            pipe = client.pipeline(transaction=False)
-            idempotency.refresh_lease(pipe, shard.pk, lease, settings.CAMPAIGN_SHARD_LEASE_S)
-            pipe.execute()
+        try:
+            state, wait = _checkpoint(
+                client, bucket, campaign, shard, provider_rate, len(chunk), lease, throttle
+            )
+            throttle = (0, 0.0)
+            if state != control.RUNNING:
+                return (control.CANCELLED if state == control.CANCELLED else control.PAUSED), start
+            if wait > 0:
+                time.sleep(wait)
+                pipe = client.pipeline(transaction=False)
+                idempotency.refresh_lease(pipe, shard.pk, lease, settings.CAMPAIGN_SHARD_LEASE_S)
+                pipe.execute()
+        except redis.RedisError:
+            return REDIS_LOST, start
         targets = [
             Target(device_id=d.pk, token=d.token, p256dh=d.p256dh if web else "", auth=d.auth if web else "")
             for d in chunk
@@ -406,13 +426,23 @@ def _send(
         answers = runtime.run(provider.send_many(targets, message))
         metrics.observe_chunk(shard.platform, time.monotonic() - sent_at)  # pushsvc/metrics.py
         invalid = sum(1 for a in answers if a.outcome == Outcome.INVALID_TOKEN)
+        throttle = _throttled(answers)
         hold_invalid = False
+        redis_lost = False
         if guard_armed:
-            verdict = guard.observe(campaign.pk, shard.platform, len(answers), invalid)
+            try:
+                verdict = guard.observe(campaign.pk, shard.platform, len(answers), invalid)
+            except redis.RedisError:
+                verdict, redis_lost = PASSED, True  # the answers are in hand: record them, then stop
             hold_invalid = verdict == HOLD
             guard_armed = verdict != PASSED
         final = results.add(chunk, answers, hold_invalid=hold_invalid and invalid > 0)
-        idempotency.mark_finished(client, campaign.pk, final)
+        try:
+            if redis_lost:
+                raise redis.ConnectionError("prune guard unreachable")
+            idempotency.mark_finished(client, campaign.pk, final)
+        except redis.RedisError:
+            return REDIS_LOST, start + len(chunk)
         if hold_invalid and invalid:
             reason = next(a.reason for a in answers if a.outcome == Outcome.INVALID_TOKEN)
             control.pause(client, campaign.pk, describe(shard.platform, invalid, len(answers), reason))
@@ -424,18 +454,59 @@ def _send(
                 "No token was changed; fix the app's credentials and resume.",
             )
             return control.PAUSED, start + len(chunk)
+    if throttle[0]:
+        # The last chunk's report has no next reservation to ride on: one call of its own.
+        bucket.reserve(
+            provider_key(campaign.app_id, shard.platform),
+            provider_rate,
+            0,
+            adaptive=True,
+            throttled=throttle[0],
+            retry_after=throttle[1],
+        )
     return None, len(todo)
 
 
+def _throttled(answers: list[Result]) -> tuple[int, float]:
+    """(answers the provider throttled, their largest Retry-After), or (0, 0) below
+    THROTTLE_MIN_SHARE of the chunk: APNs answers 429 for one device sent to too often, FCM
+    QUOTA_EXCEEDED for one device's quota too; a few of those say nothing about the sender's rate,
+    and cutting the shared rate for them would starve the whole campaign."""
+    hits = [
+        a
+        for a in answers
+        if a.outcome == Outcome.RETRY and (a.status == 429 or a.reason.split(":", 1)[0] in THROTTLE_REASONS)
+    ]
+    if not hits or len(hits) < THROTTLE_MIN_SHARE * len(answers):
+        return 0, 0.0
+    return len(hits), max((a.retry_after or 0.0 for a in hits), default=0.0)
+
+
 def _checkpoint(
-    client, bucket: TokenBucket, campaign: Campaign, shard: Shard, provider_rate: float, n: int, lease: str
+    client,
+    bucket: TokenBucket,
+    campaign: Campaign,
+    shard: Shard,
+    provider_rate: float,
+    n: int,
+    lease: str,
+    throttle: tuple[int, float] = (0, 0.0),
 ) -> tuple[str, float]:
     """Between two chunks, in one round trip: the campaign's control flag, the shard's lease, and
-    `n` tokens from the provider's and the rollout's buckets. Returns (state, seconds to wait)."""
+    `n` tokens from the provider's and the rollout's buckets; the provider's bucket also hears how
+    many of the previous chunk were throttled. Returns (state, seconds to wait)."""
     pipe = client.pipeline(transaction=False)
     pipe.get(control.flag_key(campaign.pk))
     idempotency.refresh_lease(pipe, shard.pk, lease, settings.CAMPAIGN_SHARD_LEASE_S)
-    bucket.queue_reserve(pipe, provider_key(campaign.app_id, shard.platform), provider_rate, n)
+    bucket.queue_reserve(
+        pipe,
+        provider_key(campaign.app_id, shard.platform),
+        provider_rate,
+        n,
+        adaptive=True,
+        throttled=throttle[0],
+        retry_after=throttle[1],
+    )
     if campaign.rollout_start_rate or campaign.rollout_max_rate:
         now = timezone.now()
         rate = rollout_rate(

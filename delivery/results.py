@@ -34,6 +34,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
+import redis
 from django.conf import settings
 from django.db import connection, transaction
 from django.db.models import F
@@ -153,7 +154,8 @@ def apply_shard_run(
     rest_lo: int | None,
     rest_ids: list[int] | None,
 ) -> Applied:
-    """Record one run of `shard`. `park` is None (shard done), "paused" or "cancelled"; a parked
+    """Record one run of `shard`. `park` is None (shard done), "paused", "cancelled" or
+    "pending" (Redis failed mid-run: the shard stays pending after what it sent); a parked
     range shard continues after `rest_lo`, a parked list shard with `rest_ids`."""
     now = timezone.now()
     campaign_id = shard.campaign_id
@@ -250,7 +252,10 @@ def apply_shard_run(
         applied.follow_ups = [
             (s.pk, s.queue, delay) for s, delay in follow_ups if s.status == Shard.Status.PENDING
         ]
-    metrics.record_shard(app_id, shard.platform, results)  # pushsvc/metrics.py: one pipeline per shard
+    try:
+        metrics.record_shard(app_id, shard.platform, results)  # pushsvc/metrics.py: one pipeline per shard
+    except redis.RedisError:
+        logger.warning("shard %s: metrics not recorded (Redis unreachable)", shard.pk)
     return applied
 
 

@@ -5,16 +5,30 @@ retried by Celery with the policy below, in one place. Per-device failures are n
 failures: they are results, retried as retry shards (campaigns/fanout.py). acks_late and
 reject_on_worker_lost are set globally (settings), so a worker killed mid-shard gives the shard
 back to the broker and the idempotency bitmap keeps the re-run from sending anything twice.
+
+A Redis failure is special: Redis is also the broker, and Celery publishes a retry as a new
+message; a publish that fails turns into Reject(requeue=False) and the shard message is gone. So a
+shard task that failed on Redis first waits (bounded) for Redis to answer again and only then
+lets the autoretry publish. Whatever is lost anyway (a restart without persistence empties the
+queues) is found again from PostgreSQL by campaigns/recovery.py, whose sweeper thread every
+worker starts.
 """
 
 from __future__ import annotations
 
+import logging
+import time
+
 import redis
 from celery import shared_task
+from celery.signals import worker_ready
 from django.db import DatabaseError, InterfaceError
 
-from campaigns import fanout
+from campaigns import fanout, recovery
+from delivery import runtime
 from delivery.engine.base import TransportError
+
+logger = logging.getLogger(__name__)
 
 TASK_RETRY_POLICY = {
     "autoretry_for": (DatabaseError, InterfaceError, redis.RedisError, TransportError, ConnectionError),
@@ -23,18 +37,49 @@ TASK_RETRY_POLICY = {
     "retry_jitter": True,
     "max_retries": 8,
 }
+REDIS_WAIT_S = 120.0  # how long a failed shard task waits for Redis before its retry is published
+
+
+def wait_for_redis(deadline_s: float = REDIS_WAIT_S) -> bool:
+    """Poll Redis with backoff until it answers or `deadline_s` passes; whether it answered."""
+    client = runtime.redis_client()
+    deadline = time.monotonic() + deadline_s
+    pause = 0.2
+    while True:
+        try:
+            return bool(client.ping())
+        except (redis.RedisError, ConnectionError):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(pause)  # backoff between probes of a server that is down
+            pause = min(pause * 2, 5.0)
 
 
 @shared_task(name="delivery.tasks.plan_campaign", **TASK_RETRY_POLICY)
 def plan_campaign(campaign_id: int) -> None:
-    fanout.plan(campaign_id)
+    try:
+        fanout.plan(campaign_id)
+    except (redis.RedisError, ConnectionError):
+        wait_for_redis()
+        raise
 
 
 @shared_task(name="delivery.tasks.send_shard", **TASK_RETRY_POLICY)
 def send_shard(shard_id: int) -> None:
-    fanout.run_shard(shard_id)
+    try:
+        fanout.run_shard(shard_id)
+    except (redis.RedisError, ConnectionError):
+        wait_for_redis()
+        raise
 
 
 @shared_task(name="delivery.tasks.launch_due_campaigns", ignore_result=True)
 def launch_due_campaigns() -> int:
-    return len(fanout.launch_due())
+    launched = len(fanout.launch_due())
+    recovery.sweep(runtime.redis_client())
+    return launched
+
+
+@worker_ready.connect
+def _start_recovery(**_: object) -> None:
+    recovery.start_sweeper()

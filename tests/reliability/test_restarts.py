@@ -58,13 +58,11 @@ REDIS_GAP = (
 )
 
 
-@pytest.mark.xfail(strict=True, reason=REDIS_GAP)
 def test_redis_restart_with_aof_loses_nothing() -> None:
     result = _redis_restart(appendonly=True)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
 
 
-@pytest.mark.xfail(strict=True, reason=REDIS_GAP)
 def test_redis_restart_without_persistence_loses_nothing() -> None:
     result = _redis_restart(appendonly=False)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]

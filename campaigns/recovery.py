@@ -1,0 +1,137 @@
+"""Shards the broker lost, found again in PostgreSQL and published again.
+
+Every shard is a row before it is a message, so the database knows what should be queued: a
+PENDING shard of a RUNNING campaign. The broker (Redis) can lose messages: a restart without
+persistence empties the queues and the unacked set; a follow-up shard whose publish failed while
+Redis was down exists only as a row. `republish_lost` publishes again every pending shard that
+
+- is due for longer than CAMPAIGN_RECOVERY_GRACE_S (`not_before`, else `created_at`): a message
+  with a countdown waits in a worker until then, so it cannot be judged lost before;
+- holds no lease (no run of it is going on), and
+- sits on a queue whose broker list is empty: a queue with messages still has work in order, and
+  a big campaign's backlog must not be published twice every sweep.
+
+A message published twice is harmless: the shard's lease keeps two runs from overlapping and the
+run that finds it no longer PENDING does nothing (campaigns/fanout.py). Unplanned campaigns are
+not re-planned here: a planner still running would race a second one.
+
+Duplicates after Redis lost its data: the idempotency bitmap is gone with it, so a re-run cannot
+ask Redis which devices are finished. It does not need to: a shard whose Redis calls fail
+mid-run records what it sent in PostgreSQL and stays pending with its range (or id list) moved
+past it (campaigns/fanout.py, REDIS_LOST); finished shards are DONE rows. Only the answers of a
+chunk in flight in a process that died outright can be sent again, as with a killed worker.
+
+It runs from the beat's campaign scheduler tick and from a thread in every worker's main process
+(so a deployment without a beat recovers too); a Redis lock makes one sweep per interval.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import timedelta
+
+import redis
+from django.conf import settings
+from django.db import connection
+from django.db.models import Q
+from django.utils import timezone
+
+from campaigns.models import Campaign, Shard
+from delivery import idempotency
+
+logger = logging.getLogger(__name__)
+
+LOCK_KEY = "pushsvc:lock:shard-recovery"
+# kombu's Redis transport keeps one list per queue and priority step (0 is the plain name).
+_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
+_BATCH = 1000
+
+
+def grace_s() -> float:
+    return float(getattr(settings, "CAMPAIGN_RECOVERY_GRACE_S", 30.0))
+
+
+def interval_s() -> float:
+    return float(getattr(settings, "CAMPAIGN_RECOVERY_INTERVAL_S", 10.0))
+
+
+def _queue_empty(broker: redis.Redis, queue: str) -> bool:
+    pipe = broker.pipeline(transaction=False)
+    for suffix in _PRIORITY_SUFFIXES:
+        pipe.llen(queue + suffix)
+    return sum(pipe.execute()) == 0
+
+
+def republish_lost(client: redis.Redis, broker: redis.Redis | None = None) -> int:
+    """Publish again the pending shards the broker lost (see the module docstring); how many."""
+    from campaigns.fanout import enqueue_shard
+
+    broker = broker or client
+    cutoff = timezone.now() - timedelta(seconds=grace_s())
+    stalled = (
+        Shard.objects.filter(
+            status=Shard.Status.PENDING,
+            campaign__status=Campaign.Status.RUNNING,
+        )
+        .filter(Q(not_before__lte=cutoff) | Q(not_before__isnull=True, created_at__lte=cutoff))
+        .order_by("id")
+        .values_list("id", "queue")
+    )
+    published = 0
+    empty: dict[str, bool] = {}
+    after = 0
+    while True:
+        rows = list(stalled.filter(id__gt=after)[:_BATCH])
+        if not rows:
+            if published:
+                logger.warning("recovery: published %s pending shard(s) the broker had lost", published)
+            return published
+        after = rows[-1][0]
+        pipe = client.pipeline(transaction=False)
+        for shard_id, _ in rows:
+            pipe.exists(idempotency.lease_key(shard_id))
+        for (shard_id, queue), leased in zip(rows, pipe.execute(), strict=True):
+            if leased:
+                continue
+            if queue not in empty:
+                empty[queue] = _queue_empty(broker, queue)
+            if empty[queue]:
+                enqueue_shard(shard_id, queue)
+                published += 1
+
+
+def sweep(client: redis.Redis) -> int:
+    """`republish_lost`, at most once per interval across all callers."""
+    if not client.set(LOCK_KEY, "1", nx=True, ex=max(int(interval_s()), 1)):
+        return 0
+    return republish_lost(client, _broker_client())
+
+
+def _broker_client() -> redis.Redis | None:
+    url = settings.CELERY_BROKER_URL
+    if url == settings.REDIS_URL or not url.startswith("redis"):
+        return None
+    return redis.Redis.from_url(url)
+
+
+def start_sweeper() -> threading.Thread:
+    """A daemon thread that sweeps every interval for the life of the process (a worker's main
+    process: its pool children run tasks, this one only supervises)."""
+    from delivery import runtime
+
+    def loop() -> None:
+        stop = threading.Event()
+        while not stop.wait(interval_s()):
+            try:
+                sweep(runtime.redis_client())
+            except Exception as exc:  # Redis or the database away: the next round tries again
+                logger.info("recovery sweep skipped: %s", type(exc).__name__)
+            finally:
+                # This thread's own connection, closed between sweeps: a pool child forked from
+                # this process meanwhile must not inherit an open one.
+                connection.close()
+
+    thread = threading.Thread(target=loop, name="shard-recovery", daemon=True)
+    thread.start()
+    return thread
