@@ -49,11 +49,11 @@ _BATCH = 1000
 
 
 def grace_s() -> float:
-    return float(getattr(settings, "CAMPAIGN_RECOVERY_GRACE_S", 30.0))
+    return settings.CAMPAIGN_RECOVERY_GRACE_S
 
 
 def interval_s() -> float:
-    return float(getattr(settings, "CAMPAIGN_RECOVERY_INTERVAL_S", 10.0))
+    return settings.CAMPAIGN_RECOVERY_INTERVAL_S
 
 
 def _queue_empty(broker: redis.Redis, queue: str) -> bool:

@@ -251,6 +251,12 @@ CAMPAIGN_SCHEDULER_INTERVAL_S = _env_float("CAMPAIGN_SCHEDULER_INTERVAL_S", 5.0)
 # runs of one shard never overlap; a worker killed mid-shard delays its re-run by at most this.
 CAMPAIGN_SHARD_LEASE_S = _env_int("CAMPAIGN_SHARD_LEASE_S", 120)
 DIRECT_SEND_MAX_RECIPIENTS = _env_int("DIRECT_SEND_MAX_RECIPIENTS", 10_000)
+# Shard recovery (campaigns/recovery.py): a pending shard of a running campaign that has been due
+# for CAMPAIGN_RECOVERY_GRACE_S, holds no lease and whose queue is empty lost its broker message
+# (a Redis restart without persistence) and is published again; one sweep per
+# CAMPAIGN_RECOVERY_INTERVAL_S across all workers.
+CAMPAIGN_RECOVERY_GRACE_S = _env_float("CAMPAIGN_RECOVERY_GRACE_S", 30.0)
+CAMPAIGN_RECOVERY_INTERVAL_S = _env_float("CAMPAIGN_RECOVERY_INTERVAL_S", 10.0)
 # Per (app, provider) send rate shared by all workers (token bucket in Redis), in messages per
 # second; 0 = unlimited. FCM publishes 600,000/min per project; APNs, HMS and Web Push publish
 # no fixed quota (they answer 429/503 when pushed too hard, which the retries honour).

@@ -50,14 +50,6 @@ def _redis_restart(appendonly: bool) -> subprocess.CompletedProcess:
         server.stop()
 
 
-REDIS_GAP = (
-    "known gap (reported to campaigns/fan-out): a shard task whose Redis calls fail during the restart "
-    "is autoretried, publishing the retry fails while the broker is down, and Celery turns that into "
-    "Reject(requeue=False): the shard message is dropped and nothing re-plans it, so the campaign "
-    "stays running with pending shards. Without persistence the queued messages are lost as well."
-)
-
-
 def test_redis_restart_with_aof_loses_nothing() -> None:
     result = _redis_restart(appendonly=True)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
