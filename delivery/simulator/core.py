@@ -276,6 +276,15 @@ class Simulator:
         ).digest()
         return int.from_bytes(digest, "big") / 18446744073709551616.0
 
+    def _begin(self, token: str) -> tuple[int, str, float]:
+        """Count the attempt and return (attempt, fault code, delay in s) for one token's send.
+        The delay is only computed when a knob or a fault asks for one: this is the hot path."""
+        attempt = self._attempt(token)
+        fault = fault_of(token)
+        k = self.knobs
+        delay = self._delay(token, attempt, fault) if k.latency_ms or k.jitter_ms or fault else 0.0
+        return attempt, fault, delay
+
     def _delay(self, token: str, attempt: int, fault: str) -> float:
         k = self.knobs
         ms = k.latency_ms
@@ -475,13 +484,7 @@ class Simulator:
         if not isinstance(payload, dict):
             return self._apns_error(400, "PayloadEmpty")
 
-        attempt = self._attempt(token)
-        fault = fault_of(token)
-        delay = (
-            self._delay(token, attempt, fault)
-            if self.knobs.latency_ms or self.knobs.jitter_ms or fault
-            else 0.0
-        )
+        attempt, fault, delay = self._begin(token)
         if fault:
             if fault == "01":
                 ts = self.knobs.unregistered_timestamp_ms or self.started_ms
@@ -672,13 +675,7 @@ class Simulator:
             self._outcome("fcm 200 validate_only")
             return _json(200, {"name": f"projects/{project}/messages/fake_message_id"})
 
-        attempt = self._attempt(token)
-        fault = fault_of(token)
-        delay = (
-            self._delay(token, attempt, fault)
-            if self.knobs.latency_ms or self.knobs.jitter_ms or fault
-            else 0.0
-        )
+        attempt, fault, delay = self._begin(token)
         if fault:
             if fault == "01":
                 return self._fcm_error(
@@ -810,11 +807,9 @@ class Simulator:
         drop = False
         attempts = []
         for token in tokens:
-            attempt = self._attempt(token)
+            attempt, fault, token_delay = self._begin(token)
             attempts.append(attempt)
-            fault = fault_of(token)
-            if self.knobs.latency_ms or self.knobs.jitter_ms or fault:
-                delay = max(delay, self._delay(token, attempt, fault))
+            delay = max(delay, token_delay)
             if not fault:
                 continue
             if fault in ("01", "02", "08"):
@@ -937,13 +932,7 @@ class Simulator:
                     400, "Bad Request: the payload does not decrypt with the subscription keys"
                 )
 
-        attempt = self._attempt(sub_id)
-        fault = fault_of(sub_id)
-        delay = (
-            self._delay(sub_id, attempt, fault)
-            if self.knobs.latency_ms or self.knobs.jitter_ms or fault
-            else 0.0
-        )
+        attempt, fault, delay = self._begin(sub_id)
         if fault:
             if fault in ("01", "08"):
                 return self._wp_error(410, "Gone", delay)
