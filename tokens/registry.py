@@ -135,22 +135,7 @@ def upsert_device(app: App | int, reg: Registration, *, now: datetime | None = N
     device_db = _device_field.get_db_prep_value(reg.device_id, connection)
     now_db = _datetime_field.get_db_prep_value(now, connection)
     token_hash = reg.token_hash
-    delete_params = (app_id, reg.platform, token_hash, device_db)
-    upsert_params = (
-        app_id,
-        device_db,
-        reg.platform,
-        reg.token,
-        token_hash,
-        reg.web_p256dh,
-        reg.web_auth,
-        reg.user_id,
-        reg.app_version,
-        reg.locale,
-        now_db,
-        now_db,
-        now_db,
-    )
+    delete_params, upsert_params = _statement_params(app_id, reg, device_db, now_db)
     postgres = connection.vendor == "postgresql"
     lock_params = (_LOCK_NAMESPACE, int(token_hash[:8], 16) - 2**31)
     one_trip = postgres and not connection.in_atomic_block
@@ -186,6 +171,30 @@ def upsert_device(app: App | int, reg: Registration, *, now: datetime | None = N
             last_success_at=None if last_success_at is None else _as_datetime(last_success_at),
         )
     raise AssertionError("unreachable")
+
+
+def _statement_params(
+    app_id: int, reg: Registration, device_db: object, now_db: object
+) -> tuple[tuple[object, ...], tuple[object, ...]]:
+    """Parameters of _DELETE_MOVED and _UPSERT for one registration (now = created, seen, updated)."""
+    token_hash = reg.token_hash  # a property that hashes: once
+    delete_params = (app_id, reg.platform, token_hash, device_db)
+    upsert_params = (
+        app_id,
+        device_db,
+        reg.platform,
+        reg.token,
+        token_hash,
+        reg.web_p256dh,
+        reg.web_auth,
+        reg.user_id,
+        reg.app_version,
+        reg.locale,
+        now_db,
+        now_db,
+        now_db,
+    )
+    return delete_params, upsert_params
 
 
 def _as_datetime(value: datetime | str) -> datetime:
@@ -225,25 +234,9 @@ def upsert_many(app_id: int, regs: list[Registration], *, now: datetime) -> int:
     upserts = []
     for reg in regs:
         device_db = _device_field.get_db_prep_value(reg.device_id, connection)
-        token_hash = reg.token_hash
-        deletes.append((app_id, reg.platform, token_hash, device_db))
-        upserts.append(
-            (
-                app_id,
-                device_db,
-                reg.platform,
-                reg.token,
-                token_hash,
-                reg.web_p256dh,
-                reg.web_auth,
-                reg.user_id,
-                reg.app_version,
-                reg.locale,
-                now_db,
-                now_db,
-                now_db,
-            )
-        )
+        delete_params, upsert_params = _statement_params(app_id, reg, device_db, now_db)
+        deletes.append(delete_params)
+        upserts.append(upsert_params)
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.executemany(_DELETE_MOVED, deletes)
         cursor.executemany(_INSERT, upserts)

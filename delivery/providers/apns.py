@@ -28,7 +28,14 @@ from delivery.engine.base import Engine, HttpRequest, TransportError
 from delivery.payload import PushMessage, fit_message
 from delivery.providers import mapping as m
 from delivery.providers.auth import AuthToken
-from delivery.providers.base import Outcome, Provider, Result, Target, provider_engine
+from delivery.providers.base import (
+    Outcome,
+    Provider,
+    Result,
+    Target,
+    provider_engine,
+    remember_render,
+)
 
 if TYPE_CHECKING:
     from tokens.models import App
@@ -171,9 +178,7 @@ class ApnsProvider(Provider):
         if message.collapse_key:
             headers["apns-collapse-id"] = message.collapse_key
         rendered = _Rendered(message, render_payload(fitted), headers, message.ttl)
-        if len(self._renders) >= 64:
-            self._renders.pop(next(iter(self._renders)))
-        self._renders[message.message_id] = rendered
+        remember_render(self._renders, message.message_id, rendered)
         return rendered
 
     async def send(self, target: Target, message: PushMessage) -> Result:

@@ -11,7 +11,7 @@ import asyncio
 import enum
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, TypeVar
 
 if TYPE_CHECKING:
     from delivery.engine import Engine
@@ -102,3 +102,16 @@ def provider_engine(base_url: str, *, kind: str, max_connections: int | None = N
         timeout=settings.PUSH_REQUEST_TIMEOUT,
         h2c=base_url.startswith("http://"),
     )
+
+
+_R = TypeVar("_R")
+RENDERED_MESSAGES_KEPT = 64
+
+
+def remember_render(cache: dict[str, _R], message_id: str, rendered: _R) -> _R:
+    """Keep a message's rendering for its next sends, oldest out first: an adapter renders a
+    campaign's message once per process, not once per token."""
+    if len(cache) >= RENDERED_MESSAGES_KEPT:
+        cache.pop(next(iter(cache)))
+    cache[message_id] = rendered
+    return rendered

@@ -28,7 +28,14 @@ from delivery.engine.base import Engine, HttpRequest, TransportError
 from delivery.payload import PushMessage, fit_message
 from delivery.providers import mapping as m
 from delivery.providers.auth import AuthToken
-from delivery.providers.base import Outcome, Provider, Result, Target, provider_engine
+from delivery.providers.base import (
+    Outcome,
+    Provider,
+    Result,
+    Target,
+    provider_engine,
+    remember_render,
+)
 
 if TYPE_CHECKING:
     from tokens.models import App
@@ -131,9 +138,7 @@ class HmsProvider(Provider):
         fitted = fit_message(message, self.payload_size, self.payload_limit, self.platform)
         rest = orjson.dumps(render_message(fitted))
         rendered = _Rendered(message, b"," + rest[1:] + b"}")
-        if len(self._renders) >= 64:
-            self._renders.pop(next(iter(self._renders)))
-        self._renders[message.message_id] = rendered
+        remember_render(self._renders, message.message_id, rendered)
         return rendered
 
     async def send(self, target: Target, message: PushMessage) -> Result:

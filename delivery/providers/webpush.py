@@ -41,7 +41,14 @@ from delivery.credentials import Clock, fingerprint
 from delivery.engine.base import Engine, HttpRequest, TransportError
 from delivery.payload import PushMessage, fit_message
 from delivery.providers import mapping as m
-from delivery.providers.base import Outcome, Provider, Result, Target, provider_engine
+from delivery.providers.base import (
+    Outcome,
+    Provider,
+    Result,
+    Target,
+    provider_engine,
+    remember_render,
+)
 
 if TYPE_CHECKING:
     from tokens.models import App
@@ -185,9 +192,7 @@ class WebPushProvider(Provider):
         if message.collapse_key:
             headers["topic"] = topic_for(message.collapse_key)
         rendered = _Rendered(message, render_plaintext(fitted), headers)
-        if len(self._renders) >= 64:
-            self._renders.pop(next(iter(self._renders)))
-        self._renders[message.message_id] = rendered
+        remember_render(self._renders, message.message_id, rendered)
         return rendered
 
     async def send(self, target: Target, message: PushMessage) -> Result:
