@@ -18,7 +18,8 @@ from django.db.models import Q
 from django.utils import timezone
 
 from campaigns.models import Campaign, Shard
-from delivery import idempotency
+from delivery import breaker, idempotency
+from tokens.models import Platform
 
 logger = logging.getLogger(__name__)
 
@@ -78,6 +79,11 @@ def resume(
         raise TransitionError("Only a paused or halted campaign can be resumed.")
     set_flag(client, campaign_id, RUNNING)
     from campaigns import fanout
+
+    app_id = Campaign.objects.filter(pk=campaign_id).values_list("app_id", flat=True).get()
+    circuit = breaker.Breaker(client)
+    for platform in Platform.values:
+        circuit.rearm(app_id, platform)
 
     # A planner still at work keeps planning through a pause (its shards park themselves), and a
     # planner that died is redelivered by the broker: resuming never starts a second one.

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import time
 import uuid
 from collections.abc import Iterator
@@ -35,7 +36,7 @@ from django.utils import timezone
 from campaigns import control
 from campaigns.guard import HOLD, PASSED, PruneGuard, describe
 from campaigns.models import Campaign, Shard
-from delivery import idempotency, runtime
+from delivery import breaker, idempotency, runtime
 from delivery.payload import PushMessage
 from delivery.providers.base import Outcome, Result, Target
 from delivery.providers.registry import provider_class
@@ -53,6 +54,7 @@ PRIORITY_QUEUE = "priority"
 PLAN_BATCH = 100  # shards written and enqueued per transaction while planning
 PLAN_PUBLISHERS = 4  # threads publishing shard tasks while the planner scans on
 REDIS_LOST = "redis_lost"  # _send stopped because Redis failed: record what was sent, then retry
+DEFERRED = "deferred"  # _send stopped because the provider's breaker is open: re-queue the rest later
 LEASE_RECHECK_S = 5  # a shard found leased by another run is looked at again after this long
 THROTTLE_MIN_SHARE = 0.1  # of a chunk's answers throttled before the provider's rate is cut
 THROTTLE_REASONS = frozenset({"TooManyRequests", "QUOTA_EXCEEDED"})  # APNs, FCM (also on 429)
@@ -340,8 +342,9 @@ def _run_leased(client, shard: Shard, campaign: Campaign, token: str) -> None:
     )
     park: str | None = None
     done_upto = 0
+    defer_s = 0.0
     if todo:
-        park, done_upto = _send(client, shard, campaign, todo, results, token)
+        park, done_upto, defer_s = _send(client, shard, campaign, todo, results, token)
 
     rest_lo: int | None = None
     rest_ids: list[int] | None = None
@@ -355,9 +358,10 @@ def _run_leased(client, shard: Shard, campaign: Campaign, token: str) -> None:
         shard,
         results,
         loaded=len(devices) if first_run else None,
-        park=Shard.Status.PENDING if park == REDIS_LOST else park,
+        park=Shard.Status.PENDING if park in (REDIS_LOST, DEFERRED) else park,
         rest_lo=rest_lo,
         rest_ids=rest_ids,
+        defer_s=defer_s,
     )
     if park == REDIS_LOST:
         # What was sent is recorded and the shard stays pending after it, so the re-run does not
@@ -377,6 +381,8 @@ def _run_leased(client, shard: Shard, campaign: Campaign, token: str) -> None:
     )
     for follow_up, queue, delay in applied.follow_ups:
         enqueue_shard(follow_up, queue, countdown=delay)
+    if park == DEFERRED:
+        enqueue_shard(shard.pk, shard.queue, countdown=defer_s)
     if applied.completed:
         control.set_flag(client, campaign.pk, Campaign.Status.COMPLETED)
         idempotency.expire(client, campaign.pk)
@@ -390,81 +396,160 @@ def _run_leased(client, shard: Shard, campaign: Campaign, token: str) -> None:
 
 def _send(
     client, shard: Shard, campaign: Campaign, todo: list[Device], results: ShardResults, lease: str
-) -> tuple[str | None, int]:
-    """Send `todo` chunk by chunk; (why it stopped early or None, how many devices it finished)."""
+) -> tuple[str | None, int, float]:
+    """Send `todo` chunk by chunk; (why it stopped early or None, how many devices it finished,
+    seconds to defer the rest by when the provider's breaker is open)."""
     message = PushMessage.from_dict(campaign.message)
     provider = runtime.provider_for(campaign.app, shard.platform)
     bucket = TokenBucket(client)
     guard = PruneGuard(client)
+    circuit = breaker.Breaker(client)
     provider_rate = float(settings.PUSH_RATE_LIMITS.get(shard.platform, 0) or 0)
     chunk_size = max(settings.CAMPAIGN_CHUNK_SIZE, 1)
     web = shard.platform == Platform.WEB
     guard_armed = not campaign.prune_confirmed
-    # The previous chunk's throttled answers, reported with the next reservation (delivery/ratelimit.py).
+    # The previous chunk's throttled answers and its breaker report ride on the next checkpoint
+    # (delivery/ratelimit.py, delivery/breaker.py); the last chunk's go out on their own.
     throttle: tuple[int, float] = (0, 0.0)
-    for start in range(0, len(todo), chunk_size):
-        chunk = todo[start : start + chunk_size]
-        try:
-            state, wait = _checkpoint(
-                client, bucket, campaign, shard, provider_rate, len(chunk), lease, throttle
-            )
-            throttle = (0, 0.0)
-            if state != control.RUNNING:
-                return (control.CANCELLED if state == control.CANCELLED else control.PAUSED), start
-            if wait > 0:
-                time.sleep(wait)
-                pipe = client.pipeline(transaction=False)
-                idempotency.refresh_lease(pipe, shard.pk, lease, settings.CAMPAIGN_SHARD_LEASE_S)
-                pipe.execute()
-        except redis.RedisError:
-            return REDIS_LOST, start
-        targets = [
-            Target(device_id=d.pk, token=d.token, p256dh=d.p256dh if web else "", auth=d.auth if web else "")
-            for d in chunk
-        ]
-        sent_at = time.monotonic()
-        answers = runtime.run(provider.send_many(targets, message))
-        metrics.observe_chunk(shard.platform, time.monotonic() - sent_at)  # pushsvc/metrics.py
-        invalid = sum(1 for a in answers if a.outcome == Outcome.INVALID_TOKEN)
-        throttle = _throttled(answers)
-        hold_invalid = False
-        redis_lost = False
-        if guard_armed:
+    report: tuple[str, float] = ("", 0.0)
+    start = 0
+    try:
+        while start < len(todo):
+            reserved = len(todo[start : start + chunk_size])
             try:
-                verdict = guard.observe(campaign.pk, shard.platform, len(answers), invalid)
+                state, wait, verdict = _checkpoint(
+                    client, bucket, circuit, campaign, shard, provider_rate, reserved, lease, throttle, report
+                )
+                throttle, report = (0, 0.0), ("", 0.0)
+                if state != control.RUNNING:
+                    if verdict.action == breaker.PROBE:
+                        report = (breaker.RELEASE, 0.0)
+                    return (control.CANCELLED if state == control.CANCELLED else control.PAUSED), start, 0.0
+                size = settings.BREAKER_PROBE_SIZE if verdict.action == breaker.PROBE else chunk_size
+                chunk = todo[start : start + size] if verdict.action != breaker.WAIT else []
+                _refund(bucket, campaign, shard, provider_rate, reserved - len(chunk))
+                if verdict.action == breaker.WAIT:
+                    stop = _wait_for_breaker(client, campaign, shard, verdict)
+                    if stop == DEFERRED:
+                        # Spread over a few seconds: the deferred shards must not all wake together.
+                        return stop, start, verdict.wait_s + random.uniform(0, min(verdict.wait_s / 2, 5.0))
+                    if stop is not None:
+                        return stop, start, 0.0
+                    continue
+                if wait > 0:
+                    time.sleep(wait)
+                    pipe = client.pipeline(transaction=False)
+                    idempotency.refresh_lease(pipe, shard.pk, lease, settings.CAMPAIGN_SHARD_LEASE_S)
+                    pipe.execute()
             except redis.RedisError:
-                verdict, redis_lost = PASSED, True  # the answers are in hand: record them, then stop
-            hold_invalid = verdict == HOLD
-            guard_armed = verdict != PASSED
-        final = results.add(chunk, answers, hold_invalid=hold_invalid and invalid > 0)
-        try:
-            if redis_lost:
-                raise redis.ConnectionError("prune guard unreachable")
-            idempotency.mark_finished(client, campaign.pk, final)
-        except redis.RedisError:
-            return REDIS_LOST, start + len(chunk)
-        if hold_invalid and invalid:
-            reason = next(a.reason for a in answers if a.outcome == Outcome.INVALID_TOKEN)
-            control.pause(client, campaign.pk, describe(shard.platform, invalid, len(answers), reason))
-        if results.auth_reason:
-            control.pause(
-                client,
-                campaign.pk,
-                f"Provider credentials rejected ({shard.platform}: {results.auth_reason}). "
-                "No token was changed; fix the app's credentials and resume.",
+                return REDIS_LOST, start, 0.0
+            targets = [
+                Target(
+                    device_id=d.pk, token=d.token, p256dh=d.p256dh if web else "", auth=d.auth if web else ""
+                )
+                for d in chunk
+            ]
+            sent_at = time.monotonic()
+            answers = runtime.run(provider.send_many(targets, message))
+            metrics.observe_chunk(shard.platform, time.monotonic() - sent_at)  # pushsvc/metrics.py
+            invalid = sum(1 for a in answers if a.outcome == Outcome.INVALID_TOKEN)
+            throttle = _throttled(answers)
+            # A retry shard's devices failed before: a biased sample that must not open the breaker
+            # for the whole app (a few devices a provider keeps failing are dead-lettered instead).
+            # Its probe, and first sends, speak for the provider.
+            probe = verdict.action == breaker.PROBE
+            outage = (probe or shard.attempt == 0) and breaker.is_outage(answers, probe=probe)
+            report = (breaker.OK, 0.0)
+            if outage:
+                report = (breaker.FAIL, max((a.retry_after or 0.0 for a in answers), default=0.0))
+            hold_invalid = False
+            redis_lost = False
+            if guard_armed:
+                try:
+                    guard_verdict = guard.observe(campaign.pk, shard.platform, len(answers), invalid)
+                except redis.RedisError:
+                    guard_verdict, redis_lost = (
+                        PASSED,
+                        True,
+                    )  # the answers are in hand: record them, then stop
+                hold_invalid = guard_verdict == HOLD
+                guard_armed = guard_verdict != PASSED
+            final = results.add(chunk, answers, hold_invalid=hold_invalid and invalid > 0, outage=outage)
+            start += len(chunk)
+            try:
+                if redis_lost:
+                    raise redis.ConnectionError("prune guard unreachable")
+                idempotency.mark_finished(client, campaign.pk, final)
+            except redis.RedisError:
+                return REDIS_LOST, start, 0.0
+            if hold_invalid and invalid:
+                reason = next(a.reason for a in answers if a.outcome == Outcome.INVALID_TOKEN)
+                control.pause(client, campaign.pk, describe(shard.platform, invalid, len(answers), reason))
+            if results.auth_reason:
+                control.pause(
+                    client,
+                    campaign.pk,
+                    f"Provider credentials rejected ({shard.platform}: {results.auth_reason}). "
+                    "No token was changed; fix the app's credentials and resume.",
+                )
+                return control.PAUSED, start, 0.0
+        return None, len(todo), 0.0
+    finally:
+        _last_reports(bucket, circuit, campaign, shard, provider_rate, lease, throttle, report)
+
+
+def _last_reports(
+    bucket: TokenBucket,
+    circuit: breaker.Breaker,
+    campaign: Campaign,
+    shard: Shard,
+    provider_rate: float,
+    lease: str,
+    throttle: tuple[int, float],
+    report: tuple[str, float],
+) -> None:
+    """The last chunk's throttling and breaker reports, which had no next checkpoint to ride on.
+    Best effort: with Redis away they are lost, and the bucket and breaker heal on their own."""
+    with contextlib.suppress(redis.RedisError):
+        if throttle[0]:
+            bucket.reserve(
+                provider_key(campaign.app_id, shard.platform),
+                provider_rate,
+                0,
+                adaptive=True,
+                throttled=throttle[0],
+                retry_after=throttle[1],
             )
-            return control.PAUSED, start + len(chunk)
-    if throttle[0]:
-        # The last chunk's report has no next reservation to ride on: one call of its own.
-        bucket.reserve(
-            provider_key(campaign.app_id, shard.platform),
-            provider_rate,
-            0,
-            adaptive=True,
-            throttled=throttle[0],
-            retry_after=throttle[1],
+        if report[0]:
+            circuit.report(campaign.app_id, shard.platform, lease, *report)
+
+
+def _wait_for_breaker(client, campaign: Campaign, shard: Shard, verdict: breaker.Verdict) -> str | None:
+    """The provider's breaker is open: None after waiting a short while in place (the caller asks
+    again), DEFERRED when the wait is long (the shard is re-queued for then, freeing the worker
+    for other apps' shards), PAUSED when the provider has been down for BREAKER_PAUSE_AFTER_S."""
+    pause_after = settings.BREAKER_PAUSE_AFTER_S
+    if pause_after and verdict.down_for_s >= pause_after:
+        control.pause(
+            client,
+            campaign.pk,
+            f"Provider {shard.platform} has failed every request (server errors or no answer) for "
+            f"{verdict.down_for_s:.0f} s. No token was changed; resume when it answers again.",
         )
-    return None, len(todo)
+        return control.PAUSED
+    if verdict.wait_s > settings.BREAKER_SLEEP_MAX_S:
+        return DEFERRED
+    time.sleep(verdict.wait_s)  # the probe's answer or the breaker's reopening, due within this
+    return None
+
+
+def _refund(bucket: TokenBucket, campaign: Campaign, shard: Shard, provider_rate: float, n: int) -> None:
+    """Tokens reserved at the checkpoint for sends the breaker held back."""
+    if n <= 0:
+        return
+    bucket.refund(provider_key(campaign.app_id, shard.platform), provider_rate, n, adaptive=True)
+    if campaign.rollout_start_rate or campaign.rollout_max_rate:
+        bucket.refund(campaign_key(campaign.pk), _rollout_now(campaign), n)
 
 
 def _throttled(answers: list[Result]) -> tuple[int, float]:
@@ -485,19 +570,23 @@ def _throttled(answers: list[Result]) -> tuple[int, float]:
 def _checkpoint(
     client,
     bucket: TokenBucket,
+    circuit: breaker.Breaker,
     campaign: Campaign,
     shard: Shard,
     provider_rate: float,
     n: int,
     lease: str,
     throttle: tuple[int, float] = (0, 0.0),
-) -> tuple[str, float]:
-    """Between two chunks, in one round trip: the campaign's control flag, the shard's lease, and
-    `n` tokens from the provider's and the rollout's buckets; the provider's bucket also hears how
-    many of the previous chunk were throttled. Returns (state, seconds to wait)."""
+    report: tuple[str, float] = ("", 0.0),
+) -> tuple[str, float, breaker.Verdict]:
+    """Between two chunks, in one round trip: the campaign's control flag, the shard's lease, the
+    provider's breaker (told how the previous chunk went), and `n` tokens from the provider's and
+    the rollout's buckets; the provider's bucket also hears how many of the previous chunk were
+    throttled. Returns (state, seconds to wait, the breaker's verdict)."""
     pipe = client.pipeline(transaction=False)
     pipe.get(control.flag_key(campaign.pk))
     idempotency.refresh_lease(pipe, shard.pk, lease, settings.CAMPAIGN_SHARD_LEASE_S)
+    circuit.queue_check(pipe, campaign.app_id, shard.platform, lease, *report)
     bucket.queue_reserve(
         pipe,
         provider_key(campaign.app_id, shard.platform),
@@ -508,18 +597,21 @@ def _checkpoint(
         retry_after=throttle[1],
     )
     if campaign.rollout_start_rate or campaign.rollout_max_rate:
-        now = timezone.now()
-        rate = rollout_rate(
-            campaign.rollout_start_rate,
-            campaign.rollout_max_rate,
-            campaign.rollout_ramp_minutes,
-            campaign.started_at or now,
-            now,
-        )
-        bucket.queue_reserve(pipe, campaign_key(campaign.pk), rate, n)
-    flag, _lease, *waits = pipe.execute()
+        bucket.queue_reserve(pipe, campaign_key(campaign.pk), _rollout_now(campaign), n)
+    flag, _lease, verdict, *waits = pipe.execute()
     state = flag.decode() if flag is not None else control.current_state(client, campaign.pk)
-    return state, max((float(w) for w in waits), default=0.0)
+    return state, max((float(w) for w in waits), default=0.0), breaker.parse(verdict)
+
+
+def _rollout_now(campaign: Campaign) -> float:
+    now = timezone.now()
+    return rollout_rate(
+        campaign.rollout_start_rate,
+        campaign.rollout_max_rate,
+        campaign.rollout_ramp_minutes,
+        campaign.started_at or now,
+        now,
+    )
 
 
 def _park(client, shard: Shard, state: str) -> None:

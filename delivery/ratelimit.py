@@ -100,7 +100,7 @@ end
 
 local rate = limit
 if configured > 0 and (rate == nil or configured < rate) then rate = configured end
-m_n = m_n + n
+m_n = math.max(m_n + n, 0)  -- a refund (negative n) never makes the rate negative
 local fields = {'m_ts', tostring(m_ts), 'm_n', tostring(m_n)}
 if m_rate ~= nil then table.insert(fields, 'm_rate'); table.insert(fields, tostring(m_rate)) end
 redis.call('HSET', key, unpack(fields))
@@ -155,6 +155,12 @@ class TokenBucket:
             return 0.0
         return float(self._script(keys=[key], args=args))
 
+    def refund(self, key: str, rate: float, n: int, *, adaptive: bool = False) -> None:
+        """Give back `n` tokens reserved for sends that did not happen (the provider's breaker
+        was open), so a deferred chunk leaves no debt that would slow the sends after it."""
+        if n > 0:
+            self.reserve(key, rate, -n, adaptive=adaptive)
+
     def queue_reserve(
         self,
         pipe: redis.client.Pipeline,
@@ -179,9 +185,7 @@ class TokenBucket:
     def _args(
         rate: float, n: int, burst: float | None, adaptive: bool, throttled: int, retry_after: float
     ) -> list[float] | None:
-        if not adaptive and (rate <= 0 or n <= 0):
-            return None
-        if n < 0:
+        if not adaptive and (rate <= 0 or n == 0):
             return None
         # Burst: a second's worth at the bucket's rate of the moment, at least one chunk (0 = that).
         return [

@@ -74,6 +74,9 @@ class ShardResults:
     rejected: list[tuple[int, str]] = field(default_factory=list)
     dead: list[tuple[Device, str, int | None]] = field(default_factory=list)
     retry: list[int] = field(default_factory=list)
+    # RETRY answers of a chunk the provider failed as a whole (delivery/breaker.py: an outage):
+    # retried without spending an attempt, since the failure says nothing about these devices.
+    retry_outage: list[int] = field(default_factory=list)
     retry_after: float = 0.0
     held: list[int] = field(default_factory=list)  # auth failure or mass-prune guard: send again on resume
     held_invalid: int = 0  # invalid answers held by the mass-prune guard (in `held`, not `invalid`)
@@ -81,10 +84,13 @@ class ShardResults:
     tallies: Counter = field(default_factory=Counter)  # (outcome, reason) -> devices
     auth_reason: str = ""
 
-    def add(self, devices: list[Device], results: list[Result], *, hold_invalid: bool) -> list[int]:
-        """Sort one chunk's results; returns the device pks whose result is final."""
+    def add(
+        self, devices: list[Device], results: list[Result], *, hold_invalid: bool, outage: bool = False
+    ) -> list[int]:
+        """Sort one chunk's results; returns the device pks whose result is final. `outage`: the
+        chunk was failed by a provider outage, so its retries spend no attempt."""
         final: list[int] = []
-        last_attempt = self.attempt + 1 >= self.max_attempts
+        last_attempt = self.attempt + 1 >= self.max_attempts and not outage
         self.sent += len(results)
         observed_at = timezone.now()
         for device, result in zip(devices, results, strict=True):
@@ -114,7 +120,7 @@ class ShardResults:
                     self.tallies[(DEAD_LETTER, reason)] += 1
                     final.append(device.pk)
                     continue
-                self.retry.append(device.pk)
+                (self.retry_outage if outage else self.retry).append(device.pk)
                 self.retry_after = max(self.retry_after, result.retry_after or 0.0)
             elif outcome == Outcome.AUTH_FAILURE:
                 self.held.append(device.pk)
@@ -125,6 +131,10 @@ class ShardResults:
     @property
     def failed(self) -> int:
         return len(self.rejected) + len(self.dead)
+
+    @property
+    def retried(self) -> int:
+        return len(self.retry) + len(self.retry_outage)
 
 
 @dataclass(slots=True)
@@ -153,10 +163,12 @@ def apply_shard_run(
     park: str | None,
     rest_lo: int | None,
     rest_ids: list[int] | None,
+    defer_s: float | None = None,
 ) -> Applied:
     """Record one run of `shard`. `park` is None (shard done), "paused", "cancelled" or
-    "pending" (Redis failed mid-run: the shard stays pending after what it sent); a parked
-    range shard continues after `rest_lo`, a parked list shard with `rest_ids`."""
+    "pending" (Redis failed mid-run, or the provider's breaker is open: the shard stays pending
+    after what it sent, not due before `defer_s` from now); a parked range shard continues after
+    `rest_lo`, a parked list shard with `rest_ids`."""
     now = timezone.now()
     campaign_id = shard.campaign_id
     applied = Applied(recorded=True)
@@ -172,6 +184,7 @@ def apply_shard_run(
             # The campaign was cancelled while this run was sending: record what it sent, start nothing.
             park = Shard.Status.CANCELLED
             results.retry.clear()
+            results.retry_outage.clear()
             results.held.clear()
         app_id = Campaign.objects.filter(pk=campaign_id).values_list("app_id", flat=True).get()
 
@@ -198,6 +211,9 @@ def apply_shard_run(
         if results.retry:
             delay = retry_delay(shard.attempt + 1, results.retry_after)
             follow_ups.append((_child(shard, results.retry, shard.attempt + 1, now, delay), delay))
+        if results.retry_outage:
+            delay = retry_delay(1, results.retry_after)  # the breaker paces these; no growing backoff
+            follow_ups.append((_child(shard, results.retry_outage, shard.attempt, now, delay), delay))
         if results.held:
             follow_ups.append((_child(shard, results.held, shard.attempt, now, None), None))
         if follow_ups:
@@ -214,6 +230,8 @@ def apply_shard_run(
                 shard_update["lo"] = rest_lo
             elif not shard.is_range:
                 shard_update["device_ids"] = rest_ids or []
+            if defer_s:
+                shard_update["not_before"] = now + timedelta(seconds=defer_s)
         Shard.objects.filter(pk=shard.pk).update(**shard_update)
 
         outstanding_delta = len(follow_ups) - (1 if park is None else 0)
@@ -222,7 +240,7 @@ def apply_shard_run(
             "delivered": F("delivered") + len(results.delivered),
             "failed": F("failed") + results.failed,
             "invalidated": F("invalidated") + len(results.invalid),
-            "retried": F("retried") + len(results.retry),
+            "retried": F("retried") + results.retried,
             "skipped_duplicate": F("skipped_duplicate") + results.skipped_duplicate,
             "outstanding": F("outstanding") + outstanding_delta,
         }

@@ -89,7 +89,7 @@ def record_shard(app_id: int, platform: str, results: ShardResults) -> None:
         sends[SEP.join((str(app_id), provider, "delivered", ""))] += len(results.delivered)
     for (outcome, reason), count in results.tallies.items():
         sends[SEP.join((str(app_id), provider, str(outcome), reason))] += count
-    retries = Counter({SEP.join((str(app_id), provider)): len(results.retry)} if results.retry else {})
+    retries = Counter({SEP.join((str(app_id), provider)): results.retried} if results.retried else {})
     pending = getattr(_local, "pending", None)
     if pending is not None:
         pending[0].update(sends)
@@ -281,6 +281,7 @@ class RedisCollector:
         yield GaugeMetricFamily(
             "pushsvc_worker_processes_reporting", "Worker processes that reported recently.", value=len(procs)
         )
+        yield from _breaker_families(self.client, slugs)
 
         family = GaugeMetricFamily(
             "pushsvc_queue_depth", "Messages waiting in a Celery queue.", labels=["queue"]
@@ -291,6 +292,33 @@ class RedisCollector:
 
         yield from _campaign_families(Campaign, slugs)
         yield from _churn_families()
+
+
+def _breaker_families(client: redis.Redis, slugs: dict[str, str]) -> Iterable[Any]:
+    """The providers' circuit breakers (delivery/breaker.py): how often each opened, and how long
+    the open ones have been open (an alert: a provider down for minutes)."""
+    from delivery import breaker
+
+    trips = CounterMetricFamily(
+        "pushsvc_provider_breaker_trips",
+        "Times a provider's circuit breaker opened (an outage began), per app.",
+        labels=["app", "provider"],
+    )
+    for field, value in client.hgetall(breaker.TRIPS).items():
+        app, platform = field.decode().split(SEP, 1)
+        trips.add_metric([slugs.get(app, app), PROVIDER_OF.get(platform, platform)], int(value))
+    yield trips
+    open_for = GaugeMetricFamily(
+        "pushsvc_provider_breaker_open_seconds",
+        "Seconds since an open circuit breaker opened (absent: closed): no sends to that provider.",
+        labels=["app", "provider"],
+    )
+    now = time.time()
+    for app_id, platform, opened_at in breaker.open_breakers(client):
+        open_for.add_metric(
+            [slugs.get(str(app_id), str(app_id)), PROVIDER_OF.get(platform, platform)], now - opened_at
+        )
+    yield open_for
 
 
 def _histogram(

@@ -266,6 +266,21 @@ PUSH_RATE_LIMITS = {
     "huawei": _env_float("PUSH_RATE_LIMIT_HMS", 0),
     "web": _env_float("PUSH_RATE_LIMIT_WEBPUSH", 0),
 }
+# Circuit breaker per (app, provider) (delivery/breaker.py): a chunk with at least
+# BREAKER_FAILURE_RATIO (and BREAKER_MIN_FAILURES) of its answers 5xx or unanswered opens it; no
+# shard of the app sends to that provider for BREAKER_OPEN_S (doubling per failed probe up to
+# BREAKER_OPEN_MAX_S), then one probe of BREAKER_PROBE_SIZE devices decides. A probe not reported
+# within BREAKER_PROBE_TTL_S (its sender died) is given to another caller. A shard waits in place
+# for at most BREAKER_SLEEP_MAX_S, else it is deferred (re-queued for when the breaker may close).
+# After BREAKER_PAUSE_AFTER_S of outage the campaign pauses with the reason (0 = never).
+BREAKER_FAILURE_RATIO = _env_float("BREAKER_FAILURE_RATIO", 0.5)
+BREAKER_MIN_FAILURES = _env_int("BREAKER_MIN_FAILURES", 10)
+BREAKER_OPEN_S = _env_float("BREAKER_OPEN_S", 2.0)
+BREAKER_OPEN_MAX_S = _env_float("BREAKER_OPEN_MAX_S", 15.0)
+BREAKER_PROBE_SIZE = _env_int("BREAKER_PROBE_SIZE", 20)
+BREAKER_PROBE_TTL_S = _env_float("BREAKER_PROBE_TTL_S", 30.0)  # > PUSH_REQUEST_TIMEOUT
+BREAKER_SLEEP_MAX_S = _env_float("BREAKER_SLEEP_MAX_S", 2.0)
+BREAKER_PAUSE_AFTER_S = _env_float("BREAKER_PAUSE_AFTER_S", 900.0)
 # PUSH_EVENT_LOOP: "uvloop" or "asyncio", the loop each worker process runs its providers on
 # (uvloop: ~10% less worker CPU per request in bench/campaign.py).
 PUSH_EVENT_LOOP = _env("PUSH_EVENT_LOOP", "uvloop")

@@ -17,6 +17,7 @@ from campaigns.models import Campaign
 from campaigns.pytest_fixtures import *  # noqa: F403  (sim, fresh_sim, worker_env, start_worker)
 from campaigns.pytest_fixtures import api_client
 from campaigns.testing import build_population, load_devices, simulator_app, wait_for
+from delivery import breaker
 from delivery.providers.base import Outcome
 from delivery.results import ShardResults
 from pushsvc import metrics
@@ -127,6 +128,8 @@ def _record_examples() -> None:
     )
     metrics.record_shard(app.pk, "ios", results)
     metrics.observe_chunk("ios", 0.03)
+    # A chunk that found APNs down: the breaker opens (delivery/breaker.py).
+    breaker.Breaker(metrics._client()).check(app.pk, "ios", "run-1", breaker.FAIL)
 
 
 def test_alert_rules_parse_and_name_only_exported_metrics(redis_client) -> None:
@@ -168,4 +171,6 @@ def test_alert_rules_parse_and_name_only_exported_metrics(redis_client) -> None:
     assert _sum(samples, "pushsvc_sends_total", provider="apns", outcome="auth_failure", app="alerts") == 1
     assert _sum(samples, "pushsvc_sends_total", provider="apns", outcome="delivered", app="alerts") == 3
     assert _sum(samples, "pushsvc_provider_chunk_seconds_bucket", provider="apns", le="0.025") == 0
+    assert _sum(samples, "pushsvc_provider_breaker_trips_total", provider="apns", app="alerts") == 1
+    assert 0 <= _sum(samples, "pushsvc_provider_breaker_open_seconds", provider="apns", app="alerts") < 60
     assert _sum(samples, "pushsvc_provider_chunk_seconds_bucket", provider="apns", le="0.05") == 1

@@ -2,8 +2,8 @@
 connection behaviour): an outage, GOAWAY every 1,000 requests, dropped connections, 429
 throttling and credentials revoked mid-campaign. Real workers, PostgreSQL and Redis.
 
-The outage lasts RELIABILITY_OUTAGE_S seconds (default 10 in CI; the issue's 60 s variant:
-`RELIABILITY_OUTAGE_S=60 make test PYTEST_ARGS="tests/reliability/test_provider_faults.py -k outage -s"`).
+The outage lasts RELIABILITY_OUTAGE_S seconds (default 60, as the issue asks; alone:
+`make test PYTEST_ARGS="tests/reliability/test_provider_faults.py -k outage -s"`).
 """
 
 from __future__ import annotations
@@ -14,11 +14,13 @@ import time
 import pytest
 
 from campaigns.testing import wait_for
+from delivery import breaker
+from delivery.models import DeadLetter
 from tests.reliability.harness import inactive_count, launch, tally, wait_delivered
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(400)]
 
-OUTAGE_S = float(os.environ.get("RELIABILITY_OUTAGE_S", "10"))
+OUTAGE_S = float(os.environ.get("RELIABILITY_OUTAGE_S", "60"))
 # Production retry pacing (settings defaults), not the campaign suites' fast test retries: how the
 # sender behaves against a down provider is the subject here.
 PRODUCTION_RETRIES = {"CAMPAIGN_RETRY_BASE_S": "2", "CAMPAIGN_RETRY_MAX_S": "300"}
@@ -36,7 +38,9 @@ def tries_within(seconds: float, retry_after: float = 2.0) -> int:
         tries += 1
 
 
-def test_provider_outage_no_retry_storm_and_nothing_invalidated(fresh_sim, start_worker) -> None:
+def test_provider_outage_no_retry_storm_and_nothing_invalidated(
+    fresh_sim, start_worker, redis_client
+) -> None:
     fresh_sim.configure(latency_ms=20, retry_after_s=2)
     start_worker(concurrency=2, env={**PRODUCTION_RETRIES, "CAMPAIGN_CHUNK_SIZE": "200"})
     run = launch(fresh_sim, {"ios": 3600, "android": 2400})
@@ -46,25 +50,57 @@ def test_provider_outage_no_retry_storm_and_nothing_invalidated(fresh_sim, start
     requests_before = fresh_sim.stats()["requests"]
     fresh_sim.configure(outage_until=time.time() + OUTAGE_S)
     wait_for(lambda: time.time() >= fresh_sim.config()["outage_until"], OUTAGE_S + 5, 0.2, "outage end")
+    ended = time.monotonic()
     stats = fresh_sim.stats()
     during = stats["requests"] - requests_before
     in_flight = len(tokens) - delivered_before  # every token not yet delivered is waiting on the provider
-    print(f"\noutage {OUTAGE_S:.0f}s: {during} requests during it for {in_flight} tokens in flight")
 
     campaign = run.wait_done(timeout=OUTAGE_S * 8 + 120)
+    recovered_in = time.monotonic() - ended
     result = tally(fresh_sim, tokens)
+    trips = redis_client.hgetall(breaker.TRIPS)
     print(
         f"\noutage {OUTAGE_S:.0f}s: {during} requests during it for {in_flight} tokens in flight "
-        f"({during / in_flight:.2f} per token, backoff bound {tries_within(OUTAGE_S)}); "
-        f"finished {campaign.status} delivered={campaign.delivered} "
+        f"({during / in_flight:.2f} per token; per-device backoff alone would allow up to "
+        f"{tries_within(OUTAGE_S)}); breaker trips {sum(int(n) for n in trips.values())}; "
+        f"finished {campaign.status} {recovered_in:.1f}s after the outage, delivered={campaign.delivered} "
         f"failed={campaign.failed} retried={campaign.retried} lost={len(result.lost)} "
         f"repeated={result.extra_deliveries}"
     )
     assert campaign.status == "completed", campaign.status_reason
-    assert during <= tries_within(OUTAGE_S) * in_flight, "no retry storm: backoff bounds the tries per token"
+    # No retry storm: the breaker stops the sends (the chunks in flight at the start of the outage
+    # and one small probe per open period reach the provider), far under one request per token.
+    assert during < in_flight / 2
+    assert len(trips) == 2, "one breaker per (app, provider), both opened"
     assert inactive_count(run.app) == 0 and campaign.invalidated == 0
-    assert result.lost == [] and campaign.failed == 0
+    # The outage spends no device's attempts: nothing dead-lettered, nothing failed.
+    assert result.lost == [] and campaign.failed == 0 and DeadLetter.objects.count() == 0
     assert result.extra_deliveries == 0
+
+
+def test_a_long_outage_pauses_the_campaign_with_the_reason_and_resume_finishes_it(
+    fresh_sim, start_worker
+) -> None:
+    fresh_sim.configure(latency_ms=5, retry_after_s=1, outage_until=time.time() + 3600)
+    start_worker(concurrency=2, env={"BREAKER_PAUSE_AFTER_S": "3", "CAMPAIGN_CHUNK_SIZE": "200"})
+    run = launch(fresh_sim, {"ios": 1200, "android": 800})
+
+    paused = run.wait_status("paused", "completed", "failed", "halted", timeout=90)
+    requests = fresh_sim.stats()["requests"]
+    print(f"\nlong outage: {paused.status} after {requests} requests: {paused.status_reason}")
+    assert paused.status == "paused", (paused.status, paused.status_reason)
+    assert "has failed every request" in paused.status_reason
+    assert requests < 2000 / 2  # the breaker held the rest back
+    assert inactive_count(run.app) == 0 and paused.failed == 0 and DeadLetter.objects.count() == 0
+
+    fresh_sim.configure(outage_until=0)
+    response = run.client.post(f"/api/v1/campaigns/{run.campaign_id}/resume/")
+    assert response.status_code == 200, response.content
+    campaign = run.wait_status("completed", "paused", "failed", "halted", timeout=120)
+    assert campaign.status == "completed", campaign.status_reason
+    result = tally(fresh_sim, run.population.of())
+    assert result.lost == [] and result.extra_deliveries == 0
+    assert campaign.delivered == 2000 and inactive_count(run.app) == 0
 
 
 def test_goaway_every_thousand_requests_loses_and_repeats_nothing(fresh_sim, start_worker) -> None:
