@@ -1,22 +1,115 @@
-"""Validation of campaign and direct-send requests, and the campaign's public representation."""
+"""Validation of campaign and direct-send requests, and the campaign's public representation.
+
+The message of both requests is validated by `PushMessage.from_dict` alone; `PushMessageSerializer`
+only describes it in the OpenAPI schema (its limits are payload.py's constants), and
+`CampaignSerializer` describes what `represent` returns.
+"""
 
 from __future__ import annotations
 
 import re
+import typing
 from typing import Any
 
 import redis
 from django.conf import settings
+from django.core.validators import MaxLengthValidator, RegexValidator
+from drf_spectacular.extensions import OpenApiSerializerExtension
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from campaigns.fanout import progress
 from campaigns.models import Campaign
+from delivery import payload
 from delivery.payload import PayloadError, PushMessage
 from tokens import hygiene
 from tokens.models import Platform
 
 VERSION_RE = re.compile(r"^[0-9]{1,9}(\.[0-9]{1,9}){0,3}$")
 MAX_TARGET_USER_IDS = 100_000
+# Rollout rates are PositiveIntegerField: a larger one failed in PostgreSQL's integer column, a 500.
+MAX_RATE = 2**31 - 1
+SINGLE_LINE = r"^[^\r\n]*$"
+
+
+class PushMessageSerializer(serializers.Serializer):
+    """The message, as PushMessage.from_dict accepts it (schema only: validate_message validates). Rules
+    a schema cannot state: a visible message needs a title, body, badge or sound; a silent one has
+    none of them; the message must fit each targeted provider's 4 KB with an empty body (a longer
+    body is cut, ending in "…", and data.pushsvc_truncated is set)."""
+
+    # Absent, null and "" all mean none. The patterns admit "": allow_blank would add a oneOf branch
+    # that "" matches too, which makes "" invalid against the schema.
+    title = serializers.RegexField(SINGLE_LINE, max_length=payload.TITLE_MAX, required=False, allow_null=True)
+    body = serializers.CharField(
+        max_length=payload.BODY_MAX_BYTES,
+        required=False,
+        allow_blank=True,
+        allow_null=True,
+        help_text=f"at most {payload.BODY_MAX_BYTES} bytes of UTF-8; may hold newlines",
+    )
+    data = serializers.DictField(
+        child=serializers.CharField(allow_blank=True),
+        required=False,
+        validators=[MaxLengthValidator(payload.DATA_MAX_KEYS)],
+        help_text=(
+            f"string values under keys of at most {payload.SHORT_TEXT_MAX} characters; reserved: "
+            f"{', '.join(sorted(payload.RESERVED_DATA_KEYS))} and keys starting with google or gcm, "
+            "and url/image when the message sets that field"
+        ),
+    )
+    badge = serializers.IntegerField(min_value=0, max_value=2**31 - 1, required=False, allow_null=True)
+    sound = serializers.RegexField(
+        SINGLE_LINE, max_length=payload.SHORT_TEXT_MAX, required=False, allow_null=True
+    )
+    category = serializers.RegexField(
+        SINGLE_LINE, max_length=payload.SHORT_TEXT_MAX, required=False, allow_null=True
+    )
+    thread_id = serializers.RegexField(
+        SINGLE_LINE, max_length=payload.SHORT_TEXT_MAX, required=False, allow_null=True
+    )
+    image = serializers.RegexField(
+        r"^(https?://\S*)?$",
+        max_length=payload.URL_MAX,
+        required=False,
+        allow_null=True,
+        help_text="an http(s) URL the device fetches",
+    )
+    url = serializers.RegexField(
+        r"^\S*$",
+        max_length=payload.URL_MAX,
+        required=False,
+        allow_null=True,
+        help_text="opened on tap: a web URL or an app link (javascript:, data:, vbscript:, file: refused)",
+    )
+    collapse_key = serializers.RegexField(
+        SINGLE_LINE,
+        max_length=payload.COLLAPSE_KEY_MAX_BYTES,
+        required=False,
+        allow_null=True,
+        help_text=f"at most {payload.COLLAPSE_KEY_MAX_BYTES} bytes of UTF-8",
+    )
+    priority = serializers.ChoiceField(choices=typing.get_args(payload.Priority), default="high")
+    ttl = serializers.IntegerField(
+        min_value=0,
+        max_value=payload.TTL_MAX,
+        required=False,
+        allow_null=True,
+        help_text="seconds the provider may keep trying; null: the provider's default",
+    )
+    silent = serializers.BooleanField(default=False, help_text="background (data-only) push")
+    mutable_content = serializers.BooleanField(default=False)
+    message_id = serializers.RegexField(
+        rf"^{payload.MESSAGE_ID_RE.pattern}$",
+        required=False,
+        allow_null=True,
+        help_text="sent to the app in data.pushsvc_message_id; generated when absent",
+    )
+
+
+@extend_schema_field(PushMessageSerializer)
+class MessageField(serializers.JSONField):
+    """Any JSON here; the serializer's validate() hands it to PushMessage.from_dict."""
 
 
 def validate_message(raw: Any, platforms: list[str]) -> dict[str, Any]:
@@ -30,8 +123,20 @@ def validate_message(raw: Any, platforms: list[str]) -> dict[str, Any]:
 
 
 class RolloutSerializer(serializers.Serializer):
-    start_rate = serializers.IntegerField(min_value=1, required=False, allow_null=True)
-    max_rate = serializers.IntegerField(min_value=1, required=False, allow_null=True)
+    start_rate = serializers.IntegerField(
+        min_value=1,
+        max_value=MAX_RATE,
+        required=False,
+        allow_null=True,
+        help_text="deliveries/s at launch; null: as fast as the provider limit allows",
+    )
+    max_rate = serializers.IntegerField(
+        min_value=1,
+        max_value=MAX_RATE,
+        required=False,
+        allow_null=True,
+        help_text="deliveries/s reached after ramp_minutes; not below start_rate",
+    )
     ramp_minutes = serializers.IntegerField(min_value=0, max_value=7 * 24 * 60, default=0)
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
@@ -41,14 +146,25 @@ class RolloutSerializer(serializers.Serializer):
         return attrs
 
 
+def user_id_field() -> serializers.CharField:
+    # min_length and the pattern only state in the schema what the blank check (which comes first,
+    # after trimming whitespace) refuses.
+    return serializers.CharField(max_length=255, min_length=1, validators=[RegexValidator(r"\S")])
+
+
 class TargetSerializer(serializers.Serializer):
+    # min_length only puts minItems in the schema: allow_empty=False refuses [] first, in its words.
     platforms = serializers.ListField(
-        child=serializers.ChoiceField(choices=Platform.values), required=False, allow_empty=False
-    )
-    user_ids = serializers.ListField(
-        child=serializers.CharField(max_length=255),
+        child=serializers.ChoiceField(choices=Platform.values),
         required=False,
         allow_empty=False,
+        min_length=1,
+    )
+    user_ids = serializers.ListField(
+        child=user_id_field(),
+        required=False,
+        allow_empty=False,
+        min_length=1,
         max_length=MAX_TARGET_USER_IDS,
     )
     min_app_version = serializers.RegexField(VERSION_RE, required=False)
@@ -68,9 +184,11 @@ class TargetSerializer(serializers.Serializer):
 
 class CampaignCreateSerializer(serializers.Serializer):
     name = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
-    message = serializers.JSONField()
+    message = MessageField()
     target = TargetSerializer(required=False)
-    send_at = serializers.DateTimeField(required=False, allow_null=True)
+    send_at = serializers.DateTimeField(
+        required=False, allow_null=True, help_text="launch at this time (status scheduled until then)"
+    )
     rollout = RolloutSerializer(required=False)
     halt_error_rate = serializers.FloatField(min_value=0.0, max_value=1.0, default=0.05)
     draft = serializers.BooleanField(default=False, help_text="create without launching")
@@ -97,28 +215,54 @@ class CampaignCreateSerializer(serializers.Serializer):
         )
 
 
+def _max_recipients() -> int:
+    # Read per request (and per schema), not at import, so that a changed setting applies to both.
+    return settings.DIRECT_SEND_MAX_RECIPIENTS
+
+
+def _recipients_limit() -> MaxLengthValidator:
+    # A MaxLengthValidator, so that the schema states the limit as maxItems.
+    return MaxLengthValidator(
+        _max_recipients,
+        message="at most %(limit_value)s recipients per direct send (got %(show_value)s); use a campaign",
+    )
+
+
 class DirectSendSerializer(serializers.Serializer):
-    message = serializers.JSONField()
-    user_ids = serializers.ListField(child=serializers.CharField(max_length=255), required=False)
-    device_ids = serializers.ListField(child=serializers.UUIDField(), required=False)
+    message = MessageField()
+    user_ids = serializers.ListField(
+        child=user_id_field(),
+        required=False,
+        validators=[_recipients_limit()],
+        help_text="every active device of these users; give this or device_ids",
+    )
+    device_ids = serializers.ListField(
+        child=serializers.UUIDField(),
+        required=False,
+        validators=[_recipients_limit()],
+        help_text="these devices (the device_id they registered with); give this or user_ids",
+    )
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         users, devices = attrs.get("user_ids"), attrs.get("device_ids")
         if bool(users) == bool(devices):
             raise serializers.ValidationError("Give exactly one of user_ids or device_ids (non-empty).")
-        limit = settings.DIRECT_SEND_MAX_RECIPIENTS
-        recipients = users or devices
-        if len(recipients) > limit:
-            field = "user_ids" if users else "device_ids"
-            raise serializers.ValidationError(
-                {
-                    field: [
-                        f"at most {limit} recipients per direct send (got {len(recipients)}); use a campaign"
-                    ]
-                }
-            )
         attrs["message"] = validate_message(attrs["message"], list(Platform.values))
         return attrs
+
+
+class DirectSendSchema(OpenApiSerializerExtension):
+    """Adds to DirectSendSerializer's schema the rule its validate() applies: exactly one of
+    user_ids and device_ids is given non-empty (drf-spectacular registers this on import)."""
+
+    target_class = DirectSendSerializer
+
+    def map_serializer(self, auto_schema: Any, direction: Any) -> dict[str, Any]:
+        schema = super().map_serializer(auto_schema, direction)
+        schema["oneOf"] = [
+            {"required": [name], "properties": {name: {"minItems": 1}}} for name in ("user_ids", "device_ids")
+        ]
+        return schema
 
 
 class ResumeSerializer(serializers.Serializer):
@@ -128,6 +272,83 @@ class ResumeSerializer(serializers.Serializer):
     halt_error_rate = serializers.FloatField(
         min_value=0.0, max_value=1.0, required=False, help_text="a new limit, to resume a halted campaign"
     )
+
+
+class StoredTargetSerializer(TargetSerializer):
+    device_ids = serializers.ListField(child=serializers.UUIDField(), required=False)
+
+
+class CountersSerializer(serializers.Serializer):
+    """When the campaign is finished: targeted = delivered + invalidated + failed +
+    skipped_duplicate + not_sent (campaigns/models.py)."""
+
+    targeted = serializers.IntegerField(help_text="devices planned")
+    sent = serializers.IntegerField(help_text="provider requests (a retried device counts per attempt)")
+    delivered = serializers.IntegerField()
+    delivered_after_retry = serializers.IntegerField(help_text="part of delivered")
+    retried = serializers.IntegerField(help_text="retry attempts scheduled")
+    failed = serializers.IntegerField()
+    invalidated = serializers.IntegerField(help_text="tokens the provider called dead, now deactivated")
+    skipped_duplicate = serializers.IntegerField()
+    not_sent = serializers.IntegerField(help_text="left unsent by a cancel or a halt; 0 until finished")
+
+
+class ProgressSerializer(serializers.Serializer):
+    elapsed_s = serializers.FloatField()
+    rate_per_s = serializers.FloatField(help_text="devices done per second since the start")
+    remaining = serializers.IntegerField()
+    eta = serializers.DateTimeField(allow_null=True, help_text="while running, once the rate is known")
+
+
+class StaleShareSerializer(serializers.Serializer):
+    target = serializers.IntegerField(help_text="active devices in the target")
+    unseen = serializers.IntegerField(help_text="of which not seen for `days` days")
+    days = serializers.IntegerField()
+    share = serializers.FloatField()
+
+
+class SpikeSerializer(serializers.Serializer):
+    window_sent = serializers.IntegerField()
+    window_invalid = serializers.IntegerField()
+    flagged = serializers.BooleanField()
+
+
+class CampaignHygieneSerializer(serializers.Serializer):
+    stale_at_launch = StaleShareSerializer(allow_null=True, help_text="taken when planning starts")
+    invalid_spike = serializers.DictField(
+        child=SpikeSerializer(),
+        allow_null=True,
+        help_text="per provider (apns, fcm, hms, webpush) with sends; null while Redis is unreachable",
+    )
+
+
+class FailureSerializer(serializers.Serializer):
+    platform = serializers.ChoiceField(choices=Platform.choices)
+    outcome = serializers.CharField()
+    reason = serializers.CharField()
+    count = serializers.IntegerField()
+
+
+class CampaignSerializer(serializers.Serializer):
+    """What `represent` returns (schema only; tests/test_openapi_schema.py checks real answers)."""
+
+    id = serializers.IntegerField()
+    name = serializers.CharField(allow_blank=True)
+    kind = serializers.ChoiceField(choices=Campaign.Kind.values)
+    status = serializers.ChoiceField(choices=Campaign.Status.values)
+    status_reason = serializers.CharField(allow_blank=True, help_text="why it paused, halted or failed")
+    message = PushMessageSerializer()
+    target = StoredTargetSerializer()
+    send_at = serializers.DateTimeField(allow_null=True)
+    rollout = RolloutSerializer()
+    halt_error_rate = serializers.FloatField()
+    created_at = serializers.DateTimeField()
+    started_at = serializers.DateTimeField(allow_null=True)
+    finished_at = serializers.DateTimeField(allow_null=True)
+    counters = CountersSerializer()
+    progress = ProgressSerializer()
+    hygiene = CampaignHygieneSerializer()
+    failures = FailureSerializer(many=True, help_text="the 50 most frequent outcomes by reason")
 
 
 def _spikes(campaign_id: int) -> dict[str, dict[str, Any]] | None:

@@ -1,8 +1,14 @@
-"""Campaign and direct-send endpoints (scope `send`). Another app's campaign is a 404."""
+"""Campaign and direct-send endpoints (scope `send`). Another app's campaign is a 404.
+
+Each operation's OpenAPI description (request body, every answer) is declared here with
+`extend_schema`, as tokens/views.py does for the device endpoints: these APIViews have no
+serializer_class for drf-spectacular to guess from.
+"""
 
 from __future__ import annotations
 
 from django.http import Http404
+from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import status
 from rest_framework.exceptions import APIException
 from rest_framework.request import Request
@@ -13,17 +19,28 @@ from campaigns import control, fanout
 from campaigns.models import Campaign
 from campaigns.serializers import (
     CampaignCreateSerializer,
+    CampaignSerializer,
     DirectSendSerializer,
     ResumeSerializer,
     represent,
 )
 from delivery import runtime
 from tokens.auth import SendScope
+from tokens.views import _ERROR as ERROR  # the devices' error response: one Error component in all
 
 
 class Conflict(APIException):
     status_code = status.HTTP_409_CONFLICT
     default_code = "conflict"
+
+
+def _errors(*codes: int) -> dict[int, OpenApiResponse]:
+    """The API's error shape (pushsvc/api.py) under each of `codes`; every operation authenticates."""
+    return dict.fromkeys((401, 403, 429, *codes), ERROR)
+
+
+# A JSON body is parsed (so can be refused with these) only by the operations that read one.
+_BODY_ERRORS = (400, 413, 415)
 
 
 def _campaign(request: Request, campaign_id: int) -> Campaign:
@@ -36,6 +53,17 @@ def _campaign(request: Request, campaign_id: int) -> Campaign:
 class CampaignCollectionView(APIView):
     permission_classes = [SendScope]
 
+    @extend_schema(
+        operation_id="campaigns_create",
+        summary="Create a campaign and launch it, schedule it (send_at) or keep it a draft",
+        description=(
+            "Without a target, every active device of the app. Launched now unless `draft` is true or "
+            "`send_at` is in the future (status scheduled); the answer is the campaign as stored, "
+            "planning and sending go on in the workers."
+        ),
+        request=CampaignCreateSerializer,
+        responses={201: CampaignSerializer, **_errors(*_BODY_ERRORS)},
+    )
     def post(self, request: Request) -> Response:
         serializer = CampaignCreateSerializer(data=request.data, context={"app": request.auth.app})
         serializer.is_valid(raise_exception=True)
@@ -49,12 +77,17 @@ class CampaignCollectionView(APIView):
 class CampaignDetailView(APIView):
     permission_classes = [SendScope]
 
+    @extend_schema(
+        operation_id="campaigns_retrieve",
+        summary="Read a campaign: status, counters, progress, hygiene and failures by reason",
+        responses={200: CampaignSerializer, **_errors(404)},
+    )
     def get(self, request: Request, campaign_id: int) -> Response:
         return Response(represent(_campaign(request, campaign_id)))
 
 
 class CampaignActionView(APIView):
-    """POST .../launch | pause | resume | cancel."""
+    """POST .../launch | pause | resume | cancel; one subclass per action below (for the schema)."""
 
     permission_classes = [SendScope]
     action: str = ""
@@ -89,11 +122,67 @@ class CampaignActionView(APIView):
         return Response(represent(campaign))
 
 
+def _action_schema(action: str, summary: str, **kwargs: object) -> extend_schema_view:
+    # Launch, pause and cancel read no body: they take none in the schema either.
+    kwargs.setdefault("request", None)
+    kwargs.setdefault("responses", {200: CampaignSerializer, **_errors(404, 409)})
+    return extend_schema_view(
+        post=extend_schema(operation_id=f"campaigns_{action}", summary=summary, **kwargs)
+    )
+
+
+@_action_schema("launch", "Launch a draft (now, or scheduled when its send_at is in the future)")
+class CampaignLaunchView(CampaignActionView):
+    action = "launch"
+
+
+@_action_schema("pause", "Pause a running campaign within one chunk; resume continues where it stopped")
+class CampaignPauseView(CampaignActionView):
+    action = "pause"
+
+
+@_action_schema(
+    "resume",
+    "Resume a paused or halted campaign",
+    description=(
+        "A campaign paused by the mass-prune guard resumes with `confirm_prune` to apply the invalid "
+        "answers; a halted one halts again at its next shard unless `halt_error_rate` raises the limit. "
+        "The body may be left out."
+    ),
+    request=ResumeSerializer,
+    responses={200: CampaignSerializer, **_errors(404, 409, *_BODY_ERRORS)},
+)
+class CampaignResumeView(CampaignActionView):
+    action = "resume"
+
+
+@_action_schema("cancel", "Cancel a campaign that is not finished; what is unsent stays unsent")
+class CampaignCancelView(CampaignActionView):
+    action = "cancel"
+
+
+ACTION_VIEWS: dict[str, type[CampaignActionView]] = {
+    view.action: view
+    for view in (CampaignLaunchView, CampaignPauseView, CampaignResumeView, CampaignCancelView)
+}
+
+
 class DirectSendView(APIView):
     """POST /api/v1/notifications/: up to 10,000 users or devices, on the priority queue."""
 
     permission_classes = [SendScope]
 
+    @extend_schema(
+        operation_id="notifications_send",
+        summary="Send one message now to listed users or devices (a direct campaign, priority queue)",
+        description=(
+            "Give exactly one of `user_ids` and `device_ids` (at most DIRECT_SEND_MAX_RECIPIENTS, "
+            "10,000 by default). The devices are planned in the request; the answer is the "
+            "direct campaign, to follow with GET /api/v1/campaigns/{id}/."
+        ),
+        request=DirectSendSerializer,
+        responses={202: CampaignSerializer, **_errors(*_BODY_ERRORS)},
+    )
     def post(self, request: Request) -> Response:
         serializer = DirectSendSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)

@@ -18,7 +18,9 @@ from rest_framework.views import exception_handler as drf_exception_handler
 class JSONParser(parsers.JSONParser):
     """JSON bodies through orjson, which refuses lone surrogates, NaN and nesting deeper than 1,024
     with an error message (the stdlib parser gives a RecursionError, a 500). NUL is refused too:
-    PostgreSQL text and jsonb cannot store it, so it would fail later as a database error."""
+    PostgreSQL text and jsonb cannot store it, so it would fail later as a database error. So is
+    nesting deeper than MAX_DEPTH: DRF's fields recurse over what they are given (CharField calls
+    str() on it, JSONField json.dumps), and a list 990 deep in any field was a RecursionError."""
 
     def parse(
         self, stream: IO[bytes] | None, media_type: str | None = None, parser_context: Any = None
@@ -27,24 +29,33 @@ class JSONParser(parsers.JSONParser):
             data = orjson.loads(stream.read() if stream is not None else b"")
         except orjson.JSONDecodeError as exc:
             raise ParseError(f"The body is not valid JSON: {exc}") from None
-        if _contains_nul(data):
-            raise ParseError("Text must not contain the NUL character (\\u0000).")
+        problem = _refusal(data)
+        if problem:
+            raise ParseError(problem)
         return data
 
 
-def _contains_nul(data: Any) -> bool:
-    stack = [data]
+# The deepest valid body is 3 levels (campaign > message > data); Python's recursion limit is 1,000.
+MAX_DEPTH = 32
+
+
+def _refusal(data: Any) -> str | None:
+    """Why a decoded body is refused (NUL in a string, nesting deeper than MAX_DEPTH), or None."""
+    stack = [(data, 1)]
     while stack:
-        item = stack.pop()
+        item, depth = stack.pop()
         if isinstance(item, str):
             if "\x00" in item:
-                return True
-        elif isinstance(item, dict):
-            stack.extend(item.keys())
-            stack.extend(item.values())
-        elif isinstance(item, list):
-            stack.extend(item)
-    return False
+                return "Text must not contain the NUL character (\\u0000)."
+        elif isinstance(item, dict | list):
+            if depth > MAX_DEPTH:
+                return f"The body must not nest objects or arrays deeper than {MAX_DEPTH} levels."
+            if isinstance(item, dict):
+                stack.extend((key, depth) for key in item)
+                stack.extend((value, depth + 1) for value in item.values())
+            else:
+                stack.extend((value, depth + 1) for value in item)
+    return None
 
 
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
