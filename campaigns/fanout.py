@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 PRIORITY_QUEUE = "priority"
 PLAN_BATCH = 100  # shards written and enqueued per transaction while planning
 PLAN_PUBLISHERS = 4  # threads publishing shard tasks while the planner scans on
+PLAN_LEASE_S = 60  # refreshed per batch of PLAN_BATCH shards (a second or two of scanning)
 REDIS_LOST = "redis_lost"  # _send stopped because Redis failed: record what was sent, then retry
 DEFERRED = "deferred"  # _send stopped because the provider's breaker is open: re-queue the rest later
 LEASE_RECHECK_S = 5  # a shard found leased by another run is looked at again after this long
@@ -165,13 +166,28 @@ def iter_ranges(qs: QuerySet[DeviceToken], size: int, after: int = 0) -> Iterato
 
 def plan(campaign_id: int) -> None:
     """Write and enqueue a running campaign's shards. Safe to run again after a crash: it
-    continues after the highest range already planned per platform."""
+    continues after the highest range already planned per platform. One planner at a time holds
+    the campaign's plan lease; a planner whose process died is started again by the recovery
+    sweep (campaigns/recovery.py) once its lease has run out."""
     campaign = Campaign.objects.filter(pk=campaign_id).first()
     if campaign is None or campaign.planned or campaign.status in Campaign.FINAL_STATUSES:
         return
     if campaign.status in (Campaign.Status.DRAFT, Campaign.Status.SCHEDULED):
         return
     client = runtime.redis_client()
+    lease = uuid.uuid4().hex
+    key = idempotency.plan_lease_key(campaign_id)
+    if idempotency.acquire_lease(client, key, lease, PLAN_LEASE_S):
+        return  # another planner is at work (or died: its lease runs out, then the sweep re-plans)
+    try:
+        _plan_leased(client, campaign, lease)
+    finally:
+        with contextlib.suppress(redis.RedisError):
+            idempotency.release_lease(client, key, lease)
+
+
+def _plan_leased(client, campaign: Campaign, lease: str) -> None:
+    campaign_id = campaign.pk
     size = settings.CAMPAIGN_SHARD_SIZE
     base = target_queryset(campaign)
     if campaign.stale_at_launch is None:
@@ -199,11 +215,11 @@ def plan(campaign_id: int) -> None:
                     Shard(campaign_id=campaign_id, platform=platform, queue=queue, lo=lo, hi=hi, planned=n)
                 )
                 if len(batch) >= PLAN_BATCH:
-                    cancelled = not _flush(client, pool, published, campaign_id, batch)
+                    cancelled = not _flush(client, pool, published, campaign_id, batch, lease)
                     batch = []
                     if cancelled:
                         break
-            if cancelled or (batch and not _flush(client, pool, published, campaign_id, batch)):
+            if cancelled or (batch and not _flush(client, pool, published, campaign_id, batch, lease)):
                 cancelled = True
                 break
         for future in published:
@@ -231,12 +247,18 @@ def _record_stale_share(campaign: Campaign, target: QuerySet[DeviceToken]) -> No
 
 
 def _flush(
-    client, pool: ThreadPoolExecutor, published: list[Future[None]], campaign_id: int, batch: list[Shard]
+    client,
+    pool: ThreadPoolExecutor,
+    published: list[Future[None]],
+    campaign_id: int,
+    batch: list[Shard],
+    lease: str,
 ) -> bool:
     """Write a batch of shards, count them outstanding, hand them to the publishers.
     False once the campaign is cancelled."""
     if control.current_state(client, campaign_id) == control.CANCELLED:
         return False
+    idempotency.refresh_lease(client, idempotency.plan_lease_key(campaign_id), lease, PLAN_LEASE_S)
     with transaction.atomic():
         Shard.objects.bulk_create(batch)
         Campaign.objects.filter(pk=campaign_id).update(
@@ -313,7 +335,9 @@ def run_shard(shard_id: int) -> None:
         return
 
     token = uuid.uuid4().hex
-    busy_for = idempotency.acquire_lease(client, shard.pk, token, settings.CAMPAIGN_SHARD_LEASE_S)
+    busy_for = idempotency.acquire_lease(
+        client, idempotency.lease_key(shard.pk), token, settings.CAMPAIGN_SHARD_LEASE_S
+    )
     if busy_for:
         # Another run holds the shard (or died holding it): look again shortly; a live holder
         # finishes or parks it, a dead one's lease runs out.
@@ -324,7 +348,7 @@ def run_shard(shard_id: int) -> None:
     finally:
         # Redis away: the lease expires on its own (or went with the restart).
         with contextlib.suppress(redis.RedisError):
-            idempotency.release_lease(client, shard.pk, token)
+            idempotency.release_lease(client, idempotency.lease_key(shard.pk), token)
 
 
 def _run_leased(client, shard: Shard, campaign: Campaign, token: str) -> None:
@@ -439,7 +463,9 @@ def _send(
                 if wait > 0:
                     time.sleep(wait)
                     pipe = client.pipeline(transaction=False)
-                    idempotency.refresh_lease(pipe, shard.pk, lease, settings.CAMPAIGN_SHARD_LEASE_S)
+                    idempotency.refresh_lease(
+                        pipe, idempotency.lease_key(shard.pk), lease, settings.CAMPAIGN_SHARD_LEASE_S
+                    )
                     pipe.execute()
             except redis.RedisError:
                 return REDIS_LOST, start, 0.0
@@ -585,7 +611,7 @@ def _checkpoint(
     throttled. Returns (state, seconds to wait, the breaker's verdict)."""
     pipe = client.pipeline(transaction=False)
     pipe.get(control.flag_key(campaign.pk))
-    idempotency.refresh_lease(pipe, shard.pk, lease, settings.CAMPAIGN_SHARD_LEASE_S)
+    idempotency.refresh_lease(pipe, idempotency.lease_key(shard.pk), lease, settings.CAMPAIGN_SHARD_LEASE_S)
     circuit.queue_check(pipe, campaign.app_id, shard.platform, lease, *report)
     bucket.queue_reserve(
         pipe,

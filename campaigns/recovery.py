@@ -12,8 +12,13 @@ Redis was down exists only as a row. `republish_lost` publishes again every pend
   a big campaign's backlog must not be published twice every sweep.
 
 A message published twice is harmless: the shard's lease keeps two runs from overlapping and the
-run that finds it no longer PENDING does nothing (campaigns/fanout.py). Unplanned campaigns are
-not re-planned here: a planner still running would race a second one.
+run that finds it no longer PENDING does nothing (campaigns/fanout.py).
+
+A planner can be lost too (its process killed, its message dropped by a Redis restart, or
+redelivered while the dead planner's lease still held, which acknowledges it with nothing
+done). `replan_lost` publishes the planning task again for a started, unplanned campaign whose
+plan lease is free after the grace; planning continues after the ranges already written, and the
+lease keeps a second planner from racing one that is alive.
 
 Duplicates after Redis lost its data: the idempotency bitmap is gone with it, so a re-run cannot
 ask Redis which devices are finished. It does not need to: a shard whose Redis calls fail
@@ -101,11 +106,35 @@ def republish_lost(client: redis.Redis, broker: redis.Redis | None = None) -> in
                 published += 1
 
 
+def replan_lost(client: redis.Redis) -> int:
+    """Publish the planning task again for started campaigns whose planner is gone; how many."""
+    from campaigns.fanout import enqueue_plan
+
+    cutoff = timezone.now() - timedelta(seconds=grace_s())
+    unplanned = list(
+        Campaign.objects.filter(
+            planned=False,
+            started_at__lte=cutoff,
+            status__in=(Campaign.Status.RUNNING, Campaign.Status.PAUSED, Campaign.Status.HALTED),
+        ).values_list("id", flat=True)[:_BATCH]
+    )
+    pipe = client.pipeline(transaction=False)
+    for campaign_id in unplanned:
+        pipe.exists(idempotency.plan_lease_key(campaign_id))
+    lost = [campaign_id for campaign_id, leased in zip(unplanned, pipe.execute(), strict=True) if not leased]
+    for campaign_id in lost:
+        enqueue_plan(campaign_id)
+    if lost:
+        logger.warning("recovery: planning again %s campaign(s) whose planner was lost", len(lost))
+    return len(lost)
+
+
 def sweep(client: redis.Redis) -> int:
-    """`republish_lost`, at most once per interval across all callers."""
+    """`replan_lost` and `republish_lost`, at most once per interval across all callers; how many
+    tasks were published again."""
     if not client.set(LOCK_KEY, "1", nx=True, ex=max(int(interval_s()), 1)):
         return 0
-    return republish_lost(client, _broker_client())
+    return replan_lost(client) + republish_lost(client, _broker_client())
 
 
 def _broker_client() -> redis.Redis | None:

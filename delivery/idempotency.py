@@ -94,16 +94,22 @@ def lease_key(shard_id: int) -> str:
     return f"pushsvc:shard-lease:{shard_id}"
 
 
-def acquire_lease(client: redis.Redis, shard_id: int, token: str, ttl_s: int) -> int:
-    """0 when `token` now holds the shard's lease, else the seconds the current holder has left."""
-    if client.set(lease_key(shard_id), token, nx=True, ex=ttl_s):
+def plan_lease_key(campaign_id: int) -> str:
+    """The planner's lease: one planning run per campaign; a dead planner's lease runs out and
+    the recovery sweep (campaigns/recovery.py) starts planning again where it stopped."""
+    return f"pushsvc:plan-lease:{campaign_id}"
+
+
+def acquire_lease(client: redis.Redis, key: str, token: str, ttl_s: int) -> int:
+    """0 when `token` now holds lease `key`, else the seconds the current holder has left."""
+    if client.set(key, token, nx=True, ex=ttl_s):
         return 0
-    return max(int(client.ttl(lease_key(shard_id))), 1)
+    return max(int(client.ttl(key)), 1)
 
 
-def refresh_lease(pipe: redis.client.Pipeline, shard_id: int, token: str, ttl_s: int) -> None:
-    pipe.set(lease_key(shard_id), token, xx=True, ex=ttl_s)
+def refresh_lease(pipe: redis.Redis | redis.client.Pipeline, key: str, token: str, ttl_s: int) -> None:
+    pipe.set(key, token, xx=True, ex=ttl_s)
 
 
-def release_lease(client: redis.Redis, shard_id: int, token: str) -> None:
-    client.eval(_RELEASE, 1, lease_key(shard_id), token)
+def release_lease(client: redis.Redis, key: str, token: str) -> None:
+    client.eval(_RELEASE, 1, key, token)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import uuid
 from datetime import timedelta
 
 import pytest
@@ -80,3 +81,67 @@ def test_a_sweep_runs_once_per_interval(redis_client) -> None:
     redis_client.delete(recovery.LOCK_KEY)  # the interval is over
     assert recovery.sweep(redis_client) == 1
     assert _published(redis_client, "apns") == [lost.pk]
+
+
+def _planning(redis_client) -> list[int]:
+    """Campaign ids of the plan_campaign messages on the default queue."""
+    ids = []
+    for raw in redis_client.lrange("default", 0, -1):
+        envelope = json.loads(raw)
+        assert envelope["headers"]["task"] == "delivery.tasks.plan_campaign"
+        args, _kwargs, _embed = json.loads(base64.b64decode(envelope["body"]))
+        ids.append(args[0])
+    return ids
+
+
+def test_a_lost_planner_is_started_again_and_a_live_one_left_alone(redis_client) -> None:
+    app = make_app()
+    long_ago = timezone.now() - timedelta(seconds=recovery.grace_s() + 60)
+
+    def campaign(**fields) -> Campaign:
+        values = {"status": Campaign.Status.RUNNING, "started_at": long_ago, "planned": False, **fields}
+        return Campaign.objects.create(app=app, message={"title": "x"}, **values)
+
+    lost = campaign()
+    lost_while_paused = campaign(status=Campaign.Status.PAUSED)
+    planning = campaign()
+    just_started = campaign(started_at=timezone.now())
+    planned = campaign(planned=True)
+    finished = campaign(status=Campaign.Status.COMPLETED)
+    redis_client.set(idempotency.plan_lease_key(planning.pk), "a live planner")
+
+    assert recovery.replan_lost(redis_client) == 2
+    assert sorted(_planning(redis_client)) == sorted([lost.pk, lost_while_paused.pk])
+    assert {planning.pk, just_started.pk, planned.pk, finished.pk}.isdisjoint(_planning(redis_client))
+
+
+def test_one_planner_at_a_time_and_the_lease_is_released_when_done(redis_client) -> None:
+    from campaigns import fanout
+    from tokens.models import DeviceToken
+    from tokens.testing import apns_token
+
+    app = make_app()
+    tokens = [apns_token() for _ in range(5)]
+    DeviceToken.objects.bulk_create(
+        DeviceToken(
+            app=app, device_id=uuid.uuid4(), platform="ios", token=t, token_hash=DeviceToken.hash_token(t)
+        )
+        for t in tokens
+    )
+    campaign = Campaign.objects.create(
+        app=app,
+        message={"title": "x"},
+        status=Campaign.Status.RUNNING,
+        started_at=timezone.now(),
+        outstanding=1,
+    )
+    key = idempotency.plan_lease_key(campaign.pk)
+    redis_client.set(key, "a live planner", ex=60)
+    fanout.plan(campaign.pk)
+    assert not Shard.objects.filter(campaign=campaign).exists()  # left to the live planner
+
+    redis_client.delete(key)  # it died; its lease ran out
+    fanout.plan(campaign.pk)
+    campaign.refresh_from_db()
+    assert campaign.planned and Shard.objects.filter(campaign=campaign).count() == 1
+    assert not redis_client.exists(key)
