@@ -357,13 +357,10 @@ def _run_leased(client, shard: Shard, campaign: Campaign, token: str) -> None:
         return  # the run that held the lease before us finished or parked it
     devices = _load(shard, campaign)
     first_run = not shard.is_child and shard.loaded is None
+    # Delivered by an earlier run that died before recording them (delivery/idempotency.py).
     already = idempotency.finished(client, campaign.pk, [d.pk for d in devices])
     todo = [d for d in devices if d.pk not in already]
-    results = ShardResults(
-        attempt=shard.attempt,
-        max_attempts=settings.CAMPAIGN_MAX_ATTEMPTS,
-        skipped_duplicate=len(already),
-    )
+    results = ShardResults(attempt=shard.attempt, max_attempts=settings.CAMPAIGN_MAX_ATTEMPTS)
     park: str | None = None
     done_upto = 0
     defer_s = 0.0
@@ -376,8 +373,9 @@ def _run_leased(client, shard: Shard, campaign: Campaign, token: str) -> None:
         rest_lo = todo[done_upto - 1].pk if done_upto else shard.lo
         rest_ids = [d.pk for d in todo[done_upto:]]
         if shard.is_range:
-            # Finished devices beyond the new lower bound are met (and counted) again on resume.
-            results.skipped_duplicate = sum(1 for pk in already if rest_lo is not None and pk <= rest_lo)
+            # Those beyond the new lower bound are met (and counted) again on resume.
+            already = {pk for pk in already if pk <= rest_lo}
+    results.recover(already)
     applied = apply_shard_run(
         shard,
         results,
@@ -500,12 +498,12 @@ def _send(
                     )  # the answers are in hand: record them, then stop
                 hold_invalid = guard_verdict == HOLD
                 guard_armed = guard_verdict != PASSED
-            final = results.add(chunk, answers, hold_invalid=hold_invalid and invalid > 0, outage=outage)
+            delivered = results.add(chunk, answers, hold_invalid=hold_invalid and invalid > 0, outage=outage)
             start += len(chunk)
             try:
                 if redis_lost:
                     raise redis.ConnectionError("prune guard unreachable")
-                idempotency.mark_finished(client, campaign.pk, final)
+                idempotency.mark_finished(client, campaign.pk, delivered)
             except redis.RedisError:
                 return REDIS_LOST, start, 0.0
             if hold_invalid and invalid:

@@ -4,11 +4,13 @@ A campaign's counters are written only in bulk: each shard run adds its tallies 
 `UPDATE ... SET delivered = delivered + n, ...` (see delivery/results.py), never per token.
 When a campaign is finished they add up:
 
-    targeted = delivered + invalidated + failed + skipped_duplicate + not_sent
+    targeted = delivered + invalidated + failed + not_sent
 
 where `not_sent` is what a cancel or a halt left unsent (see `Campaign.not_sent`).
-`delivered_after_retry` is a part of `delivered`; `sent` counts provider requests (a retried
-device counts once per attempt) and `retried` counts retry attempts scheduled.
+`delivered_after_retry` and `skipped_duplicate` are parts of `delivered`: the second counts
+devices delivered by a run that died before recording them, found in the idempotency bitmap by
+the re-run and not sent again. `sent` counts provider requests (a retried device counts once per
+attempt) and `retried` counts retry attempts scheduled.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ class Campaign(models.Model):
 
     @property
     def processed(self) -> int:
-        return self.delivered + self.invalidated + self.failed + self.skipped_duplicate
+        return self.delivered + self.invalidated + self.failed
 
     @property
     def not_sent(self) -> int:

@@ -279,8 +279,8 @@ class StoredTargetSerializer(TargetSerializer):
 
 
 class CountersSerializer(serializers.Serializer):
-    """When the campaign is finished: targeted = delivered + invalidated + failed +
-    skipped_duplicate + not_sent (campaigns/models.py)."""
+    """When the campaign is finished: targeted = delivered + invalidated + failed + not_sent
+    (campaigns/models.py)."""
 
     targeted = serializers.IntegerField(help_text="devices planned")
     sent = serializers.IntegerField(help_text="provider requests (a retried device counts per attempt)")
@@ -289,7 +289,9 @@ class CountersSerializer(serializers.Serializer):
     retried = serializers.IntegerField(help_text="retry attempts scheduled")
     failed = serializers.IntegerField()
     invalidated = serializers.IntegerField(help_text="tokens the provider called dead, now deactivated")
-    skipped_duplicate = serializers.IntegerField()
+    skipped_duplicate = serializers.IntegerField(
+        help_text="part of delivered: delivered by a worker that died before recording it, not sent again"
+    )
     not_sent = serializers.IntegerField(help_text="left unsent by a cancel or a halt; 0 until finished")
 
 

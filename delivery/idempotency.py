@@ -1,10 +1,13 @@
-"""At-most-once per (campaign, device): a Redis bitmap of the devices a campaign has finished.
+"""At-most-once delivery per (campaign, device): a Redis bitmap of the devices a campaign delivered.
 
-A device's bit is set as soon as its result is final (delivered, invalid, rejected, dead-lettered),
-one chunk at a time, before the shard records its counters. A shard that is run again (the broker
-redelivered it after a worker died, or a crash hit between sending and recording) checks the
-bitmap first and skips every finished device, so only the requests that were in flight when the
-process died can be repeated. Devices waiting for a retry have no bit: their retry shard sends them.
+A device's bit is set as soon as the provider accepted its message, one chunk at a time, before
+the shard records its counters. A shard that is run again (the broker redelivered it after a
+worker died, or a crash hit between sending and recording) checks the bitmap first: it skips
+every delivered device and counts it delivered (the dead run could not), so only the requests
+that were in flight when the process died can be repeated. Other answers leave no bit: a re-run
+sends to an invalid, rejected or dead-lettered device again, which repeats nothing on the phone
+and records its answer (a deactivation, a dead letter) that the dead run never wrote. Devices
+waiting for a retry have no bit either: their retry shard sends them.
 
 Device ids are bigints; the bitmap is split into blocks of 2^24 ids (2 MiB each at most) so that
 ids beyond BITFIELD's 2^32 offsets work and a sparse id space costs only the blocks it touches.

@@ -31,6 +31,7 @@ import hashlib
 import logging
 import random
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -80,16 +81,17 @@ class ShardResults:
     retry_after: float = 0.0
     held: list[int] = field(default_factory=list)  # auth failure or mass-prune guard: send again on resume
     held_invalid: int = 0  # invalid answers held by the mass-prune guard (in `held`, not `invalid`)
-    skipped_duplicate: int = 0
+    recovered: int = 0  # of `delivered`: delivered by an earlier run that died before recording them
     tallies: Counter = field(default_factory=Counter)  # (outcome, reason) -> devices
     auth_reason: str = ""
 
     def add(
         self, devices: list[Device], results: list[Result], *, hold_invalid: bool, outage: bool = False
     ) -> list[int]:
-        """Sort one chunk's results; returns the device pks whose result is final. `outage`: the
-        chunk was failed by a provider outage, so its retries spend no attempt."""
-        final: list[int] = []
+        """Sort one chunk's results; returns the device pks it delivered (never to be sent again:
+        delivery/idempotency.py). `outage`: the chunk was failed by a provider outage, so its
+        retries spend no attempt."""
+        delivered: list[int] = []
         last_attempt = self.attempt + 1 >= self.max_attempts and not outage
         self.sent += len(results)
         observed_at = timezone.now()
@@ -101,7 +103,7 @@ class ShardResults:
             reason = detail.split(": ", 1)[0]
             if outcome == Outcome.DELIVERED:
                 self.delivered.append(device.pk)
-                final.append(device.pk)
+                delivered.append(device.pk)
                 continue
             if outcome == Outcome.INVALID_TOKEN:
                 if hold_invalid:
@@ -110,15 +112,12 @@ class ShardResults:
                     continue
                 token_hash = hashlib.sha256(device.token.encode()).hexdigest()
                 self.invalid.append((device.pk, token_hash, reason, result.invalid_since, observed_at))
-                final.append(device.pk)
             elif outcome == Outcome.REJECTED:
                 self.rejected.append((device.pk, detail))
-                final.append(device.pk)
             elif outcome == Outcome.RETRY:
                 if last_attempt:
                     self.dead.append((device, detail, result.status))
                     self.tallies[(DEAD_LETTER, reason)] += 1
-                    final.append(device.pk)
                     continue
                 (self.retry_outage if outage else self.retry).append(device.pk)
                 self.retry_after = max(self.retry_after, result.retry_after or 0.0)
@@ -126,7 +125,15 @@ class ShardResults:
                 self.held.append(device.pk)
                 self.auth_reason = self.auth_reason or reason
             self.tallies[(str(outcome), reason)] += 1
-        return final
+        return delivered
+
+    def recover(self, device_pks: Iterable[int]) -> None:
+        """Devices the idempotency bitmap says were delivered by an earlier run of this shard that
+        died before recording them: not sent again, counted delivered now."""
+        pks = list(device_pks)
+        self.delivered.extend(pks)
+        self.recovered += len(pks)
+        self.sent += len(pks)
 
     @property
     def failed(self) -> int:
@@ -241,7 +248,7 @@ def apply_shard_run(
             "failed": F("failed") + results.failed,
             "invalidated": F("invalidated") + len(results.invalid),
             "retried": F("retried") + results.retried,
-            "skipped_duplicate": F("skipped_duplicate") + results.skipped_duplicate,
+            "skipped_duplicate": F("skipped_duplicate") + results.recovered,
             "outstanding": F("outstanding") + outstanding_delta,
         }
         if results.attempt > 0:

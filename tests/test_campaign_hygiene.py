@@ -122,3 +122,41 @@ def test_campaign_invalidations_are_audited_and_shown_on_the_api(fresh_sim, star
     assert spikes["fcm"]["window_sent"] == 200 and spikes["fcm"]["window_invalid"] == 8
     # 4% invalid is the normal weather, not a spike.
     assert not spikes["apns"]["flagged"] and not spikes["fcm"]["flagged"]
+
+
+def test_only_deliveries_are_never_sent_again_and_a_re_run_counts_them_delivered(redis_client) -> None:
+    """After a crash the re-run skips (and counts) what the dead run delivered, but sends to the
+    devices it found invalid again: their deactivation was never written (delivery/idempotency.py)."""
+    app = make_app()
+    rows = [
+        DeviceToken.objects.create(app=app, device_id=uuid.uuid4(), platform="android", token=fcm_token())
+        for _ in range(3)
+    ]
+    campaign = Campaign.objects.create(
+        app=app, message=MESSAGE, status=Campaign.Status.RUNNING, planned=True, outstanding=1
+    )
+    shard = Shard.objects.create(
+        campaign=campaign, platform="android", queue="fcm", device_ids=[r.pk for r in rows], planned=3
+    )
+    devices = [Device(r.pk, r.token, "", "", r.device_id) for r in rows]
+    answers = [
+        Result(Target(devices[0].pk, devices[0].token), Outcome.DELIVERED, 200),
+        Result(Target(devices[1].pk, devices[1].token), Outcome.INVALID_TOKEN, 404, "UNREGISTERED"),
+        Result(Target(devices[2].pk, devices[2].token), Outcome.REJECTED, 400, "INVALID_ARGUMENT"),
+    ]
+    # The dead run: what it would have marked in the bitmap.
+    assert ShardResults(attempt=0, max_attempts=3).add(devices, answers, hold_invalid=False) == [rows[0].pk]
+
+    # The re-run: device 0 is in the bitmap; 1 and 2 are sent again and answer the same.
+    results = ShardResults(attempt=0, max_attempts=3)
+    results.add(devices[1:], answers[1:], hold_invalid=False)
+    results.recover([rows[0].pk])
+    apply_shard_run(shard, results, loaded=3, park=None, rest_lo=None, rest_ids=None)
+
+    campaign.refresh_from_db()
+    counters = (campaign.delivered, campaign.skipped_duplicate, campaign.invalidated, campaign.failed)
+    assert counters == (1, 1, 1, 1)
+    assert campaign.processed == 3  # every device once
+    assert campaign.sent == 3
+    assert not DeviceToken.objects.get(pk=rows[1].pk).is_active
+    assert DeviceToken.objects.get(pk=rows[0].pk).last_success_at is not None

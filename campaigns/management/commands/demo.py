@@ -179,7 +179,7 @@ class Command(BaseCommand):
 
     def _progress(self, campaign: dict[str, Any]) -> None:
         c = campaign["counters"]
-        done = c["delivered"] + c["invalidated"] + c["failed"] + c["skipped_duplicate"]
+        done = c["delivered"] + c["invalidated"] + c["failed"]
         total = max(c["targeted"], 1)
         width = 40
         filled = int(width * min(done / total, 1.0))
