@@ -38,20 +38,27 @@ def _audit(campaign_id: int) -> list[tuple[int, str, str, str, bool]]:
         return cursor.fetchall()
 
 
-def test_a_token_rotated_after_the_shard_loaded_it_stays_active(redis_client) -> None:
+def _one_shard_campaign(devices: int = 3) -> tuple[list[DeviceToken], Campaign, Shard, list[Device]]:
+    """A running campaign of one list shard over `devices` new Android devices, and the devices
+    as the shard loaded them."""
     app = make_app()
     rows = [
         DeviceToken.objects.create(app=app, device_id=uuid.uuid4(), platform="android", token=fcm_token())
-        for _ in range(3)
+        for _ in range(devices)
     ]
     campaign = Campaign.objects.create(
         app=app, message=MESSAGE, status=Campaign.Status.RUNNING, planned=True, outstanding=1
     )
     shard = Shard.objects.create(
-        campaign=campaign, platform="android", queue="fcm", device_ids=[r.pk for r in rows], planned=3
+        campaign=campaign, platform="android", queue="fcm", device_ids=[r.pk for r in rows], planned=devices
     )
-    # What the shard loaded and sent to: the tokens as they were then.
-    loaded = [Device(r.pk, r.token, "", "", r.device_id) for r in rows]
+    return rows, campaign, shard, [Device(r.pk, r.token, "", "", r.device_id) for r in rows]
+
+
+def test_a_token_rotated_after_the_shard_loaded_it_stays_active(redis_client) -> None:
+    # `loaded`: what the shard loaded and sent to, the tokens as they were then.
+    rows, campaign, shard, loaded = _one_shard_campaign()
+    app = campaign.app
 
     # The app on device 0 gets a new FCM token while the request to the old one is in flight.
     rotated = rows[0]
@@ -127,18 +134,7 @@ def test_campaign_invalidations_are_audited_and_shown_on_the_api(fresh_sim, star
 def test_only_deliveries_are_never_sent_again_and_a_re_run_counts_them_delivered(redis_client) -> None:
     """After a crash the re-run skips (and counts) what the dead run delivered, but sends to the
     devices it found invalid again: their deactivation was never written (delivery/idempotency.py)."""
-    app = make_app()
-    rows = [
-        DeviceToken.objects.create(app=app, device_id=uuid.uuid4(), platform="android", token=fcm_token())
-        for _ in range(3)
-    ]
-    campaign = Campaign.objects.create(
-        app=app, message=MESSAGE, status=Campaign.Status.RUNNING, planned=True, outstanding=1
-    )
-    shard = Shard.objects.create(
-        campaign=campaign, platform="android", queue="fcm", device_ids=[r.pk for r in rows], planned=3
-    )
-    devices = [Device(r.pk, r.token, "", "", r.device_id) for r in rows]
+    rows, campaign, shard, devices = _one_shard_campaign()
     answers = [
         Result(Target(devices[0].pk, devices[0].token), Outcome.DELIVERED, 200),
         Result(Target(devices[1].pk, devices[1].token), Outcome.INVALID_TOKEN, 404, "UNREGISTERED"),
