@@ -1,5 +1,5 @@
 """import_tokens on real PostgreSQL: COPY path and the batched (SQLite) path, bad rows, duplicates,
-token moves, re-activation."""
+token moves, re-activation; the COPY path's fast row check against the validator."""
 
 from __future__ import annotations
 
@@ -11,10 +11,15 @@ from pathlib import Path
 import pytest
 from django.core.management import CommandError, call_command
 from django.utils import timezone
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
+from tokens import importer
 from tokens.management.commands import import_tokens
 from tokens.models import DeviceToken
 from tokens.testing import apns_token, fcm_token, make_app, web_keys, write_tokens_csv
+from tokens.validation import RegistrationError, validate_registration
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -35,17 +40,17 @@ def run(path: str, slug: str, *, batched: bool = False) -> tuple[str, str, Excep
     try:
         if batched:
             # The SQLite path is plain portable SQL: run it against PostgreSQL too.
-            import_tokens.Command._load_postgresql = import_tokens.Command._load_batched
+            import_tokens.Command._uses_copy = lambda self: False
         call_command("import_tokens", path, app=slug, stdout=out, stderr=err)
     except CommandError as exc:
         error = exc
     finally:
-        import_tokens.Command._load_postgresql = _ORIGINAL_PG_LOADER
+        import_tokens.Command._uses_copy = _ORIGINAL_USES_COPY
     assert import_tokens.connection.vendor == original
     return out.getvalue(), err.getvalue(), error
 
 
-_ORIGINAL_PG_LOADER = import_tokens.Command._load_postgresql
+_ORIGINAL_USES_COPY = import_tokens.Command._uses_copy
 
 
 @pytest.fixture(params=["copy", "batched"])
@@ -235,3 +240,95 @@ def test_import_racing_an_api_registration_of_the_same_token(tmp_path):
     assert "imported 1 rows" in out
     rows = list(DeviceToken.objects.filter(app=app).values_list("device_id", "user_id"))
     assert rows == [(csv_device, "from-csv")]
+
+
+def validator_line(line: int, fields: list[str]) -> str | None:
+    try:
+        return importer.copy_line(line, validate_registration(importer.registration_body(fields)))
+    except RegistrationError:
+        return None
+
+
+# Each column drawn from valid values and from values one rule away from valid (and a few that
+# only the validator accepts), so the fast path meets every border of every rule.
+_HEX_TOKEN = st.integers(min_value=58, max_value=206).flatmap(
+    lambda n: st.text(alphabet="0123456789abcdefABCDEFg", min_size=n, max_size=n)
+)
+_FIELDS = st.tuples(
+    st.one_of(
+        st.uuids().map(str),
+        st.uuids().map(lambda u: str(u).upper()),
+        st.uuids().map(lambda u: "{" + str(u) + "}"),
+        st.uuids().map(lambda u: u.hex),
+        st.uuids().map(lambda u: str(u) + " "),
+        st.text(max_size=40),
+    ),
+    st.sampled_from(["ios", "android", "huawei", "web", "IOS", "palm", ""]),
+    st.one_of(
+        _HEX_TOKEN,
+        st.text(alphabet=st.characters(min_codepoint=0x1F, max_codepoint=0x80), min_size=0, max_size=60),
+        st.just("a" * 4096),
+        st.just("a" * 4097),
+        st.just("ab\\cd:APA91b"),
+    ),
+    st.one_of(st.text(max_size=8), st.just("x" * 255), st.just("x" * 256), st.just("u\\1"), st.just("é\t")),
+    st.one_of(st.just([]), st.lists(st.text(max_size=40), min_size=1, max_size=4)),
+    st.one_of(
+        st.sampled_from(["", "en", "en-US", "pt_BR", "zh-Hant-TW", "en-", "e1", "x" * 36, "abcdefghi"]),
+        st.from_regex(r"[A-Za-z]{1,8}(?:[-_][A-Za-z0-9]{1,8}){0,5}", fullmatch=True),
+    ),
+)
+
+
+@hypothesis_settings(max_examples=3000, deadline=None)
+@given(_FIELDS)
+def test_fast_row_check_agrees_with_the_validator(drawn):
+    device_id, platform, token, user_id, extra, locale = drawn
+    fields = [device_id, platform, token, user_id, *extra]
+    if len(fields) >= 6:
+        fields[5] = locale
+    fast = importer.fast_copy_line(7, fields)
+    # The fast path may pass a row on to the validator, never accept what it refuses or render
+    # a row differently.
+    assert fast is None or fast == validator_line(7, fields)
+
+
+def test_fast_row_check_takes_the_common_rows(tmp_path):
+    path = tmp_path / "sample.csv"
+    write_tokens_csv(str(path), 300)
+    with path.open(newline="") as handle:
+        rows = list(csv.reader(handle))[1:]
+    rows.append([str(uuid.uuid4()), "ios", apns_token().upper(), "u", "1.0", "pt_BR", "ignored", "x"])
+    rows.append([str(uuid.uuid4()), "android", "ab\\cd:APA91b", "a\\b", "", ""])
+    for line, fields in enumerate(rows, 2):
+        assert importer.fast_copy_line(line, fields) == validator_line(line, fields) is not None
+
+
+def test_backslashes_and_unicode_survive_copy(tmp_path):
+    app = make_app()
+    device = str(uuid.uuid4())
+    token = fcm_token() + "\\x"
+    rows = [(device, "android", token, "usér\\1", "v\\2", "de-CH")]
+    _, err, error = run(write(tmp_path / "t.csv", rows), app.slug)
+    assert error is None, err
+    row = DeviceToken.objects.get(app=app)
+    assert (row.token, row.user_id, row.app_version, row.locale) == (token, "usér\\1", "v\\2", "de-CH")
+    assert row.token_hash == DeviceToken.hash_token(token)
+
+
+def test_new_and_known_devices_in_one_file(tmp_path):
+    """Known devices take the upsert, new ones the plain insert; both from one file, in one step."""
+    app = make_app()
+    known = [(str(uuid.uuid4()), "ios", apns_token(), "old") for _ in range(3)]
+    run(write(tmp_path / "a.csv", known), app.slug)
+    created = dict(DeviceToken.objects.filter(app=app).values_list("device_id", "created_at"))
+    fresh = [(str(uuid.uuid4()), "android", fcm_token(), "new") for _ in range(4)]
+    rotated = [(device, "ios", apns_token(), "again") for device, *_ in known]
+    out, err, error = run(write(tmp_path / "b.csv", rotated + fresh), app.slug)
+    assert error is None, err
+    assert "imported 7 rows" in out and "4 new devices, 3 updated" in out
+    stored = {str(d.device_id): d for d in DeviceToken.objects.filter(app=app)}
+    assert {device: (d.token, d.user_id) for device, d in stored.items()} == {
+        row[0]: (row[2], row[3]) for row in rotated + fresh
+    }
+    assert all(stored[str(device)].created_at == at for device, at in created.items())
