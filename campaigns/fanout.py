@@ -26,6 +26,7 @@ import uuid
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from datetime import timedelta
+from typing import NamedTuple
 
 import redis
 from django.conf import settings
@@ -432,7 +433,7 @@ def _send(
     guard_armed = not campaign.prune_confirmed
     # The previous chunk's throttled answers and its breaker report ride on the next checkpoint
     # (delivery/ratelimit.py, delivery/breaker.py); the last chunk's go out on their own.
-    throttle: tuple[int, float] = (0, 0.0)
+    throttle = NOT_THROTTLED
     report: tuple[str, float] = ("", 0.0)
     start = 0
     try:
@@ -442,7 +443,7 @@ def _send(
                 state, wait, verdict = _checkpoint(
                     client, bucket, circuit, campaign, shard, provider_rate, reserved, lease, throttle, report
                 )
-                throttle, report = (0, 0.0), ("", 0.0)
+                throttle, report = NOT_THROTTLED, ("", 0.0)
                 if state != control.RUNNING:
                     if verdict.action == breaker.PROBE:
                         report = (breaker.RELEASE, 0.0)
@@ -529,20 +530,19 @@ def _last_reports(
     shard: Shard,
     provider_rate: float,
     lease: str,
-    throttle: tuple[int, float],
+    throttle: Throttle,
     report: tuple[str, float],
 ) -> None:
     """The last chunk's throttling and breaker reports, which had no next checkpoint to ride on.
     Best effort: with Redis away they are lost, and the bucket and breaker heal on their own."""
     with contextlib.suppress(redis.RedisError):
-        if throttle[0]:
+        if throttle.hits:
             bucket.reserve(
                 provider_key(campaign.app_id, shard.platform),
                 provider_rate,
                 0,
                 adaptive=True,
-                throttled=throttle[0],
-                retry_after=throttle[1],
+                **throttle.report(),
             )
         if report[0]:
             circuit.report(campaign.app_id, shard.platform, lease, *report)
@@ -576,19 +576,33 @@ def _refund(bucket: TokenBucket, campaign: Campaign, shard: Shard, provider_rate
         bucket.refund(campaign_key(campaign.pk), _rollout_now(campaign), n)
 
 
-def _throttled(answers: list[Result]) -> tuple[int, float]:
-    """(answers the provider throttled, their largest Retry-After), or (0, 0) below
-    THROTTLE_MIN_SHARE of the chunk: APNs answers 429 for one device sent to too often, FCM
-    QUOTA_EXCEEDED for one device's quota too; a few of those say nothing about the sender's rate,
-    and cutting the shared rate for them would starve the whole campaign."""
+class Throttle(NamedTuple):
+    """A chunk's throttling report for the provider's adaptive bucket (delivery/ratelimit.py)."""
+
+    hits: int  # answers the provider throttled
+    retry_after: float  # their largest Retry-After
+    answered: int  # answers in the chunk
+
+    def report(self) -> dict[str, float]:
+        return {"throttled": self.hits, "retry_after": self.retry_after, "answered": self.answered}
+
+
+NOT_THROTTLED = Throttle(0, 0.0, 0)
+
+
+def _throttled(answers: list[Result]) -> Throttle:
+    """The chunk's throttling, or NOT_THROTTLED below THROTTLE_MIN_SHARE of the chunk: APNs
+    answers 429 for one device sent to too often, FCM QUOTA_EXCEEDED for one device's quota too;
+    a few of those say nothing about the sender's rate, and cutting the shared rate for them
+    would starve the whole campaign."""
     hits = [
         a
         for a in answers
         if a.outcome == Outcome.RETRY and (a.status == 429 or a.reason.split(":", 1)[0] in THROTTLE_REASONS)
     ]
     if not hits or len(hits) < THROTTLE_MIN_SHARE * len(answers):
-        return 0, 0.0
-    return len(hits), max((a.retry_after or 0.0 for a in hits), default=0.0)
+        return NOT_THROTTLED
+    return Throttle(len(hits), max((a.retry_after or 0.0 for a in hits), default=0.0), len(answers))
 
 
 def _checkpoint(
@@ -600,7 +614,7 @@ def _checkpoint(
     provider_rate: float,
     n: int,
     lease: str,
-    throttle: tuple[int, float] = (0, 0.0),
+    throttle: Throttle = NOT_THROTTLED,
     report: tuple[str, float] = ("", 0.0),
 ) -> tuple[str, float, breaker.Verdict]:
     """Between two chunks, in one round trip: the campaign's control flag, the shard's lease, the
@@ -617,8 +631,7 @@ def _checkpoint(
         provider_rate,
         n,
         adaptive=True,
-        throttled=throttle[0],
-        retry_after=throttle[1],
+        **throttle.report(),
     )
     if campaign.rollout_start_rate or campaign.rollout_max_rate:
         bucket.queue_reserve(pipe, campaign_key(campaign.pk), _rollout_now(campaign), n)

@@ -12,16 +12,19 @@ Buckets:
 - per campaign: the rollout ramp, whose rate the caller computes for "now" (`rollout_rate`).
 
 Adaptive provider buckets (AIMD). Each reservation also reports how many of the caller's previous
-chunk were throttled (429 TooManyRequests / QUOTA_EXCEEDED) and the largest Retry-After, so the
-feedback costs no extra round trip. On a throttled report the bucket's rate is cut to half of
-what was actually being sent (the lower of its current limit and the measured reservation rate,
-so an unlimited bucket gets a limit too), at most once per ADAPT_HOLD_S (the chunks in flight when
-the provider started refusing all report the same event), and the bucket is paused for the
-Retry-After (capped at PAUSE_MAX_S: the adapters default a missing header to a minute, which the
-throttled devices' own retry honours). The limit then grows back linearly, by ADAPT_INCREASE of
-the throttled rate per second, and is dropped once it reaches the configured rate (or, for an
-unlimited bucket, twice the throttled rate). Senders thus settle just under the provider's real
-rate instead of doubling their traffic with refusals and retries.
+chunk were throttled (429 TooManyRequests / QUOTA_EXCEEDED) out of how many answers, and the
+largest Retry-After, so the feedback costs no extra round trip. On a throttled report the bucket's
+rate is cut to what the provider actually accepted: the rate that was being sent (the lower of
+the current limit and the measured reservation rate, so an unlimited bucket gets a limit too)
+times the chunk's accepted share, times ADAPT_MARGIN to settle just under it; the cut keeps at
+most ADAPT_MAX_KEEP and at least ADAPT_MIN_KEEP of the rate (half when the share is unknown).
+One cut per ADAPT_HOLD_S: the chunks in flight when the provider started refusing all report the
+same event. The bucket is paused for the Retry-After (capped at PAUSE_MAX_S: the adapters
+default a missing header to a minute, which the throttled devices' own retry honours). The
+limit then grows back linearly, by ADAPT_INCREASE of the throttled rate per second, and is
+dropped once it reaches the configured rate (or, for an unlimited bucket, twice the throttled
+rate). Senders thus settle just under the provider's real rate instead of doubling their traffic
+with refusals and retries, or halving it for a provider that refused a tenth.
 """
 
 from __future__ import annotations
@@ -31,12 +34,16 @@ from datetime import datetime
 import redis
 
 ADAPT_INCREASE = 0.05  # of the throttled rate, per second: from half back to full in 10 s
+ADAPT_MARGIN = 0.9  # of the accepted rate: where a cut lands
+ADAPT_MIN_KEEP = 0.25  # a cut keeps at least this share of the rate (a provider refusing nearly all)
+ADAPT_MAX_KEEP = 0.8  # and at most this: a throttling event always slows the sender noticeably
 ADAPT_HOLD_S = 1.0  # one cut per throttling event, not one per chunk that was in flight
 PAUSE_MAX_S = 10.0
 _MIN_RATE = 1.0
 
 # KEYS[1] bucket. ARGV: configured rate (0 = unlimited), burst (0 = one second, at least n), n,
-# throttled (in the caller's previous chunk), retry_after (s), increase, hold, pause cap.
+# throttled (in the caller's previous chunk), retry_after (s), increase, hold, pause cap,
+# answered (the previous chunk's answers; 0 = unknown), margin, min keep, max keep.
 _RESERVE = """
 local key = KEYS[1]
 local configured = tonumber(ARGV[1])
@@ -47,6 +54,8 @@ local retry_after = tonumber(ARGV[5])
 local increase = tonumber(ARGV[6])
 local hold = tonumber(ARGV[7])
 local pause_max = tonumber(ARGV[8])
+local answered = tonumber(ARGV[9])
+local margin, min_keep, max_keep = tonumber(ARGV[10]), tonumber(ARGV[11]), tonumber(ARGV[12])
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
 local s = redis.call('HMGET', key, 'tokens', 'ts', 'limit', 'lim_ts', 'slope', 'ceiling', 'cut_at',
@@ -82,7 +91,11 @@ if throttled > 0 and (cut_at == nil or now - cut_at >= hold) then
   if measured ~= nil and (base == nil or measured < base) then base = measured end
   if configured > 0 and (base == nil or configured < base) then base = configured end
   if base == nil then base = math.max(n, throttled, 1) end
-  limit = math.max(base / 2, 1)
+  local keep = 0.5
+  if answered > 0 then
+    keep = math.min(math.max((answered - throttled) / answered * margin, min_keep), max_keep)
+  end
+  limit = math.max(base * keep, 1)
   lim_ts, cut_at = now, now
   slope = base * increase
   if configured > 0 then ceiling = configured else ceiling = base * 2 end
@@ -144,13 +157,15 @@ class TokenBucket:
         adaptive: bool = False,
         throttled: int = 0,
         retry_after: float = 0.0,
+        answered: int = 0,
     ) -> float:
         """Take `n` tokens from bucket `key` refilled at `rate`/s; seconds to wait before using them.
 
-        An adaptive bucket (a provider's) also takes the caller's last throttling report; `n` may
-        be 0 for a report alone. A non-adaptive bucket with `rate` <= 0 is unlimited: no call.
+        An adaptive bucket (a provider's) also takes the caller's last throttling report
+        (`throttled` of `answered`); `n` may be 0 for a report alone. A non-adaptive bucket with
+        `rate` <= 0 is unlimited: no call.
         """
-        args = self._args(rate, n, burst, adaptive, throttled, retry_after)
+        args = self._args(rate, n, burst, adaptive, throttled, retry_after, answered)
         if args is None:
             return 0.0
         return float(self._script(keys=[key], args=args))
@@ -172,10 +187,11 @@ class TokenBucket:
         adaptive: bool = False,
         throttled: int = 0,
         retry_after: float = 0.0,
+        answered: int = 0,
     ) -> bool:
         """`reserve` as one command of the caller's pipeline (its reply: the wait, as a string).
         False (nothing queued) when the bucket is unlimited and not adaptive."""
-        args = self._args(rate, n, burst, adaptive, throttled, retry_after)
+        args = self._args(rate, n, burst, adaptive, throttled, retry_after, answered)
         if args is None:
             return False
         self._script(keys=[key], args=args, client=pipe)
@@ -183,7 +199,13 @@ class TokenBucket:
 
     @staticmethod
     def _args(
-        rate: float, n: int, burst: float | None, adaptive: bool, throttled: int, retry_after: float
+        rate: float,
+        n: int,
+        burst: float | None,
+        adaptive: bool,
+        throttled: int,
+        retry_after: float,
+        answered: int = 0,
     ) -> list[float] | None:
         if not adaptive and (rate <= 0 or n == 0):
             return None
@@ -197,6 +219,10 @@ class TokenBucket:
             ADAPT_INCREASE,
             ADAPT_HOLD_S,
             PAUSE_MAX_S,
+            max(answered, 0),
+            ADAPT_MARGIN,
+            ADAPT_MIN_KEEP,
+            ADAPT_MAX_KEEP,
         ]
 
 

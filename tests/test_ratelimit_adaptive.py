@@ -58,3 +58,20 @@ def test_a_rollout_bucket_is_not_adaptive(redis_client) -> None:
     assert redis_client.exists("pushsvc:rate:campaign:9") == 0
     assert bucket.reserve("pushsvc:rate:campaign:9", 100, 100) == 0.0
     assert bucket.reserve("pushsvc:rate:campaign:9", 100, 100) == pytest.approx(1.0, rel=0.05)
+
+
+@pytest.mark.parametrize(
+    ("throttled", "answered", "keep"),
+    [
+        (150, 500, 0.7 * ratelimit.ADAPT_MARGIN),  # the provider accepted 70 %: settle just under that
+        (20, 500, ratelimit.ADAPT_MAX_KEEP),  # it refused a little: still a noticeable cut
+        (490, 500, ratelimit.ADAPT_MIN_KEEP),  # it refused nearly all: at most a quarter kept
+        (150, 0, 0.5),  # share unknown: halve
+    ],
+)
+def test_a_cut_lands_just_under_what_the_provider_accepted(redis_client, throttled, answered, keep) -> None:
+    bucket = TokenBucket(redis_client)
+    rate = 1000.0
+    bucket.reserve(KEY, rate, 200, adaptive=True)
+    bucket.reserve(KEY, rate, 0, adaptive=True, throttled=throttled, retry_after=1, answered=answered)
+    assert _state(redis_client)["limit"] == pytest.approx(rate * keep)
