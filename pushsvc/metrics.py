@@ -10,7 +10,8 @@ hashes, and the web process exports those hashes with a custom collector at scra
   outcome and reason (HINCRBY per distinct tally, a handful per shard), retries scheduled, the
   shard's duration and its chunks' provider round trips into histogram buckets;
 - per worker process, in that same pipeline: its providers' engine figures (connections opened,
-  requests in flight) in a hash that expires when the process stops reporting;
+  requests in flight) in a hash that expires when the process stops reporting, and the
+  per-request latency its engines observed since the last report, added to a histogram;
 - at scrape time only (the web process reads, nothing is pushed): queue depths (LLEN of the Celery
   queues), the progress of running/paused/halted campaigns, token churn per app (the hygiene
   module's figure, cached for a minute because it counts active tokens).
@@ -42,6 +43,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
+from delivery.engine.base import LATENCY_BOUNDS
+
 if TYPE_CHECKING:
     from delivery.results import ShardResults
 
@@ -52,18 +55,21 @@ SENDS = PREFIX + "sends"  # "app|provider|outcome|reason" -> devices
 RETRIES = PREFIX + "retries"  # "app|provider" -> retry attempts scheduled
 SHARD_SECONDS = PREFIX + "shard_seconds"  # "queue|le" -> count, "queue|sum", "queue|count"
 CHUNK_SECONDS = PREFIX + "chunk_seconds"  # "provider|le" -> count, "provider|sum", "provider|count"
+REQUEST_SECONDS = PREFIX + "request_seconds"  # the same, per answered provider request
 PROCS = PREFIX + "procs"  # zset: per-process hash key -> last report (unix time)
 PROC_TTL_S = 120
 SEP = "|"
 # A shard is ~1,000 devices: tens of milliseconds against a fast provider, minutes when throttled.
 SHARD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 # A chunk is up to CAMPAIGN_CHUNK_SIZE requests in flight together: its round trip is about the
-# slowest answer among them (the adapters expose no per-request timing).
+# slowest answer among them (per request: REQUEST_SECONDS, timed by the engines).
 CHUNK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 PROVIDER_OF = {"ios": "apns", "android": "fcm", "huawei": "hms", "web": "webpush"}
 SEND_TASK = "delivery.tasks.send_shard"
 
 _local = threading.local()
+# Per engine (by id) of this process: its latency counts and sum at the last report.
+_latency_reported: dict[int, tuple[list[int], float]] = {}
 _redis: redis.Redis | None = None
 _redis_pid: int | None = None
 
@@ -131,14 +137,18 @@ def _task_finished(task_id: str | None = None, task: Any = None, **_: Any) -> No
     _local.pending = None
     elapsed = time.monotonic() - _local.started
     queue = ((getattr(task.request, "delivery_info", None) or {}).get("routing_key")) or "unknown"
-    _safe_flush(sends, retries, (queue, elapsed), _engine_figures(), (chunks, chunk_sums))
+    figures, requests = _engine_figures()
+    _safe_flush(sends, retries, (queue, elapsed), figures, (chunks, chunk_sums), requests)
 
 
-def _engine_figures() -> dict[str, int]:
-    """Connections opened and requests in flight of this process's warm providers."""
+def _engine_figures() -> tuple[dict[str, int], tuple[Counter[str], Counter[str]]]:
+    """Connections opened and requests in flight of this process's warm providers, and the
+    request latencies their engines observed since the last call (histogram fields, sums)."""
     from delivery import runtime
 
     figures: Counter[str] = Counter()
+    counts: Counter[str] = Counter()
+    sums: Counter[str] = Counter()
     with runtime._lock:
         providers = list(runtime._providers.items()) if runtime._pid == os.getpid() else []
     for (_app, platform, _fp), provider in providers:
@@ -149,7 +159,16 @@ def _engine_figures() -> dict[str, int]:
         name = PROVIDER_OF.get(platform, platform)
         figures[f"{name}{SEP}connections_opened"] += stats.connections_opened
         figures[f"{name}{SEP}in_flight"] += stats.in_flight
-    return dict(figures)
+        before, before_sum = _latency_reported.get(id(engine), ([0] * len(stats.latency_counts), 0.0))
+        if sum(stats.latency_counts) < sum(before):  # another engine now lives at that id
+            before, before_sum = [0] * len(stats.latency_counts), 0.0
+        _latency_reported[id(engine)] = (stats.latency_counts, stats.latency_sum)
+        for bound, now, then in zip((*LATENCY_BOUNDS, "+Inf"), stats.latency_counts, before, strict=True):
+            if now > then:
+                counts[f"{name}{SEP}{bound}"] += now - then
+                counts[f"{name}{SEP}count"] += now - then
+        sums[name] += stats.latency_sum - before_sum
+    return dict(figures), (counts, sums)
 
 
 def _safe_flush(
@@ -158,10 +177,11 @@ def _safe_flush(
     duration: tuple[str, float] | None,
     engines: dict[str, int] | None,
     chunks: tuple[Counter[str], Counter[str]] | None = None,
+    requests: tuple[Counter[str], Counter[str]] | None = None,
 ) -> None:
     # Metrics must never fail a send: a Redis blip loses one shard's figures, logged.
     try:
-        _flush(_client(), sends, retries, duration, engines, chunks)
+        _flush(_client(), sends, retries, duration, engines, chunks, requests)
     except redis.RedisError as exc:
         logger.warning("metrics not recorded: %s", type(exc).__name__)
 
@@ -173,6 +193,7 @@ def _flush(
     duration: tuple[str, float] | None,
     engines: dict[str, int] | None,
     chunks: tuple[Counter[str], Counter[str]] | None = None,
+    requests: tuple[Counter[str], Counter[str]] | None = None,
 ) -> None:
     pipe = client.pipeline(transaction=False)
     for field, count in sends.items():
@@ -184,12 +205,14 @@ def _flush(
         pipe.hincrby(SHARD_SECONDS, f"{queue}{SEP}{_bucket(seconds, SHARD_BUCKETS)}", 1)
         pipe.hincrbyfloat(SHARD_SECONDS, f"{queue}{SEP}sum", seconds)
         pipe.hincrby(SHARD_SECONDS, f"{queue}{SEP}count", 1)
-    if chunks is not None:
-        counts, sums = chunks
+    for key, histogram in ((CHUNK_SECONDS, chunks), (REQUEST_SECONDS, requests)):
+        if histogram is None:
+            continue
+        counts, sums = histogram
         for field, count in counts.items():
-            pipe.hincrby(CHUNK_SECONDS, field, count)
+            pipe.hincrby(key, field, count)
         for provider, seconds in sums.items():
-            pipe.hincrbyfloat(CHUNK_SECONDS, f"{provider}{SEP}sum", seconds)
+            pipe.hincrbyfloat(key, f"{provider}{SEP}sum", seconds)
     if engines is not None:
         key = f"{PREFIX}proc:{socket.gethostname()}:{os.getpid()}"
         pipe.delete(key)
@@ -219,12 +242,13 @@ class RedisCollector:
         pipe.hgetall(RETRIES)
         pipe.hgetall(SHARD_SECONDS)
         pipe.hgetall(CHUNK_SECONDS)
+        pipe.hgetall(REQUEST_SECONDS)
         pipe.zremrangebyscore(PROCS, "-inf", time.time() - PROC_TTL_S)
         pipe.zrange(PROCS, 0, -1)
         queues = ("default", "priority", *settings.PUSH_QUEUES)
         for queue in queues:
             pipe.llen(queue)
-        sends, retries, shard_seconds, chunk_seconds, _, procs, *depths = pipe.execute()
+        sends, retries, shard_seconds, chunk_seconds, request_seconds, _, procs, *depths = pipe.execute()
         slugs = _app_slugs()
 
         family = CounterMetricFamily(
@@ -253,6 +277,11 @@ class RedisCollector:
             "pushsvc_provider_chunk_seconds",
             "Provider round trip of one chunk of concurrent requests (about its slowest answer).",
             "provider", chunk_seconds, CHUNK_BUCKETS,
+        )  # fmt: skip
+        yield _histogram(
+            "pushsvc_provider_request_seconds",
+            "Answer time of one provider request, from a ready connection to the answer (stream waits in).",
+            "provider", request_seconds, LATENCY_BOUNDS,
         )  # fmt: skip
 
         engines: Counter[str] = Counter()

@@ -18,6 +18,7 @@ import jwt
 import pytest
 
 from delivery.engine import Engine, HttpRequest, HttpResponse, TransportError, create_engine
+from delivery.engine.base import LATENCY_BOUNDS
 from delivery.engine.curl import _parse_headers
 from delivery.simulator.testing import SimulatorProcess
 
@@ -133,6 +134,21 @@ def test_provider_error_is_a_response_with_its_body(kind, sim, loop, engines):
     resp = loop.run_until_complete(engine.request(apns_request(sim, device_token("01"))))
     assert resp.status == 410
     assert b'"Unregistered"' in resp.body
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_answered_requests_are_timed_into_the_latency_histogram(kind, sim, loop, engines):
+    engine = make_engine(engines, sim, kind)
+    sim.configure(latency_ms=60)
+    tokens = [device_token() for _ in range(20)]
+    results = loop.run_until_complete(gather_settled([engine.request(apns_request(sim, t)) for t in tokens]))
+    assert [getattr(r, "status", r) for r in results] == [200] * 20
+    stats = engine.stats()
+    assert sum(stats.latency_counts) == 20
+    # The provider took 60 ms for each: none may land in the buckets up to 50 ms.
+    assert sum(stats.latency_counts[: LATENCY_BOUNDS.index(0.05) + 1]) == 0
+    assert 20 * 0.06 <= stats.latency_sum < 20 * 5.0
+    assert stats.latency_counts is not engine.stats().latency_counts  # a snapshot, not the live list
 
 
 def test_many_concurrent_requests_share_one_connection(sim, loop, engines):

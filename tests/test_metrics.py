@@ -85,6 +85,11 @@ def test_a_campaign_s_sends_reach_the_scrape_exactly(fresh_sim, start_worker, re
             _sum(samples, "pushsvc_provider_chunk_seconds_bucket", provider=provider, le="+Inf") == count > 0
         )
         assert _sum(samples, "pushsvc_provider_chunk_seconds_sum", provider=provider) > 0
+    # Every answered request is timed once (delivery/engine), by the process that sent it.
+    requests = _sum(samples, "pushsvc_provider_request_seconds_count")
+    assert requests == campaign.sent
+    assert _sum(samples, "pushsvc_provider_request_seconds_bucket", le="+Inf") == requests
+    assert _sum(samples, "pushsvc_provider_request_seconds_sum", provider="fcm") > 0
     queues = {s.labels["queue"] for s in samples["pushsvc_queue_depth"]}
     assert queues == {"default", "priority", "apns", "fcm", "hms", "webpush"}
     assert _sum(samples, "pushsvc_worker_processes_reporting") >= 1

@@ -11,7 +11,14 @@ duplicates instead of hiding them.
 from __future__ import annotations
 
 import abc
-from dataclasses import dataclass, field
+import bisect
+from dataclasses import dataclass, field, replace
+
+# Upper bounds (seconds) of the per-request latency histogram: from the request handed to a ready
+# connection to its answer (the provider's time, one round trip, and any wait for a free stream
+# under the provider's concurrency limit; connection and TLS set-up excluded where the engine can
+# tell them apart).
+LATENCY_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 @dataclass(slots=True)
@@ -54,6 +61,17 @@ class EngineStats:
     # the server's own count is the figure on the wire). 0 where the engine cannot observe it.
     peak_streams_per_connection: int = 0
     extra: dict[str, float] = field(default_factory=dict)
+    # Answered requests per LATENCY_BOUNDS bucket (the last: above them all) and their sum.
+    latency_counts: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BOUNDS) + 1))
+    latency_sum: float = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.latency_counts[bisect.bisect_left(LATENCY_BOUNDS, seconds)] += 1
+        self.latency_sum += seconds
+
+    def snapshot(self) -> EngineStats:
+        """A copy the engine will not change under the caller."""
+        return replace(self, extra=dict(self.extra), latency_counts=list(self.latency_counts))
 
 
 class Engine(abc.ABC):

@@ -49,6 +49,8 @@ _POLL_REMOVE = pycurl.POLL_REMOVE
 _SOCKET_TIMEOUT = pycurl.SOCKET_TIMEOUT
 _RESPONSE_CODE = pycurl.RESPONSE_CODE
 _NUM_CONNECTS = pycurl.NUM_CONNECTS
+_PRETRANSFER_TIME = pycurl.PRETRANSFER_TIME  # the request is handed to its (ready) connection
+_TOTAL_TIME = pycurl.TOTAL_TIME
 _PREREQ_OK = pycurl.PREREQFUNC_OK
 
 # libcurl caps streams per connection at 100 unless told otherwise; the server's
@@ -233,18 +235,8 @@ class CurlEngine(Engine):
         self._waiters.clear()
 
     def stats(self) -> EngineStats:
-        s = self._stats
-        s.in_flight = len(self._active)
-        return EngineStats(
-            connections_opened=s.connections_opened,
-            requests_sent=s.requests_sent,
-            resent_unprocessed=s.resent_unprocessed,
-            resent_maybe_processed=s.resent_maybe_processed,
-            in_flight=s.in_flight,
-            peak_in_flight=s.peak_in_flight,
-            peak_streams_per_connection=s.peak_streams_per_connection,
-            extra=dict(s.extra),
-        )
+        self._stats.in_flight = len(self._active)
+        return self._stats.snapshot()
 
     # --- binding to a loop -------------------------------------------------------------------
     def _bind(self, loop: asyncio.AbstractEventLoop) -> None:
@@ -413,6 +405,9 @@ class CurlEngine(Engine):
             self._retire(transfer)
             return
         if code == 0:
+            # Not STARTTRANSFER_TIME: for multiplexed transfers libcurl can report it before
+            # PRETRANSFER_TIME. The body is a few bytes, so the end is the answer's arrival.
+            stats.observe(curl.getinfo(_TOTAL_TIME) - curl.getinfo(_PRETRANSFER_TIME))
             maybe_duplicate = bool(resends) and self._resent_after_error(transfer, curl)
             if maybe_duplicate:
                 stats.resent_maybe_processed += resends

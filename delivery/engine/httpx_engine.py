@@ -87,6 +87,7 @@ class HttpxEngine(Engine):
         stats.in_flight += 1
         if stats.in_flight > stats.peak_in_flight:
             stats.peak_in_flight = stats.in_flight
+        started = loop.time()
         try:
             response = await client.request(
                 req.method,
@@ -102,6 +103,7 @@ class HttpxEngine(Engine):
         finally:
             stats.in_flight -= 1
             self._note_connections(client)
+        stats.observe(loop.time() - started)  # pool wait included: httpx does not tell them apart
         return HttpResponse(response.status_code, dict(response.headers.items()), response.content)
 
     def _note_connections(self, client: httpx.AsyncClient) -> None:
@@ -119,16 +121,7 @@ class HttpxEngine(Engine):
             await client.aclose()
 
     def stats(self) -> EngineStats:
-        s = self._stats
-        return EngineStats(
-            connections_opened=s.connections_opened,
-            requests_sent=s.requests_sent,
-            resent_unprocessed=s.resent_unprocessed,
-            in_flight=s.in_flight,
-            peak_in_flight=s.peak_in_flight,
-            peak_streams_per_connection=s.peak_streams_per_connection,
-            extra=dict(s.extra),
-        )
+        return self._stats.snapshot()
 
 
 def _describe(exc: Exception) -> str:
