@@ -143,6 +143,8 @@ def test_alert_rules_parse_and_name_only_exported_metrics(redis_client) -> None:
     assert status == 200
     exported = set(_samples(text))
     exported |= set(re.findall(r"^# TYPE (\S+)", text, re.M))  # families with no sample yet
+    for histogram in re.findall(r"^# TYPE (\S+) histogram", text, re.M):
+        exported |= {f"{histogram}_bucket", f"{histogram}_sum", f"{histogram}_count"}
 
     rules = yaml.safe_load(ALERTS.read_text())
     alerts = [rule for group in rules["groups"] for rule in group["rules"]]
