@@ -21,7 +21,7 @@ from django.urls import reverse
 
 from campaigns import control, fanout
 from campaigns.models import Campaign
-from campaigns.serializers import DirectSendSerializer, represent
+from campaigns.serializers import DirectSendSerializer, ResumeSerializer, represent
 from delivery import runtime
 from delivery.models import DeadLetter
 from tokens.models import App, DeviceToken
@@ -60,8 +60,9 @@ def dead_letters_of(campaign: Campaign) -> QuerySet[DeadLetter]:
 
 
 # --- operator actions ----------------------------------------------------------------------------
-def apply_action(action: str, campaign: Campaign) -> str:
-    """Run one operator action like the API does; returns what happened. Raises TransitionError."""
+def apply_action(action: str, campaign: Campaign, options: dict[str, Any] | None = None) -> str:
+    """Run one operator action like the API does; returns what happened. Raises TransitionError.
+    `options`: resume's `confirm_prune` and `halt_error_rate`, validated as the API validates them."""
     client = runtime.redis_client()
     if action == "launch":
         if campaign.status != Campaign.Status.DRAFT:
@@ -73,8 +74,21 @@ def apply_action(action: str, campaign: Campaign) -> str:
             raise control.TransitionError(f"Only a running campaign can be paused (it is {campaign.status}).")
         return "paused"
     if action == "resume":
-        control.resume(client, campaign.pk)
-        return "resumed"
+        body = ResumeSerializer(data=options or {})
+        if not body.is_valid():
+            problems = "; ".join(
+                f"{field}: {' '.join(map(str, errs))}" for field, errs in body.errors.items()
+            )
+            raise control.TransitionError(f"Not resumed: {problems}")
+        control.resume(
+            client,
+            campaign.pk,
+            confirm_prune=body.validated_data["confirm_prune"],
+            halt_error_rate=body.validated_data.get("halt_error_rate"),
+        )
+        return "resumed" + (
+            " with its invalid tokens confirmed" if body.validated_data["confirm_prune"] else ""
+        )
     if action == "cancel":
         control.cancel(client, campaign.pk)
         return "cancelled"
@@ -99,10 +113,16 @@ def duplicate(campaign: Campaign) -> Campaign:
     )
 
 
-def run_actions(request: HttpRequest, action: str, campaigns: QuerySet[Campaign], admin_obj: Any) -> None:
+def run_actions(
+    request: HttpRequest,
+    action: str,
+    campaigns: QuerySet[Campaign],
+    admin_obj: Any,
+    options: dict[str, Any] | None = None,
+) -> None:
     for campaign in campaigns:
         try:
-            outcome = apply_action(action, campaign)
+            outcome = apply_action(action, campaign, options)
         except control.TransitionError as exc:
             admin_obj.message_user(request, f"Campaign {campaign.pk}: {exc}", level=messages.ERROR)
         else:
@@ -113,7 +133,13 @@ def action_view(request: HttpRequest, campaign_id: int, action: str, admin_obj: 
     """POST from a button on the change page; back to the page with a message."""
     campaign = get_object_or_404(Campaign, pk=campaign_id)
     if request.method == "POST" and action in ACTIONS:
-        run_actions(request, action, Campaign.objects.filter(pk=campaign.pk), admin_obj)
+        options = {}
+        if action == "resume":
+            # The change page's resume options; an empty limit field means "keep the limit".
+            options["confirm_prune"] = request.POST.get("confirm_prune") == "on"
+            if request.POST.get("halt_error_rate", "").strip():
+                options["halt_error_rate"] = request.POST["halt_error_rate"].strip()
+        run_actions(request, action, Campaign.objects.filter(pk=campaign.pk), admin_obj, options)
     return HttpResponseRedirect(reverse("admin:campaigns_campaign_change", args=[campaign.pk]))
 
 

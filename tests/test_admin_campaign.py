@@ -228,3 +228,23 @@ def test_send_test_push_reaches_the_device_through_the_direct_path(
     assert done.delivered == 1 and done.targeted == 1
     counts = fresh_sim.counts(population.of("ios"))
     assert counts[device.token] == 1 and sum(counts.values()) == 1
+
+
+def test_resume_from_the_change_page_takes_the_api_s_options(staff: Client, app: App, redis_client) -> None:
+    halted = Campaign.objects.create(
+        app=app, message={"body": "x"}, status=Campaign.Status.HALTED, halt_error_rate=0.05, planned=True
+    )
+    page = staff.get(reverse("admin:campaigns_campaign_change", args=[halted.pk])).content.decode()
+    assert 'name="confirm_prune"' in page and 'name="halt_error_rate"' in page
+    url = reverse("admin:campaigns_campaign_act", args=[halted.pk, "resume"])
+
+    response = staff.post(url, {"halt_error_rate": "7"}, follow=True)
+    assert "Not resumed: halt_error_rate" in response.content.decode()
+    halted.refresh_from_db()
+    assert (halted.status, halted.halt_error_rate) == (Campaign.Status.HALTED, 0.05)
+
+    response = staff.post(url, {"halt_error_rate": "0.2", "confirm_prune": "on"}, follow=True)
+    assert "resumed with its invalid tokens confirmed" in response.content.decode()
+    halted.refresh_from_db()
+    assert halted.halt_error_rate == 0.2 and halted.prune_confirmed
+    assert halted.status in (Campaign.Status.RUNNING, Campaign.Status.COMPLETED)
