@@ -1,8 +1,9 @@
 """The strict front's HTTP/2 connection behaviour, observed frame by frame with `h2` as a raw client.
 
 SETTINGS_MAX_CONCURRENT_STREAMS=1 until an authenticated request succeeded, REFUSED_STREAM above the
-limit, the limit lowered mid-connection, GOAWAY last-stream-id semantics, connection drop (fault 09),
-PING and request-body flow control; plus multiplexing with libcurl and cleartext h2c.
+limit, the limit lowered mid-connection, GOAWAY last-stream-id semantics, connection reset every N
+requests (`reset_every`), connection drop (fault 09), PING and request-body flow control; plus
+multiplexing with libcurl and cleartext h2c.
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ import pycurl
 import pytest
 
 from delivery.simulator.strict import _SelfEnforcedSettings
-from delivery.simulator.testing import SimulatorProcess, apns_jwt
+from delivery.simulator.testing import SimulatorError, SimulatorProcess, apns_jwt
 
 PAYLOAD = b'{"aps":{"alert":"hello"}}'
+# tcpi_state after a RST (Linux include/net/tcp_states.h); a FIN leaves the socket in CLOSE_WAIT (8).
+_TCP_CLOSE = 7
 
 
 def tok(n: int) -> str:
@@ -67,6 +70,7 @@ class RawH2:
         self.events: list[h2.events.Event] = []
         self.responses: dict[int, int] = {}  # stream -> status
         self.closed = False
+        self.reset_by_peer = False  # closed by a TCP RST rather than an orderly end
         self.jwt = apns_jwt(sim.credentials)
 
     def flush(self) -> None:
@@ -75,6 +79,13 @@ class RawH2:
             self.sock.sendall(data)
 
     def request(self, token: str, body: bytes = PAYLOAD, *, jwt: str | None = None) -> int:
+        sid = self.open(token, jwt=jwt)
+        self.conn.send_data(sid, body, end_stream=True)
+        self.flush()
+        return sid
+
+    def open(self, token: str, *, jwt: str | None = None) -> int:
+        """Send a request's headers only; its body follows with conn.send_data(..., end_stream=True)."""
         sid = self.conn.get_next_available_stream_id()
         headers = [
             (":method", "POST"),
@@ -86,7 +97,6 @@ class RawH2:
             ("apns-push-type", "alert"),
         ]
         self.conn.send_headers(sid, headers)
-        self.conn.send_data(sid, body, end_stream=True)
         self.flush()
         return sid
 
@@ -105,6 +115,9 @@ class RawH2:
                 data = b""
             if not data:
                 self.closed = True
+                # Python's TLS reports a reset as an EOF; the kernel's TCP state still tells them apart.
+                info = self.sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)
+                self.reset_by_peer = info[0] == _TCP_CLOSE
                 continue
             for event in self.conn.receive_data(data):
                 self.events.append(event)
@@ -287,6 +300,78 @@ def test_fault_09_drops_the_connection_with_requests_in_flight(raw, sim):
         again.close()
 
 
+def test_reset_every_leaves_the_unprocessed_requests_open_and_uncounted(raw, sim):
+    sim.configure(reset_every=3)
+    first = raw.request(tok(1))
+    raw.pump(lambda: first in raw.responses and raw.stream_limits() == [1, 1000])
+    # Five more in one burst: the third request on the connection is the last one processed.
+    sids = [raw.request(tok(i)) for i in range(2, 7)]
+    raw.read_until_closed()
+    assert raw.reset_by_peer, "a TCP RST, not an orderly close"
+    assert not raw.of(h2.events.ConnectionTerminated)  # no GOAWAY: nothing tells the client in advance
+    assert {s: raw.responses.get(s) for s in sids} == {
+        sids[0]: 200,
+        sids[1]: 200,
+        sids[2]: None,
+        sids[3]: None,
+        sids[4]: None,
+    }
+    tokens = [tok(i) for i in range(1, 7)]
+    assert sim.counts(tokens) == {tok(1): 1, tok(2): 1, tok(3): 1, tok(4): 0, tok(5): 0, tok(6): 0}
+    stats = sim.wait_for(lambda s: s["connections_reset"] == 1 and s["in_flight"] == 0)
+    assert (stats["requests"], stats["delivered_total"]) == (3, 3)  # the unanswered were never seen
+    assert stats["requests_cut_by_reset"] == 3
+    assert stats["connections_dropped"] == 0 and stats["goaways_sent"] == 0
+    # Resending exactly the unanswered requests delivers each once: nothing lost, nothing twice.
+    again = RawH2(sim)
+    try:
+        for i in range(4, 7):
+            sid = again.request(tok(i))
+            again.pump(lambda sid=sid: sid in again.responses)
+            assert again.responses[sid] == 200
+    finally:
+        again.close()
+    assert sim.counts(tokens) == dict.fromkeys(tokens, 1)
+
+
+def test_reset_every_answers_every_processed_request_first(raw, sim):
+    """Delayed answers (latency, a slow token) are all written and read before the RST."""
+    sim.configure(reset_every=4, latency_ms=200, slow_ms=600)
+    first = raw.request(tok(1))
+    raw.pump(lambda: first in raw.responses and raw.stream_limits() == [1, 1000])
+    slow = "fa017507" + "33" * 28
+    tokens = [tok(2), slow, tok(4), tok(5), tok(6)]
+    sids = [raw.request(t) for t in tokens]
+    raw.read_until_closed()
+    assert raw.reset_by_peer
+    assert [raw.responses.get(s) for s in sids] == [200, 200, 200, None, None]
+    assert sim.counts(tokens) == {tok(2): 1, slow: 1, tok(4): 1, tok(5): 0, tok(6): 0}
+    stats = sim.wait_for(lambda s: s["in_flight"] == 0)
+    assert (stats["connections_reset"], stats["requests_cut_by_reset"]) == (1, 2)
+
+
+def test_reset_every_does_not_process_a_request_completed_after_the_nth(raw, sim):
+    """A request whose headers arrived before the Nth but whose body ends after it is left unprocessed."""
+    sim.configure(reset_every=3)
+    first = raw.request(tok(1))
+    raw.pump(lambda: first in raw.responses and raw.stream_limits() == [1, 1000])
+    early = raw.open(tok(2))
+    done = [raw.request(tok(3)), raw.request(tok(4))]  # requests 2 and 3 on the connection
+    raw.conn.send_data(early, PAYLOAD, end_stream=True)
+    raw.flush()
+    raw.read_until_closed()
+    assert raw.reset_by_peer
+    assert [raw.responses.get(s) for s in (*done, early)] == [200, 200, None]
+    assert sim.counts([tok(2), tok(3), tok(4)]) == {tok(2): 0, tok(3): 1, tok(4): 1}
+    assert sim.wait_for(lambda s: s["connections_reset"] == 1)["requests_cut_by_reset"] == 1
+
+
+def test_reset_every_rejects_a_negative_count(sim):
+    with pytest.raises(SimulatorError, match="reset_every: must be >= 0"):
+        sim.configure(reset_every=-1)
+    assert sim.config()["reset_every"] == 0
+
+
 def test_ping_is_answered(raw):
     raw.conn.ping(b"12345678")
     raw.flush()
@@ -411,6 +496,40 @@ def test_libcurl_multiplexes_on_one_connection(request, front):
     assert stats["connections_opened"] == 1
     assert stats["peak_streams_per_connection"] > 1
     assert stats["in_flight"] == 0
+
+
+def test_libcurl_requests_cut_by_resets_were_never_processed(simulator_strict):
+    """With libcurl as the client: an answered request was delivered once, an unanswered one never,
+    so resending every unanswered request (and nothing else) ends with each token delivered once."""
+    sim = simulator_strict
+    # Latency keeps requests in flight when the RST lands; a new connection takes the whole burst at
+    # once, so every unanswered transfer here is a reset's, none a cold-start REFUSED_STREAM.
+    sim.configure(reset_every=40, latency_ms=20, apns_initial_streams=1000)
+    curl = CurlH2(sim)
+    tokens = [tok(i) for i in range(1000, 1200)]
+    try:
+        assert curl.run([tok(0)]) == [200]
+        pending, rounds = tokens, 0
+        while pending:
+            rounds += 1
+            assert rounds <= 20, f"{len(pending)} tokens still unanswered"
+            statuses = curl.run(pending)
+            # A reset transfer has no status; a processed request always got its answer.
+            assert set(statuses) <= {200, 0}, statuses
+            answered = [t for t, status in zip(pending, statuses, strict=True) if status == 200]
+            unanswered = [t for t, status in zip(pending, statuses, strict=True) if status != 200]
+            counts = sim.counts(pending)
+            assert {t: counts[t] for t in answered} == dict.fromkeys(answered, 1)
+            assert {t: counts[t] for t in unanswered} == dict.fromkeys(unanswered, 0)
+            pending = unanswered
+    finally:
+        curl.close()
+    stats = sim.wait_for(lambda s: s["in_flight"] == 0)
+    # 201 requests processed at 40 per connection: five connections reached the limit. The last may
+    # still wait for its PING acknowledgement (libcurl does not read an idle connection).
+    assert stats["connections_reset"] >= 4
+    assert stats["delivered_unique"] == 201 and stats["duplicates"] == 0
+    assert stats["requests"] == stats["delivered_total"]  # no cut request was even counted as a request
 
 
 @pytest.mark.parametrize("front", ["fast", "strict"])

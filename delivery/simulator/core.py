@@ -104,6 +104,9 @@ class Knobs:
     max_concurrent_streams: int = 1000
     apns_initial_streams: int = 1
     goaway_every: int = 0
+    # Strict front: after this many requests a connection stops processing, answers what it processed
+    # and is reset (TCP RST) with the rest unanswered and uncounted. 0: off.
+    reset_every: int = 0
     apns_min_token_refresh_s: float = 0.0
     revoked_apns_keys: list[str] = field(default_factory=list)
     fcm_revoked: bool = False
@@ -223,6 +226,8 @@ class Simulator:
                 raise ConfigError(f"knob {name}: expected a list of strings")
             if name in ("max_concurrent_streams", "apns_initial_streams") and value < 1:
                 raise ConfigError(f"knob {name}: must be >= 1")
+            if name == "reset_every" and value < 0:
+                raise ConfigError("knob reset_every: must be >= 0 (0: off)")
             if name == "error_rate" and not 0 <= value <= 1:
                 raise ConfigError("knob error_rate: must be within [0, 1]")
         for name, value in changes.items():

@@ -9,7 +9,11 @@ What APNs does to a connection and a pure-throughput server cannot reproduce:
   before it has read the server's SETTINGS is refused just as APNs does.
 - GOAWAY every `goaway_every` requests with last-stream-id = the highest stream received so far: every
   stream up to it is answered, nothing above it is processed or counted, then the connection closes.
-- Fault 09 closes the connection with requests unanswered.
+- Reset every `reset_every` requests: the connection stops processing, answers every request it
+  processed, makes sure the client has read those answers (a PING round trip), then is aborted with a
+  TCP RST while the requests that arrived after the Nth are still open. Those were never processed or
+  counted: a load balancer or server restart cutting the connection, where resending is always safe.
+- Fault 09 closes the connection with requests unanswered, including some it processed.
 HTTP/1.1 is served too (cleartext or ALPN "http/1.1"), for admin calls from simple clients.
 """
 
@@ -17,7 +21,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import ssl
+import struct
 from typing import Any
 
 import h2.config
@@ -39,6 +45,11 @@ _MAX_BODY = 1024 * 1024
 # closing, so the kernel does not answer the peer's in-flight bytes with a RST that could destroy
 # our final frames in its receive buffer.
 _LINGER_S = 1.0
+# Opaque data of the PING that precedes a `reset_every` reset; its ACK proves the client has read
+# every frame written before it.
+_RESET_PING = b"rst-sync"
+# SO_LINGER on with a zero timeout: close() discards what is unsent and sends RST instead of FIN.
+_LINGER_RST = struct.pack("ii", 1, 0)
 
 
 class _SelfEnforcedSettings(h2.settings.Settings):
@@ -71,7 +82,14 @@ class StrictFront:
         self.scheme = scheme
         self.connections: set[_Connection] = set()
         sim.listeners.append(self._on_knobs)
-        for name in ("refused_streams", "goaways_sent", "connections_dropped", "settings_raised"):
+        for name in (
+            "refused_streams",
+            "goaways_sent",
+            "connections_dropped",
+            "connections_reset",
+            "requests_cut_by_reset",
+            "settings_raised",
+        ):
             sim.front_counters.setdefault(name, 0)
 
     def count(self, name: str, n: int = 1) -> None:
@@ -105,6 +123,9 @@ class _Connection(asyncio.Protocol):
         self.handled = 0
         self.goaway_last: int | None = None
         self.max_accepted = 0
+        self.resetting = False  # reset_every reached: nothing new is processed on this connection
+        self.reset_ping_sent = False
+        self.cut = 0  # requests received after the reset point, left unprocessed
         # HTTP/1.1 state
         self.h1_busy = False
         self.h1_in_flight = False
@@ -228,6 +249,10 @@ class _Connection(asyncio.Protocol):
                 self.unsent.pop(event.stream_id, None)
             elif isinstance(event, h2.events.WindowUpdated):
                 self._send_unsent()
+            elif isinstance(event, h2.events.PingAckReceived):
+                if self.reset_ping_sent and event.ping_data == _RESET_PING:
+                    self._reset()
+                    return
             elif isinstance(event, h2.events.ConnectionTerminated):
                 self._flush()
                 if self.transport is not None:
@@ -237,12 +262,16 @@ class _Connection(asyncio.Protocol):
                 return
         self._flush()
         self._maybe_finish_goaway()
+        self._maybe_reset()
 
     def _on_headers(self, event: h2.events.RequestReceived) -> None:
         assert self.h2 is not None
         sid = event.stream_id
         if self.goaway_last is not None and sid > self.goaway_last:
             return  # above last-stream-id: never processed, the client re-sends it elsewhere
+        if self.resetting:
+            self.cut += 1  # left open and unanswered until the reset: never processed
+            return
         if len(self.streams) >= self.limit:
             self.front.count("refused_streams")
             self.h2.reset_stream(sid, h2.errors.ErrorCodes.REFUSED_STREAM)
@@ -261,8 +290,8 @@ class _Connection(asyncio.Protocol):
 
     def _process(self, sid: int) -> None:
         stream = self.streams.get(sid)
-        if stream is None or stream.processing:
-            return
+        if stream is None or stream.processing or self.resetting:
+            return  # while resetting, a stream whose request completes now stays unprocessed
         stream.processing = True
         method = path = scheme = authority = ""
         headers: dict[str, str] = {}
@@ -297,6 +326,9 @@ class _Connection(asyncio.Protocol):
         every = self.sim.knobs.goaway_every
         if every and self.goaway_last is None and self.handled >= every:
             self._send_goaway()
+        every = self.sim.knobs.reset_every
+        if every and self.handled >= every:
+            self.resetting = True
         if resp.delay > 0:
             # Scheduled callbacks check `closed`, so a connection that dies meanwhile needs no cleanup.
             self.loop.call_later(resp.delay, self._deferred, sid, resp)
@@ -312,6 +344,7 @@ class _Connection(asyncio.Protocol):
         self._respond(sid, resp)
         self._flush()
         self._maybe_finish_goaway()
+        self._maybe_reset()
 
     def _send_goaway(self) -> None:
         """GOAWAY(NO_ERROR) written by hand: h2 would refuse to send the responses still owed after it."""
@@ -333,6 +366,33 @@ class _Connection(asyncio.Protocol):
         transport = self.transport
         self.goaway_last = -1  # finished: nothing more will be processed
         self.loop.call_later(_LINGER_S, transport.close)
+
+    def _maybe_reset(self) -> None:
+        """Once every processed request is answered, ask the client to acknowledge a PING."""
+        if not self.resetting or self.reset_ping_sent or self.closed or self.h2 is None:
+            return
+        if self.unsent or any(s.processing for s in self.streams.values()):
+            return
+        # Aborting now could destroy answers still in our buffers or the client's receive queue, and
+        # a processed request left unanswered would come back as a duplicate: the reset waits until
+        # the client has read everything up to the PING (frames are processed in order).
+        self.reset_ping_sent = True
+        self.h2.ping(_RESET_PING)
+        self._flush()
+
+    def _reset(self) -> None:
+        """reset_every: abort with RST; every stream still open was never processed."""
+        if self.closed or self.transport is None:
+            return
+        self.front.count("connections_reset")
+        # Streams accepted before the reset point whose request was still incomplete are cut too.
+        self.front.count("requests_cut_by_reset", self.cut + len(self.streams))
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            # Without it close() sends FIN when our receive queue happens to be empty: a clean EOF,
+            # not the reset a load balancer or a restarting server produces.
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RST)
+        self.transport.abort()
 
     def _respond(self, sid: int, resp: SimResponse) -> None:
         if self.closed or self.h2 is None:
