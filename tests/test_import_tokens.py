@@ -316,8 +316,11 @@ def test_backslashes_and_unicode_survive_copy(tmp_path):
     assert row.token_hash == DeviceToken.hash_token(token)
 
 
-def test_new_and_known_devices_in_one_file(tmp_path):
-    """Known devices take the upsert, new ones the plain insert; both from one file, in one step."""
+@pytest.mark.parametrize("divisor", [1, 10**6], ids=["split", "upsert"])
+def test_new_and_known_devices_in_one_file(tmp_path, monkeypatch, divisor):
+    """Split: known devices take the upsert, new ones the plain insert, in one statement. Upsert:
+    all rows take it (the app has many devices for the file's size). Same result."""
+    monkeypatch.setattr(import_tokens, "FEW_KNOWN_DIVISOR", divisor)
     app = make_app()
     known = [(str(uuid.uuid4()), "ios", apns_token(), "old") for _ in range(3)]
     run(write(tmp_path / "a.csv", known), app.slug)
@@ -332,3 +335,16 @@ def test_new_and_known_devices_in_one_file(tmp_path):
         row[0]: (row[2], row[3]) for row in rotated + fresh
     }
     assert all(stored[str(device)].created_at == at for device, at in created.items())
+
+
+def test_few_known_counts_only_up_to_a_tenth_of_the_file(tmp_path):
+    from django.db import connection
+
+    app = make_app()
+    run(
+        write(tmp_path / "a.csv", [(str(uuid.uuid4()), "ios", apns_token(), "u") for _ in range(3)]), app.slug
+    )
+    with connection.cursor() as cursor:
+        assert import_tokens.Command._few_known(cursor, app.pk, 30)
+        assert not import_tokens.Command._few_known(cursor, app.pk, 29)
+        assert import_tokens.Command._few_known(cursor, make_app().pk, 1)
