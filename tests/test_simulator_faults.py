@@ -125,3 +125,43 @@ def test_fault_09_on_the_strict_front_closes_the_connection(simulator_strict, pr
         assert SENDERS[provider](client, sim, token).status_code in (200, 201)
     assert sim.counts([token]) == {token: 1}
     assert sim.stats()["connections_dropped"] == 1
+
+
+def test_every_injected_drop_is_reported_once_even_when_two_share_a_connection(simulator_strict):
+    """Two 09 requests processed on one connection: the first drop closes it, the second finds it
+    closed. The simulator reports both: connections_dropped + drops_on_closed_connections adds up to
+    the drops it injected, so a campaign test can assert on what was injected, not on how many
+    connections timing let the drops land on."""
+    from tests.test_simulator_strict import RawH2, tok
+
+    sim = simulator_strict
+    sim.configure(latency_ms=500)  # both requests are processed before the first drop is due
+    raw = RawH2(sim)
+    try:
+        first = raw.request(tok(1))
+        raw.pump(lambda: first in raw.responses and raw.stream_limits() == [1, 1000])
+        drops = ["fa017509" + "31" * 28, "fa017509" + "32" * 28]
+        for token in drops:  # both requests in one write: processed in one read, both drops scheduled
+            sid = raw.conn.get_next_available_stream_id()
+            raw.conn.send_headers(
+                sid,
+                [
+                    (":method", "POST"),
+                    (":scheme", "https"),
+                    (":authority", f"127.0.0.1:{sim.port}"),
+                    (":path", f"/3/device/{token}"),
+                    ("authorization", f"bearer {raw.jwt}"),
+                    ("apns-topic", sim.credentials.apns_topic),
+                    ("apns-push-type", "alert"),
+                ],
+            )
+            raw.conn.send_data(sid, b'{"aps":{"alert":"hi"}}', end_stream=True)
+        raw.flush()
+        raw.read_until_closed()
+    finally:
+        raw.close()
+    stats = sim.wait_for(lambda s: s["in_flight"] == 0)
+    assert stats["by_outcome"]["apns drop"] == 2
+    assert stats["connections_dropped"] == 1
+    assert stats["drops_on_closed_connections"] == 1
+    assert sim.counts(drops) == dict.fromkeys(drops, 0)

@@ -86,6 +86,7 @@ class StrictFront:
             "refused_streams",
             "goaways_sent",
             "connections_dropped",
+            "drops_on_closed_connections",
             "connections_reset",
             "requests_cut_by_reset",
             "settings_raised",
@@ -207,10 +208,14 @@ class _Connection(asyncio.Protocol):
         return True
 
     def _drop(self) -> None:
-        """Fault 09: the connection dies with requests unanswered."""
+        """Fault 09: the connection dies with requests unanswered. Every 09 drop injected (the core's
+        "<provider> drop" outcomes) is counted once here: a dropped connection, or a drop that met its
+        connection already closed (another 09 on it dropped it first, or the client closed it)."""
         if self.closed or self.transport is None:
+            self.front.count("drops_on_closed_connections")
             return
         self.front.count("connections_dropped")
+        self.closed = True  # a second drop due before connection_lost runs finds it closed
         self.transport.abort()
 
     # ---- HTTP/2 ------------------------------------------------------------------------------
@@ -486,6 +491,8 @@ class _Connection(asyncio.Protocol):
 
     def _h1_respond(self, resp: SimResponse, keep: bool) -> None:
         if self.closed or self.transport is None:
+            if resp.drop:
+                self.front.count("drops_on_closed_connections")
             return
         self.h1_busy = False
         if self.h1_in_flight:
