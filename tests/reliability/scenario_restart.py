@@ -59,12 +59,17 @@ def test_campaign_survives_the_restart(fresh_sim, start_worker) -> None:
     tokens = run.population.of()
     at = wait_delivered(fresh_sim, 1500)
     assert at < len(tokens)
+    # Every request takes a second until the server is back: the restart lands mid-campaign however
+    # long this process takes to get to it on a loaded machine. Normal pace again after it.
+    fresh_sim.configure(latency_ms=1000)
     down = _restart()
-    # A healthy run finishes within ~30 s of the restart on this machine, even under load.
+    fresh_sim.configure(latency_ms=20)
+    # A healthy run finishes within ~30-60 s of the restart (lost broker messages wait for the
+    # recovery grace); the deadline is generous for a loaded machine, it only matters on failure.
     try:
-        status = wait_for(lambda: _status(run), 90, 0.5, "campaign to finish after the restart")
+        status = wait_for(lambda: _status(run), 240, 0.5, "campaign to finish after the restart")
     except TimeoutError:
-        status = f"still {run.campaign().status} 90 s after the restart"
+        status = f"still {run.campaign().status} 240 s after the restart"
     campaign = run.campaign()
     result = tally(fresh_sim, tokens)
     print(

@@ -111,9 +111,13 @@ def test_goaway_every_thousand_requests_loses_and_repeats_nothing(fresh_sim, sta
     result = tally(fresh_sim, run.population.of())
     stats = fresh_sim.stats()
     print(
-        f"\nGOAWAY: {stats['goaways_sent']} sent, lost={len(result.lost)} repeated={result.extra_deliveries}"
+        f"\nGOAWAY: {stats['goaways_sent']} sent over {stats['connections_opened']} connections, "
+        f"{stats['requests']} requests, lost={len(result.lost)} repeated={result.extra_deliveries}"
     )
-    assert stats["goaways_sent"] >= 6
+    # A connection sends its GOAWAY at its 1,000th request; how many connections get that far is the
+    # sender's timing (how requests spread over connections), so the count is reported, not fixed:
+    # at least one (the fault happened) and never more than the requests allow.
+    assert 1 <= stats["goaways_sent"] <= stats["requests"] // 1000
     assert campaign.status == "completed", campaign.status_reason
     assert result.lost == [] and result.extra_deliveries == 0
     assert campaign.delivered == 8000 and stats["duplicates"] == 0
@@ -130,14 +134,22 @@ def test_dropped_connections_lose_nothing_and_repeat_only_requests_in_flight(fre
     campaign = run.wait_done(timeout=180)
     result = tally(fresh_sim, run.population.of())
     stats = fresh_sim.stats()
+    injected = sum(n for outcome, n in stats["by_outcome"].items() if outcome.endswith(" drop"))
+    dropped = stats["connections_dropped"]
     print(
-        f"\ndrops: {stats['connections_dropped']} connections dropped, lost={len(result.lost)} "
-        f"repeated={result.extra_deliveries} (bound {stats['connections_dropped']} x 50 streams)"
+        f"\ndrops: {injected} injected, {dropped} connections dropped "
+        f"({stats['drops_on_closed_connections']} met a connection already closed), lost={len(result.lost)} "
+        f"repeated={result.extra_deliveries} (bound {dropped} x 50 streams)"
     )
-    assert stats["connections_dropped"] >= 20
     assert campaign.status == "completed", campaign.status_reason
     assert result.lost == []
-    assert result.extra_deliveries <= stats["connections_dropped"] * 50
+    # Injected: each of the 20 fault-09 tokens' first attempt, exactly (every token was delivered, so
+    # every one was attempted). How many connections they dropped is timing: two drops due on one
+    # connection drop it once (the second finds it closed), so the bound uses the reported count.
+    assert injected == 20
+    assert dropped + stats["drops_on_closed_connections"] == injected
+    assert dropped >= 1
+    assert result.extra_deliveries <= dropped * 50
     assert campaign.failed == 0 and inactive_count(run.app) == 0
 
 
