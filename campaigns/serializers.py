@@ -30,6 +30,10 @@ MAX_TARGET_USER_IDS = 100_000
 # Rollout rates are PositiveIntegerField: a larger one failed in PostgreSQL's integer column, a 500.
 MAX_RATE = 2**31 - 1
 SINGLE_LINE = r"^[^\r\n]*$"
+# The schema's approximation of payload.py's rules (the server's check is the authority): header
+# fields printable ASCII, identifiers without control characters, urls http(s).
+HEADER_TEXT = r"^[\x20-\x7e]*$"
+NO_CONTROLS = r"^[^\x00-\x1f\x7f-\x9f]*$"
 
 
 class PushMessageSerializer(serializers.Serializer):
@@ -60,13 +64,13 @@ class PushMessageSerializer(serializers.Serializer):
     )
     badge = serializers.IntegerField(min_value=0, max_value=2**31 - 1, required=False, allow_null=True)
     sound = serializers.RegexField(
-        SINGLE_LINE, max_length=payload.SHORT_TEXT_MAX, required=False, allow_null=True
+        NO_CONTROLS, max_length=payload.SHORT_TEXT_MAX, required=False, allow_null=True
     )
     category = serializers.RegexField(
-        SINGLE_LINE, max_length=payload.SHORT_TEXT_MAX, required=False, allow_null=True
+        NO_CONTROLS, max_length=payload.SHORT_TEXT_MAX, required=False, allow_null=True
     )
     thread_id = serializers.RegexField(
-        SINGLE_LINE, max_length=payload.SHORT_TEXT_MAX, required=False, allow_null=True
+        NO_CONTROLS, max_length=payload.SHORT_TEXT_MAX, required=False, allow_null=True
     )
     image = serializers.RegexField(
         r"^(https?://\S*)?$",
@@ -76,18 +80,18 @@ class PushMessageSerializer(serializers.Serializer):
         help_text="an http(s) URL the device fetches",
     )
     url = serializers.RegexField(
-        r"^\S*$",
+        r"^(https?://[^\s\x00-\x1f\x7f-\x9f]+)?$",
         max_length=payload.URL_MAX,
         required=False,
         allow_null=True,
-        help_text="opened on tap: a web URL or an app link (javascript:, data:, vbscript:, file: refused)",
+        help_text="opened on tap: an http(s) URL without spaces or control characters (app links go in data)",
     )
     collapse_key = serializers.RegexField(
-        SINGLE_LINE,
+        HEADER_TEXT,
         max_length=payload.COLLAPSE_KEY_MAX_BYTES,
         required=False,
         allow_null=True,
-        help_text=f"at most {payload.COLLAPSE_KEY_MAX_BYTES} bytes of UTF-8",
+        help_text=f"printable ASCII (sent as an HTTP header), at most {payload.COLLAPSE_KEY_MAX_BYTES} bytes",
     )
     priority = serializers.ChoiceField(choices=typing.get_args(payload.Priority), default="high")
     ttl = serializers.IntegerField(
@@ -279,8 +283,8 @@ class StoredTargetSerializer(TargetSerializer):
 
 
 class CountersSerializer(serializers.Serializer):
-    """When the campaign is finished: targeted = delivered + invalidated + failed + not_sent
-    (campaigns/models.py)."""
+    """When the campaign is finished: targeted = delivered + invalidated + invalid_kept + failed
+    + expired + not_sent (campaigns/models.py)."""
 
     targeted = serializers.IntegerField(help_text="devices planned")
     sent = serializers.IntegerField(help_text="provider requests (a retried device counts per attempt)")
@@ -289,6 +293,11 @@ class CountersSerializer(serializers.Serializer):
     retried = serializers.IntegerField(help_text="retry attempts scheduled")
     failed = serializers.IntegerField()
     invalidated = serializers.IntegerField(help_text="tokens the provider called dead, now deactivated")
+    invalid_kept = serializers.IntegerField(
+        help_text="invalid-token answers that deactivated nothing: an APNs 410 older than the token's "
+        "last registration, or a token rotated meanwhile"
+    )
+    expired = serializers.IntegerField(help_text="not retried: the message's TTL ran out first")
     skipped_duplicate = serializers.IntegerField(
         help_text="part of delivered: delivered by a worker that died before recording it, not sent again"
     )
@@ -376,6 +385,8 @@ def represent(campaign: Campaign) -> dict[str, Any]:
             "retried",
             "failed",
             "invalidated",
+            "invalid_kept",
+            "expired",
             "skipped_duplicate",
         )
     }

@@ -37,6 +37,11 @@ SHORT_TEXT_MAX = 256  # sound, category, thread_id, data keys
 TITLE_MAX = 512
 URL_MAX = 2048
 MESSAGE_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+# Fields that end up in HTTP headers (collapse_key: apns-collapse-id, the Web Push Topic) must be
+# printable ASCII: h2/httpx encode header values as ASCII (a "café" raised UnicodeEncodeError inside
+# the shard), and a control character made the simulator, like APNs, answer with GOAWAY.
+HEADER_TEXT_RE = re.compile(r"[\x20-\x7e]*")
+URL_SCHEMES = ("http", "https")
 
 # FCM refuses these data keys ("from", "notification", "message_type", and the google./gcm. prefixes);
 # "aps" would collide with the APNs dictionary the data is merged into; ours are set by the gateway.
@@ -109,6 +114,9 @@ class PushMessage:
     silent: bool = False  # background / data-only push: no alert, no sound
     mutable_content: bool = False
     message_id: str = field(default_factory=_new_message_id)
+    # Set by the sender, never by API input: the absolute deadline (UNIX seconds) of a message with
+    # a TTL, fixed at its first send; `ttl` then holds the seconds that remain (a TTL is absolute).
+    expires_at: int | None = None
 
     def __post_init__(self) -> None:
         # A read-only view, so that a rendering cached by message id cannot go stale by mutation.
@@ -129,12 +137,16 @@ class PushMessage:
         kw: dict[str, Any] = {}
         kw["title"] = _text(d, "title", TITLE_MAX)
         kw["body"] = _text(d, "body", BODY_MAX_BYTES, count_bytes=True, allow_newlines=True)
-        kw["sound"] = _text(d, "sound", SHORT_TEXT_MAX)
-        kw["category"] = _text(d, "category", SHORT_TEXT_MAX)
-        kw["thread_id"] = _text(d, "thread_id", SHORT_TEXT_MAX)
+        kw["sound"] = _identifier(d, "sound")
+        kw["category"] = _identifier(d, "category")
+        kw["thread_id"] = _identifier(d, "thread_id")
         kw["image"] = _url(d, "image")
         kw["url"] = _url(d, "url")
         kw["collapse_key"] = _text(d, "collapse_key", COLLAPSE_KEY_MAX_BYTES, count_bytes=True)
+        if not HEADER_TEXT_RE.fullmatch(kw["collapse_key"]):
+            raise PayloadError(
+                "collapse_key", "must be printable ASCII (it is sent as an HTTP header, apns-collapse-id)"
+            )
         kw["badge"] = _int_or_none(d, "badge", 0, 2**31 - 1)
         kw["ttl"] = _int_or_none(d, "ttl", 0, TTL_MAX)
         kw["silent"] = _bool(d, "silent")
@@ -215,6 +227,7 @@ def _text(
         return ""
     if not isinstance(value, str):
         raise PayloadError(name, f"must be a string, got {type(value).__name__}")
+    _check_unicode(name, value)
     size = len(value.encode()) if count_bytes else len(value)
     if size > limit:
         unit = "bytes (UTF-8)" if count_bytes else "characters"
@@ -224,17 +237,41 @@ def _text(
     return value
 
 
+def _check_unicode(name: str, value: str) -> None:
+    """Refuse what cannot be encoded as UTF-8 (a lone surrogate from a JSON "\\ud800" escape): every
+    provider's JSON would fail on it at send time."""
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        raise PayloadError(name, "must be valid Unicode text (no lone surrogates)") from None
+
+
+def _identifier(d: Mapping[str, Any], name: str) -> str:
+    value = _text(d, name, SHORT_TEXT_MAX)
+    if not value.isprintable():
+        raise PayloadError(name, "must be printable text (no control or format characters)")
+    return value
+
+
 def _url(d: Mapping[str, Any], name: str) -> str:
+    """An http(s) URL, judged as a browser would parse it: the WHATWG parser drops leading and trailing
+    C0 controls and spaces and every tab and newline, so "\\x01javascript:..." is a javascript: URL to
+    a browser. Control characters are refused outright, so what is stored is what is opened."""
     value = _text(d, name, URL_MAX)
-    if value and any(c.isspace() for c in value):
+    if not value:
+        return value
+    if any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in value):
+        raise PayloadError(name, "must not contain control characters")
+    if any(c.isspace() for c in value):
         raise PayloadError(name, "must be a URL without spaces")
-    # The image is fetched by the device; `url` may also be an app deep link (myapp://...), but never a
-    # scheme that runs or embeds content where the app or the service worker opens it.
-    if name == "image" and value and not value.startswith(("https://", "http://")):
-        raise PayloadError(name, "must be an http(s) URL")
-    if name == "url" and value.lower().startswith(("javascript:", "data:", "vbscript:", "file:")):
+    # Nothing a parser would strip is left (controls and spaces are refused above), so the scheme
+    # read here is the one a browser reads.
+    scheme, sep, rest = value.partition(":")
+    if not sep or scheme.lower() not in URL_SCHEMES or not rest.startswith("//") or len(rest) == 2:
+        # `url` is opened by browsers (Web Push service workers, HMS) as well as apps: an app link
+        # (myapp://...) belongs in `data`, where the app reads it, never opened by a browser.
         raise PayloadError(
-            name, "must be a web URL or an app link, not javascript:, data:, vbscript: or file:"
+            name, "must be an http(s) URL, not javascript:, data: or an app link (put app links in data)"
         )
     return value
 
@@ -281,6 +318,11 @@ def _data(value: Any, kw: Mapping[str, Any]) -> dict[str, str]:
             raise PayloadError(
                 where, f"values must be strings (FCM carries only strings), got {type(item).__name__}"
             )
+        _check_unicode(where, key)
+        _check_unicode(where, item)
+        if "\x00" in key or "\x00" in item:
+            # PostgreSQL's jsonb cannot store \u0000: refused here rather than a failed INSERT.
+            raise PayloadError(where, "must not contain NUL characters")
         out[key] = item
     return out
 

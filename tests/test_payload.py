@@ -36,7 +36,7 @@ def test_defaults_and_round_trip() -> None:
             "category": "ORDER",
             "thread_id": "orders",
             "image": "https://cdn.example.com/a.png",
-            "url": "myapp://orders/42",
+            "url": "https://example.com/orders/42",
             "collapse_key": "order-42",
             "priority": "normal",
             "ttl": 3600,
@@ -122,7 +122,8 @@ def test_valid_edge_values_are_accepted() -> None:
     assert PushMessage.from_dict({"title": "t", "ttl": 2_419_200}).ttl == 2_419_200
     assert PushMessage.from_dict({"title": "t", "collapse_key": "k" * 64}).collapse_key == "k" * 64
     assert PushMessage.from_dict({"badge": 0}).badge == 0  # badge-only update is a visible push
-    assert PushMessage.from_dict({"title": "t", "url": "myapp://orders/42"}).url == "myapp://orders/42"
+    # `url` is http(s) only (browsers open it); an app link travels in data (test_security_payload.py).
+    assert PushMessage.from_dict({"title": "t", "data": {"link": "myapp://orders/42"}}).data["link"]
     silent = PushMessage.from_dict({"silent": True, "data": {"sync": "1"}})
     assert silent.silent and silent.data == {"sync": "1"}
 
