@@ -182,14 +182,17 @@ def clean_web_subscription(value: Any, *, resolve: bool = False) -> tuple[str, s
     return endpoint, _b64url(p256dh), _b64url(auth)
 
 
-def validate_push_endpoint(url: str, *, resolve: bool) -> None:
+def validate_push_endpoint(url: str, *, resolve: bool) -> tuple[str, ...]:
     """Refuse a Web Push endpoint the gateway must not POST to (server-side request forgery).
 
-    The URL comes from a browser, i.e. from anyone: it must be https, its host must be a known
-    push service (`WEBPUSH_ALLOWED_HOSTS`, suffix match on a dot boundary), and neither an IP
-    literal nor (with `resolve=True`, which the sender uses right before connecting) any address
-    the name resolves to may be private, loopback, link-local or reserved. `WEBPUSH_ALLOW_INSECURE`
-    (tests and the demo against the local simulator) lifts all three rules.
+    The URL comes from a browser, i.e. from anyone: it must be https on port 443, its host a valid
+    DNS name (letters, digits and hyphens in labels of 1-63) of a known push service
+    (`WEBPUSH_ALLOWED_HOSTS`, suffix match on a dot boundary), and neither an IP literal nor (with
+    `resolve=True`, which the sender uses right before connecting) any address the name resolves to
+    may be private, loopback, link-local or reserved. With `resolve=True` the checked addresses are
+    returned: the sender connects to those and only those (no second lookup that DNS rebinding
+    could answer differently). `WEBPUSH_ALLOW_INSECURE` (tests and the demo against the local
+    simulator) lifts the https, port, allow-list and address rules and returns no addresses.
     """
     if not isinstance(url, str) or any(ch.isspace() or not ch.isprintable() for ch in url):
         raise ValueError("The endpoint must be a URL without spaces or control characters.")
@@ -203,23 +206,40 @@ def validate_push_endpoint(url: str, *, resolve: bool) -> None:
         raise ValueError("The endpoint must be an absolute https:// URL.")
     if parts.username is not None or parts.password is not None:
         raise ValueError("The endpoint must not carry credentials.")
+    if _ip(host) is None and not _valid_hostname(host):
+        raise ValueError("The endpoint host must be a DNS name of letters, digits, hyphens and dots.")
     if settings.WEBPUSH_ALLOW_INSECURE:
-        return
+        return ()
     if parts.scheme != "https":
         raise ValueError("The endpoint must use https.")
     if _ip(host) is not None:
         raise ValueError("The endpoint must name a push service host, not an IP address.")
     if not _host_allowed(host):
         raise ValueError(f"The endpoint host {host!r} is not an allowed push service.")
-    if resolve:
-        try:
-            infos = socket.getaddrinfo(host, port or 443, type=socket.SOCK_STREAM)
-        except OSError as exc:
-            raise ValueError(f"The endpoint host {host!r} does not resolve: {exc}.") from None
-        for info in infos:
-            address = _ip(info[4][0])
-            if address is None or not address.is_global or address.is_multicast:
-                raise ValueError(f"The endpoint host {host!r} resolves to a non-public address.")
+    if port not in (None, 443):
+        raise ValueError("The endpoint must use the https port, 443.")
+    if not resolve:
+        return ()
+    try:
+        infos = socket.getaddrinfo(host, 443, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        raise ValueError(f"The endpoint host {host!r} does not resolve: {exc}.") from None
+    addresses: list[str] = []
+    for info in infos:
+        address = _ip(info[4][0])
+        if address is None or not address.is_global or address.is_multicast:
+            raise ValueError(f"The endpoint host {host!r} resolves to a non-public address.")
+        if str(address) not in addresses:
+            addresses.append(str(address))
+    return tuple(addresses)
+
+
+_LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+
+
+def _valid_hostname(host: str) -> bool:
+    """RFC 1123 host name (urlsplit already lower-cased it); what push services are named."""
+    return len(host) <= 253 and all(_LABEL_RE.fullmatch(label) for label in host.split("."))
 
 
 def _host_allowed(host: str) -> bool:

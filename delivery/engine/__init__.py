@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
+
 from delivery.engine.base import Engine, EngineStats, HttpRequest, HttpResponse, TransportError
 
 __all__ = ["Engine", "EngineStats", "HttpRequest", "HttpResponse", "TransportError", "create_engine"]
@@ -17,15 +19,19 @@ def create_engine(
     max_connections: int = 2,
     timeout: float = 15.0,
     h2c: bool = False,
+    resolve: Callable[[str, int], Sequence[str] | None] | None = None,
 ) -> Engine:
     """An engine for one provider endpoint (scheme://host[:port]); requests may use paths.
 
     `kind`: "curl" (libcurl + nghttp2, the hot path for APNs and FCM) or "httpx" (portable, for
     low-volume calls). `ca_file`: PEM bundle to trust instead of the system store. `h2c`: speak
     cleartext HTTP/2 with prior knowledge (local simulator only). `timeout` applies per request
-    unless the request carries its own.
+    unless the request carries its own. `resolve` (httpx only): (host, port) -> the addresses to
+    connect to instead of resolving the host (None: resolve as usual; empty: refuse to connect).
     """
     if kind == "curl":
+        if resolve is not None:
+            raise ValueError("address pinning (resolve) is implemented by the httpx engine only")
         from delivery.engine.curl import CurlEngine
 
         return CurlEngine(
@@ -35,6 +41,11 @@ def create_engine(
         from delivery.engine.httpx_engine import HttpxEngine
 
         return HttpxEngine(
-            base_url, ca_file=ca_file, max_connections=max_connections, timeout=timeout, h2c=h2c
+            base_url,
+            ca_file=ca_file,
+            max_connections=max_connections,
+            timeout=timeout,
+            h2c=h2c,
+            resolve=resolve,
         )
     raise ValueError(f"unknown engine kind {kind!r}; expected one of {', '.join(ENGINE_KINDS)}")

@@ -14,7 +14,9 @@ from __future__ import annotations
 import asyncio
 import ssl
 import weakref
+from collections.abc import Callable, Iterable, Sequence
 
+import httpcore
 import httpx
 
 from delivery.engine.base import Engine, EngineStats, HttpRequest, HttpResponse, TransportError
@@ -29,6 +31,49 @@ _NOT_SENT = (
 )
 _IDLE_CONNECTION_MAX_AGE_S = 600.0
 
+# (host, port) -> the addresses to connect to; None: resolve the name as usual.
+Resolver = Callable[[str, int], Sequence[str] | None]
+
+
+class _PinnedBackend(httpcore.AsyncNetworkBackend):
+    """Connects to the addresses `resolve` gives for the URL's host, not to a fresh DNS answer; TLS
+    still verifies (and SNI still names) the URL's host, as httpcore passes it to start_tls. This is
+    how the Web Push sender connects to the very address its SSRF check approved."""
+
+    def __init__(self, inner: httpcore.AsyncNetworkBackend, resolve: Resolver) -> None:
+        self._inner = inner
+        self._resolve = resolve
+
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[tuple] | None = None,
+    ) -> httpcore.AsyncNetworkStream:
+        addresses = self._resolve(host, port)
+        if addresses is None:
+            return await self._inner.connect_tcp(host, port, timeout, local_address, socket_options)
+        if not addresses:
+            raise httpcore.ConnectError(f"no checked address for {host}:{port}; not connecting")
+        error: Exception | None = None
+        for address in addresses:
+            try:
+                return await self._inner.connect_tcp(address, port, timeout, local_address, socket_options)
+            except (httpcore.ConnectError, httpcore.ConnectTimeout) as exc:
+                error = exc
+        assert error is not None
+        raise error
+
+    async def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[tuple] | None = None
+    ) -> httpcore.AsyncNetworkStream:
+        return await self._inner.connect_unix_socket(path, timeout, socket_options)
+
+    async def sleep(self, seconds: float) -> None:
+        await self._inner.sleep(seconds)
+
 
 class HttpxEngine(Engine):
     def __init__(
@@ -39,6 +84,7 @@ class HttpxEngine(Engine):
         max_connections: int = 2,
         timeout: float = 15.0,
         h2c: bool = False,
+        resolve: Resolver | None = None,
     ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
@@ -47,6 +93,7 @@ class HttpxEngine(Engine):
         self._max_connections = max_connections
         self._timeout = timeout
         self._h2c = h2c
+        self._resolve = resolve
         self._client: httpx.AsyncClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._seen_connections: weakref.WeakSet[object] = weakref.WeakSet()
@@ -66,6 +113,10 @@ class HttpxEngine(Engine):
         transport = httpx.AsyncHTTPTransport(
             verify=verify, http1=not self._h2c, http2=True, limits=limits, retries=0
         )
+        if self._resolve is not None:
+            # httpx takes no network backend; its pool (httpcore) does, and reads it per connection.
+            pool = transport._pool
+            pool._network_backend = _PinnedBackend(pool._network_backend, self._resolve)
         return httpx.AsyncClient(
             base_url=self._base_url,
             transport=transport,

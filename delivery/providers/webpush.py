@@ -39,6 +39,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat,
 
 from delivery.credentials import Clock, fingerprint
 from delivery.engine.base import Engine, HttpRequest, TransportError
+from delivery.engine.httpx_engine import Resolver
 from delivery.payload import PushMessage, fit_message
 from delivery.providers import mapping as m
 from delivery.providers.base import (
@@ -46,7 +47,6 @@ from delivery.providers.base import (
     Provider,
     Result,
     Target,
-    provider_engine,
     remember_render,
 )
 
@@ -134,7 +134,7 @@ class WebPushProvider(Provider):
         public_key: str,
         subject: str,
         config_error: str = "",
-        engine_factory: Callable[[str], Engine] | None = None,
+        engine_factory: Callable[[str, Resolver], Engine] | None = None,
         clock: Clock = time.time,
     ) -> None:
         self._config_error = config_error
@@ -146,7 +146,9 @@ class WebPushProvider(Provider):
         self._engines: dict[str, Engine] = {}
         self._vapid: dict[str, tuple[str, float]] = {}  # origin -> (header, reuse until)
         self._renders: dict[str, _Rendered] = {}
-        self._resolved_until: dict[str, float] = {}  # host[:port] -> recheck time
+        # (host, port) -> (the addresses the SSRF check approved, recheck time). The engines connect
+        # to these addresses only (_pinned), so DNS cannot answer the connection differently.
+        self._pins: dict[tuple[str, int], tuple[tuple[str, ...], float]] = {}
         self._closing: set[asyncio.Task] = set()
 
     @classmethod
@@ -201,13 +203,15 @@ class WebPushProvider(Provider):
         rendered = self._render(message)
         endpoint = target.token
         parts = urlsplit(endpoint)
-        problem = _endpoint_problem(endpoint, resolve=False)  # the rules that need no DNS, every time
-        if not problem and self._resolved_until.get(parts.netloc, 0.0) <= self._clock():
-            problem = await asyncio.to_thread(_endpoint_problem, endpoint, resolve=True)
+        problem, _ = _endpoint_problem(endpoint, resolve=False)  # the rules that need no DNS, every time
+        pin_key = _pin_key(parts)
+        pin = self._pins.get(pin_key)
+        if not problem and (pin is None or pin[1] <= self._clock()):
+            problem, addresses = await asyncio.to_thread(_endpoint_problem, endpoint, resolve=True)
             if not problem:
-                if len(self._resolved_until) >= 1024:
-                    self._resolved_until.clear()
-                self._resolved_until[parts.netloc] = self._clock() + RESOLVE_RECHECK
+                if len(self._pins) >= 1024:
+                    self._pins.clear()
+                self._pins[pin_key] = (addresses, self._clock() + RESOLVE_RECHECK)
         if problem:
             # A name that does not resolve right now may be a DNS hiccup; anything else is a refusal.
             outcome = Outcome.RETRY if "does not resolve" in problem else Outcome.REJECTED
@@ -263,8 +267,19 @@ class WebPushProvider(Provider):
                 task = asyncio.get_running_loop().create_task(old.aclose())
                 self._closing.add(task)  # keep a reference until it is done
                 task.add_done_callback(self._closing.discard)
-            engine = self._engines[origin] = self._engine_factory(origin)
+            engine = self._engines[origin] = self._engine_factory(origin, self._pinned)
         return engine
+
+    def _pinned(self, host: str, port: int) -> tuple[str, ...] | None:
+        """The engines' resolver: the addresses last approved for (host, port). Nothing approved:
+        nothing to connect to (fail closed). WEBPUSH_ALLOW_INSECURE (local simulator): the name
+        resolves as usual."""
+        from django.conf import settings
+
+        if settings.WEBPUSH_ALLOW_INSECURE:
+            return None
+        pin = self._pins.get((host.lower().rstrip("."), port))
+        return pin[0] if pin is not None else ()
 
     async def aclose(self) -> None:
         engines, self._engines = list(self._engines.values()), {}
@@ -286,15 +301,31 @@ def _origin(parts: SplitResult) -> str:
     return f"{parts.scheme}://{host}" + (f":{port}" if port and port != default else "")
 
 
-def _default_engine(origin: str) -> Engine:
-    return provider_engine(origin, kind="httpx", max_connections=1)
+def _default_engine(origin: str, resolve: Resolver) -> Engine:
+    from django.conf import settings
+
+    from delivery.engine import create_engine
+
+    return create_engine(
+        origin,
+        kind="httpx",
+        ca_file=settings.PUSH_CA_BUNDLE or None,
+        max_connections=1,
+        timeout=settings.PUSH_REQUEST_TIMEOUT,
+        h2c=origin.startswith("http://"),
+        resolve=resolve,
+    )
 
 
-def _endpoint_problem(endpoint: str, *, resolve: bool) -> str:
+def _pin_key(parts: SplitResult) -> tuple[str, int]:
+    return ((parts.hostname or "").rstrip("."), parts.port or (443 if parts.scheme == "https" else 80))
+
+
+def _endpoint_problem(endpoint: str, *, resolve: bool) -> tuple[str, tuple[str, ...]]:
+    """(why the endpoint is refused or "", the addresses approved when resolve=True)."""
     from tokens.validation import validate_push_endpoint
 
     try:
-        validate_push_endpoint(endpoint, resolve=resolve)
+        return "", validate_push_endpoint(endpoint, resolve=resolve)
     except ValueError as exc:
-        return str(exc)
-    return ""
+        return str(exc), ()
