@@ -6,6 +6,10 @@ STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | 
 # Tests always run on PostgreSQL and a Redis database of their own (they flush it).
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/test
 TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
+# pushsvc refuses to start with DEBUG off and no SECRET_KEY of its own (pushsvc/settings.py). The
+# targets below are for development, tests and the demo: unless SECRET_KEY is set, they use a random
+# key made once per checkout (var/dev-secret-key, not in git). Production sets SECRET_KEY itself.
+export SECRET_KEY ?= $(shell mkdir -p var && { [ -s var/dev-secret-key ] || $(PYTHON) -c "import secrets; print(secrets.token_urlsafe(64))" > var/dev-secret-key; } && cat var/dev-secret-key)
 
 .PHONY: venv demo test lint migrate simulator web worker beat flower bench browser-deps
 

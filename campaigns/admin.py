@@ -14,6 +14,7 @@ from typing import Any
 from django import forms
 from django.contrib import admin
 from django.db.models import QuerySet
+from django.forms.fields import InvalidJSONInput
 from django.http import HttpRequest, HttpResponse
 from django.urls import URLPattern, path, reverse
 
@@ -32,13 +33,68 @@ _ROLLOUT_FIELDS = {
 admin.site.index_template = "admin/pushsvc_index.html"
 
 
+class SafeJSONField(forms.JSONField):
+    """forms.JSONField whose hostile inputs are form errors, not 500s: nesting deep enough to hit
+    Python's recursion limit, text PostgreSQL's jsonb cannot store (NUL) or UTF-8 cannot encode
+    (lone surrogates from \\ud800 escapes)."""
+
+    max_depth = 64  # a message nests two levels; anything deeper is a mistake or an attack
+
+    def to_python(self, value: Any) -> Any:
+        if isinstance(value, str) and _nesting(value) > self.max_depth:
+            raise forms.ValidationError(f"JSON nested deeper than {self.max_depth} levels.", code="invalid")
+        try:
+            converted = super().to_python(value)
+        except RecursionError:
+            raise forms.ValidationError("JSON nested too deeply.", code="invalid") from None
+        _check_text(converted)
+        return converted
+
+    def bound_data(self, data: Any, initial: Any) -> Any:
+        # An invalid form is shown again from bound_data, which parses the input once more.
+        if isinstance(data, str) and _nesting(data) > self.max_depth:
+            return InvalidJSONInput(data)
+        return super().bound_data(data, initial)
+
+
+def _nesting(text: str) -> int:
+    """Deepest bracket nesting of a JSON text (brackets inside strings included: an upper bound)."""
+    depth = deepest = 0
+    for char in text:
+        if char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def _check_text(value: Any) -> None:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+        elif isinstance(item, str):
+            if "\x00" in item:
+                raise forms.ValidationError("Text must not contain NUL characters.", code="invalid")
+            try:
+                item.encode()
+            except UnicodeEncodeError:
+                message = "Text must be valid Unicode (no lone surrogates)."
+                raise forms.ValidationError(message, code="invalid") from None
+
+
 class CampaignCreateForm(forms.ModelForm):
-    message = forms.JSONField(
+    message = SafeJSONField(
         help_text='The unified message, as in the API: {"title": "...", "body": "...", "data": {...}, '
         '"collapse_id": "...", "content_available": true, ...}',
         widget=forms.Textarea(attrs={"rows": 6, "cols": 80}),
     )
-    target = forms.JSONField(
+    target = SafeJSONField(
         required=False,
         help_text="Empty = every active device. Keys: platforms, user_ids, min_app_version, "
         "max_app_version, active_within_days.",

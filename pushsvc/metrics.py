@@ -19,7 +19,8 @@ hashes, and the web process exports those hashes with a custom collector at scra
 Counters in Redis are monotonic, so Prometheus' rate() and increase() work as usual; a Redis flush
 looks like a counter reset, which rate() already handles. Nothing here is on a per-token path.
 
-`METRICS_TOKEN` set: /metrics wants `Authorization: Bearer <token>`.
+`METRICS_TOKEN` set: /metrics wants `Authorization: Bearer <token>`; neither it nor
+`METRICS_PUBLIC=true` set: /metrics answers 403.
 """
 
 from __future__ import annotations
@@ -431,6 +432,11 @@ def render() -> bytes:
 @never_cache
 def metrics_view(request: HttpRequest) -> HttpResponse:
     token = settings.METRICS_TOKEN
+    if not token and not settings.METRICS_PUBLIC:
+        # Closed by default: the metrics name tenants, campaigns and volumes.
+        return HttpResponse(
+            "/metrics is closed: set METRICS_TOKEN (or METRICS_PUBLIC=true to open it).\n", status=403
+        )
     if token:
         given = request.headers.get("Authorization", "")
         if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):

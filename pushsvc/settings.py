@@ -7,6 +7,7 @@ os.environ. Each variable is documented in the README ("Configuration") with its
 from __future__ import annotations
 
 import os
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
@@ -45,9 +46,55 @@ def _env_list(name: str, default: str) -> list[str]:
 
 # --- Django core -----------------------------------------------------------------------------
 DEBUG = _env_bool("DEBUG", False)
-# A fixed development key is only acceptable while DEBUG or in the demo; production sets SECRET_KEY.
-SECRET_KEY = _env("SECRET_KEY", "pushsvc-insecure-development-key-change-me")
+# The public development key is accepted only with DEBUG on. With DEBUG off (production, the
+# Makefile's targets, the tests, the demo) SECRET_KEY must be set and at least 50 characters (what
+# `check --deploy` wants): anyone who knows the key can forge sessions and signed cookies.
+DEVELOPMENT_SECRET_KEY = "pushsvc-insecure-development-key-change-me"
+SECRET_KEY_MIN_LENGTH = 50
+SECRET_KEY = _env("SECRET_KEY", DEVELOPMENT_SECRET_KEY)
+if not DEBUG and (SECRET_KEY == DEVELOPMENT_SECRET_KEY or len(SECRET_KEY) < SECRET_KEY_MIN_LENGTH):
+    from django.core.exceptions import ImproperlyConfigured
+
+    raise ImproperlyConfigured(
+        "SECRET_KEY is unset, the public development key or shorter than "
+        f"{SECRET_KEY_MIN_LENGTH} characters, and DEBUG is off. Set the SECRET_KEY environment "
+        "variable to a long random value, e.g. "
+        "python3 -c 'import secrets; print(secrets.token_urlsafe(64))'."
+    )
 ALLOWED_HOSTS = _env_list("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver")
+
+# HTTPS and cookies (README "Configuration"). Defaults suit plain-http development; the documented
+# production values (docs/operations.md) make `manage.py check --deploy` clean.
+# SECURE_PROXY_SSL_HEADER: behind a TLS-terminating proxy, the header it sets (e.g.
+# "X-Forwarded-Proto:https") so that Django knows the request was https; the proxy must overwrite
+# that header from clients, else a client could claim https.
+_ssl_header = _env("SECURE_PROXY_SSL_HEADER", "")
+SECURE_PROXY_SSL_HEADER = (
+    ("HTTP_" + _ssl_header.partition(":")[0].strip().upper().replace("-", "_"),
+     _ssl_header.partition(":")[2].strip())
+    if _ssl_header
+    else None
+)  # fmt: skip
+SECURE_SSL_REDIRECT = _env_bool("SECURE_SSL_REDIRECT", False)
+# /healthz and /readyz are probed over plain http inside the cluster: never redirected.
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]
+SESSION_COOKIE_SECURE = _env_bool("SESSION_COOKIE_SECURE", False)
+CSRF_COOKIE_SECURE = _env_bool("CSRF_COOKIE_SECURE", False)
+SECURE_HSTS_SECONDS = _env_int("SECURE_HSTS_SECONDS", 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = _env_bool("SECURE_HSTS_INCLUDE_SUBDOMAINS", False)
+SECURE_HSTS_PRELOAD = _env_bool("SECURE_HSTS_PRELOAD", False)
+# Origins (scheme://host[:port]) the admin is reached through when that is not the request's own
+# Host, e.g. https://push.example.com behind a proxy that rewrites Host.
+CSRF_TRUSTED_ORIGINS = _env_list("CSRF_TRUSTED_ORIGINS", "")
+SESSION_COOKIE_HTTPONLY = True
+# HSTS preload (security.W021) is the domain owner's decision (submitting it to the browsers' preload
+# list binds every subdomain for months), not this service's: SECURE_HSTS_PRELOAD is there for
+# when it is made, and the check is not a deploy blocker.
+SILENCED_SYSTEM_CHECKS = ["security.W021"]
+# TRUSTED_PROXIES: CIDRs of reverse proxies / load balancers whose X-Forwarded-For names the
+# client (the API-key throttle and the admin login limit count per client). Empty: the TCP peer
+# is the client, and X-Forwarded-For is ignored (any client can write it).
+TRUSTED_PROXIES = _env_list("TRUSTED_PROXIES", "")
 
 INSTALLED_APPS = [
     "django.contrib.admin",
@@ -58,6 +105,8 @@ INSTALLED_APPS = [
     "django.contrib.staticfiles",
     "rest_framework",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # swagger-ui served from our static files, not a CDN
+    "axes",  # admin login throttling
     "tokens",
     "campaigns",
     "delivery",
@@ -65,13 +114,23 @@ INSTALLED_APPS = [
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
-    "tokens.throttle.ApiKeyThrottleMiddleware",  # 429 after repeated wrong API keys per client
+    # Static files (admin CSS, the campaign page's progress.js, swagger-ui) with DEBUG off too.
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "tokens.throttle.ApiKeyThrottleMiddleware",  # 429 for wrong API keys past a per-client limit
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    # Last, as django-axes asks: it turns a locked-out login into its lockout answer.
+    "axes.middleware.AxesMiddleware",
+]
+
+AUTHENTICATION_BACKENDS = [
+    # First, so a locked-out (username, client) is refused before the password is checked.
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
 ]
 
 ROOT_URLCONF = "pushsvc.urls"
@@ -123,6 +182,12 @@ USE_TZ = True
 
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "var" / "static"
+# WhiteNoise serves the app directories' static files (admin, campaigns, swagger-ui) straight from
+# the finders, so no collectstatic step is needed to deploy; with collectstatic run, STATIC_ROOT
+# is served as well.
+WHITENOISE_USE_FINDERS = True
+STATIC_ROOT.mkdir(parents=True, exist_ok=True)  # WhiteNoise warns about a missing one at startup
+WHITENOISE_AUTOREFRESH = DEBUG
 
 # Request bodies: a registration is well under 8 KiB; a campaign message under 64 KiB.
 DATA_UPLOAD_MAX_MEMORY_SIZE = _env_int("DATA_UPLOAD_MAX_MEMORY_SIZE", 1024 * 1024)
@@ -320,9 +385,23 @@ PUSH_REQUEST_TIMEOUT = _env_float("PUSH_REQUEST_TIMEOUT", 15.0)
 # A verified API key is cached per web process this many seconds (revocation is immediate in the
 # revoking process, within this window elsewhere).
 API_KEY_CACHE_SECONDS = _env_float("API_KEY_CACHE_SECONDS", 5.0)
-# Failed API-key attempts allowed per client address and window before 429 (brute force).
+# Keys that do not verify, per client address and per (client, key prefix) and window, before
+# such requests answer 429 instead of 401 (tokens/throttle.py). A key that verifies is never refused.
 API_AUTH_FAILURES_MAX = _env_int("API_AUTH_FAILURES_MAX", 20)
+API_AUTH_KEY_FAILURES_MAX = _env_int("API_AUTH_KEY_FAILURES_MAX", 10)
 API_AUTH_FAILURE_WINDOW_S = _env_int("API_AUTH_FAILURE_WINDOW_S", 60)
+
+# --- Admin login throttling (django-axes) -------------------------------------------------------
+# ADMIN_LOGIN_FAILURES_MAX wrong passwords for one username from one client lock that pair out for
+# ADMIN_LOGIN_LOCKOUT_S (429); a success resets the count. Keyed on the pair, so an attacker can
+# neither lock an admin out from elsewhere nor lock out everyone behind one proxy. Failures are
+# rows in the database (axes' tables), shared by every web process.
+AXES_FAILURE_LIMIT = _env_int("ADMIN_LOGIN_FAILURES_MAX", 5)
+AXES_COOLOFF_TIME = timedelta(seconds=_env_int("ADMIN_LOGIN_LOCKOUT_S", 900))
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_RESET_ON_SUCCESS = True
+AXES_CLIENT_IP_CALLABLE = "tokens.throttle.login_client_ip"
+AXES_VERBOSE = False
 # Registrations commit without waiting for the WAL flush: a PostgreSQL crash may lose the last
 # fraction of a second of them, and apps register again on their next launch. `true` waits.
 REGISTRY_SYNCHRONOUS_COMMIT = _env_bool("REGISTRY_SYNCHRONOUS_COMMIT", False)
@@ -346,6 +425,10 @@ SPECTACULAR_SETTINGS = {
     "SERVE_INCLUDE_SCHEMA": False,
     "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
     "SERVE_AUTHENTICATION": [],
+    # swagger-ui from drf-spectacular-sidecar's static files, not a CDN's @latest.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
 }
 
 # --- Logging ----------------------------------------------------------------------------------
@@ -357,7 +440,9 @@ LOGGING = _logging.logging_config(LOG_LEVEL, LOG_JSON)
 _logging.use_in_celery(LOG_JSON)
 
 # --- Operations (pushsvc/metrics.py, pushsvc/health.py, campaigns/admin.py) -----------------------
-# METRICS_TOKEN: when set, /metrics wants "Authorization: Bearer <token>". FLOWER_URL: where the
-# admin's Flower link points.
+# METRICS_TOKEN: /metrics wants "Authorization: Bearer <token>". Without a token /metrics answers
+# 403 unless METRICS_PUBLIC=true opens it (it names tenants, campaigns and volumes).
+# FLOWER_URL: where the admin's Flower link points.
 METRICS_TOKEN = _env("METRICS_TOKEN", "")
+METRICS_PUBLIC = _env_bool("METRICS_PUBLIC", False)
 FLOWER_URL = _env("FLOWER_URL", "http://127.0.0.1:5555")

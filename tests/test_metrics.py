@@ -28,6 +28,13 @@ pytestmark = pytest.mark.django_db(transaction=True)
 ALERTS = Path(settings.BASE_DIR) / "ops" / "alerts.yml"
 
 
+@pytest.fixture(autouse=True)
+def _metrics_open(settings):
+    """/metrics is closed without METRICS_TOKEN unless METRICS_PUBLIC (tests/test_security_http.py);
+    these tests read it open, and set a token where they test the token."""
+    settings.METRICS_PUBLIC = True
+
+
 def _scrape(**headers: str) -> tuple[int, str]:
     response = Client().get("/metrics", **headers)
     return response.status_code, response.content.decode()

@@ -6,11 +6,13 @@ import uuid
 from typing import Any
 
 from django import forms
-from django.contrib import admin, messages
+from django.contrib import admin
 from django.core.paginator import Paginator
 from django.db import connection
 from django.db.models import Q, QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
+from django.template.response import TemplateResponse
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.functional import cached_property
 
@@ -145,7 +147,7 @@ class AppAdmin(admin.ModelAdmin):
         return ", ".join(label for field, label in names.items() if getattr(app, field)) or "-"
 
 
-# --- ApiKey: the raw key exists once, in the message after creation ------------------------------
+# --- ApiKey: the raw key exists once, on the page answering its creation ------------------------------
 
 
 class ApiKeyAdminForm(forms.ModelForm):
@@ -184,11 +186,27 @@ class ApiKeyAdmin(admin.ModelAdmin):
         key, raw = ApiKey.issue(obj.app, form.cleaned_data["scopes"], name=obj.name)
         obj.pk, obj.prefix, obj.key_hash, obj.created_at = key.pk, key.prefix, key.key_hash, key.created_at
         obj.scopes = key.scopes
-        self.message_user(
-            request,
-            f"API key created. Copy it now, it is not shown again: {raw}",
-            level=messages.WARNING,
-        )
+        # Shown by response_add on the answer to this POST, never through the messages framework:
+        # its cookie is signed, not encrypted, and outlives the page.
+        request._pushsvc_new_api_key = raw  # type: ignore[attr-defined]
+
+    def response_add(
+        self, request: HttpRequest, obj: ApiKey, post_url_continue: str | None = None
+    ) -> HttpResponse:
+        raw = getattr(request, "_pushsvc_new_api_key", None)
+        if raw is None:
+            return super().response_add(request, obj, post_url_continue)
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "API key created",
+            "opts": self.opts,
+            "key": obj,
+            "raw_key": raw,
+            "changelist_url": reverse("admin:tokens_apikey_changelist"),
+        }
+        response = TemplateResponse(request, "admin/tokens/apikey/created.html", context)
+        response["Cache-Control"] = "no-store"  # the page holds the only copy of the key
+        return response
 
     @admin.action(description="Revoke selected keys")
     def revoke(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:

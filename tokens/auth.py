@@ -166,5 +166,17 @@ class DevicesScope(HasScope):
     scope = ApiKey.SCOPE_DEVICES
 
 
+class RegisterOrDevicesScope(permissions.BasePermission):
+    """Unregistering one device by its id: a server key (devices) or an app's key (register)."""
+
+    message = "This API key lacks the 'devices' or 'register' scope."
+
+    def has_permission(self, request: Request, view: object) -> bool:
+        key = request.auth
+        return isinstance(key, AuthenticatedKey) and bool(
+            {ApiKey.SCOPE_DEVICES, ApiKey.SCOPE_REGISTER} & key.scopes
+        )
+
+
 class SendScope(HasScope):
     scope = ApiKey.SCOPE_SEND

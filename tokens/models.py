@@ -74,9 +74,13 @@ class ApiKey(models.Model):
     the public prefix makes lookup an index hit.
     """
 
+    # devices: the whole registry of the app (server side). send: campaigns and direct sends (server
+    # side). register: the key shipped inside apps, which anyone can extract: create/update and
+    # delete of a device by its device_id only; it cannot list or read devices (README).
     SCOPE_DEVICES = "devices"
     SCOPE_SEND = "send"
-    SCOPES = (SCOPE_DEVICES, SCOPE_SEND)
+    SCOPE_REGISTER = "register"
+    SCOPES = (SCOPE_DEVICES, SCOPE_SEND, SCOPE_REGISTER)
     KEY_PREFIX = "psk_"
 
     app = models.ForeignKey(App, on_delete=models.CASCADE, related_name="api_keys")

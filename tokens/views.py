@@ -16,12 +16,12 @@ from django.http import HttpRequest, HttpResponse
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, inline_serializer
-from rest_framework import exceptions, serializers
+from rest_framework import exceptions, permissions, serializers
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from .auth import ApiKeyAuthentication, DevicesScope, verify_authorization
+from .auth import ApiKeyAuthentication, DevicesScope, RegisterOrDevicesScope, verify_authorization
 from .models import ApiKey, DeviceToken
 from .registry import upsert_device
 from .serializers import DeviceRegistrationSerializer, DeviceSerializer, device_payload
@@ -48,8 +48,8 @@ def register_device(request: HttpRequest) -> HttpResponse:
         return _problem(401, str(exc.detail))
     if key is None:
         return _problem(401, str(exceptions.NotAuthenticated.default_detail))
-    if ApiKey.SCOPE_DEVICES not in key.scopes:
-        return _problem(403, f"This API key lacks the '{ApiKey.SCOPE_DEVICES}' scope.")
+    if not {ApiKey.SCOPE_DEVICES, ApiKey.SCOPE_REGISTER} & key.scopes:
+        return _problem(403, "This API key lacks the 'devices' or 'register' scope.")
     content_type = request.META.get("CONTENT_TYPE", "")
     if content_type.split(";", 1)[0].strip().lower() != "application/json":
         return _problem(415, f'Unsupported media type "{content_type or "(none)"}" in request.')
@@ -108,7 +108,8 @@ class DeviceCollectionView(APIView):
         description=(
             "Creates the device or updates it: a rotated token replaces the old one, a token known on "
             "another device_id moves here, a deactivated device is re-activated, last_seen and "
-            "updated_at become now. Call it on every app launch."
+            "updated_at become now. Call it on every app launch. Takes a server key (`devices` scope) "
+            "or the app's own key (`register` scope)."
         ),
         request=DeviceRegistrationSerializer,
         responses={201: DeviceSerializer, 200: DeviceSerializer, 400: _ERROR, 401: _ERROR, 403: _ERROR},
@@ -185,7 +186,13 @@ class DeviceCollectionView(APIView):
 
 
 class DeviceDetailView(APIView):
+    # GET needs `devices`; DELETE also takes an app's `register` key (get_permissions).
     permission_classes = (DevicesScope,)
+
+    def get_permissions(self) -> list[permissions.BasePermission]:
+        if self.request.method == "DELETE":
+            return [RegisterOrDevicesScope()]
+        return super().get_permissions()
 
     def _devices(self, request: Request, device_id: str) -> QuerySet[DeviceToken]:
         try:
@@ -208,7 +215,10 @@ class DeviceDetailView(APIView):
     @extend_schema(
         operation_id="devices_unregister",
         summary="Unregister a device (deactivates it with reason 'unregistered')",
-        description="The row is kept, inactive; registering the device again re-activates it.",
+        description=(
+            "The row is kept, inactive; registering the device again re-activates it. Takes a "
+            "`devices` key, or an app's `register` key (then 204 whether or not the device exists)."
+        ),
         responses={204: None, 401: _ERROR, 403: _ERROR, 404: _ERROR},
     )
     def delete(self, request: Request, device_id: str) -> Response:
@@ -217,6 +227,9 @@ class DeviceDetailView(APIView):
         changed = devices.filter(is_active=True).update(
             is_active=False, deactivated_at=timezone.now(), deactivation_reason="unregistered"
         )
+        if ApiKey.SCOPE_DEVICES not in request.auth.scopes:
+            # An app's register key learns nothing about which device ids exist: 204 either way.
+            return Response(status=204)
         if not changed and not devices.exists():
             raise exceptions.NotFound("No such device.")
         return Response(status=204)
