@@ -47,7 +47,10 @@ def test_pause_stops_sending_within_a_chunk_and_resume_finishes_exactly_once(fre
     client = api_client(app)
     campaign_id = _launch(client)
 
-    wait_for(lambda: _delivered_total(fresh_sim) >= 300, 60, what="sending to start")
+    wait_for(lambda: _delivered_total(fresh_sim) >= 300, 120, what="sending to start")
+    # From here each request takes a second: the pause lands mid-campaign however slowly this
+    # process gets to send it on a loaded machine (at 60 ms the rest took ~4 s).
+    fresh_sim.configure(latency_ms=1000)
     response = client.post(f"/api/v1/campaigns/{campaign_id}/pause/")
     assert response.status_code == 200, response.content
     assert response.json()["status"] == "paused"
@@ -55,7 +58,7 @@ def test_pause_stops_sending_within_a_chunk_and_resume_finishes_exactly_once(fre
     # Every shard stops within one chunk and parks (those still queued park when they start).
     wait_for(
         lambda: not Shard.objects.filter(campaign_id=campaign_id, status=Shard.Status.PENDING).exists(),
-        15,
+        60,
         what="every shard to park",
     )
     paused = _get(campaign_id)
@@ -64,8 +67,9 @@ def test_pause_stops_sending_within_a_chunk_and_resume_finishes_exactly_once(fre
     assert paused.delivered == sent_while_running
     assert Shard.objects.filter(campaign_id=campaign_id, status=Shard.Status.PAUSED).exists()
 
+    fresh_sim.configure(latency_ms=60)
     assert client.post(f"/api/v1/campaigns/{campaign_id}/resume/").status_code == 200
-    campaign = wait_for(lambda: _status(campaign_id, "completed"), 120, what="completion after resume")
+    campaign = wait_for(lambda: _status(campaign_id, "completed"), 180, what="completion after resume")
     assert campaign.targeted == 4000
     assert campaign.delivered == 4000 - 30
     assert campaign.invalidated == 30
@@ -82,20 +86,21 @@ def test_cancel_stops_the_campaign_for_good(fresh_sim, start_worker) -> None:
     start_worker(concurrency=2, env=SLOW)
     client = api_client(app)
     campaign_id = _launch(client)
-    wait_for(lambda: _delivered_total(fresh_sim) >= 200, 60, what="sending to start")
+    wait_for(lambda: _delivered_total(fresh_sim) >= 200, 120, what="sending to start")
+    fresh_sim.configure(latency_ms=1000)  # the cancel lands mid-campaign however slowly it is sent
 
     response = client.post(f"/api/v1/campaigns/{campaign_id}/cancel/")
     assert response.status_code == 200
     assert response.json()["status"] == "cancelled"
     wait_for(
         lambda: not Shard.objects.filter(campaign_id=campaign_id, status=Shard.Status.PENDING).exists(),
-        30,
+        60,
         what="in-flight shards to stop",
     )
     # The runs that were sending record their last chunk, then nothing moves.
     campaign = wait_for(
         lambda: (c := _get(campaign_id)).delivered == _delivered_total(fresh_sim) and c,
-        30,
+        60,
         what="the last chunks to be recorded",
     )
     total = _delivered_total(fresh_sim)
@@ -155,8 +160,9 @@ def test_credential_failure_pauses_without_touching_tokens(fresh_sim, start_work
     assert fresh_sim.stats()["delivered_total"] == 0
 
     fresh_sim.configure(revoked_apns_keys=[])
+    fresh_sim.configure(latency_ms=60)
     assert client.post(f"/api/v1/campaigns/{campaign_id}/resume/").status_code == 200
-    campaign = wait_for(lambda: _status(campaign_id, "completed"), 120, what="completion after resume")
+    campaign = wait_for(lambda: _status(campaign_id, "completed"), 180, what="completion after resume")
     assert campaign.delivered == 1480
     assert campaign.invalidated == 20
     assert set(fresh_sim.counts(population.of(fault="")).values()) == {1}

@@ -93,10 +93,14 @@ def test_a_worker_killed_mid_shard_repeats_at_most_the_requests_in_flight(fresh_
     response = api_client(app).post("/api/v1/campaigns/", {"message": {"title": "k"}}, format="json")
     campaign_id = response.json()["id"]
 
-    wait_for(lambda: fresh_sim.stats()["delivered_total"] >= 300, 60, what="the shard to be half way")
+    wait_for(lambda: fresh_sim.stats()["delivered_total"] >= 300, 120, what="the shard to be half way")
+    # From here a chunk takes 3 s (the rest of the shard ~40 s): the kill lands mid-shard however
+    # slowly this process gets to it on a loaded machine. Normal pace again for the re-run.
+    fresh_sim.configure(latency_ms=3000)
     children = worker.child_pids()
     assert len(children) == 1
     os.kill(children[0], signal.SIGKILL)  # the pool process dies mid-shard, unacknowledged
+    fresh_sim.configure(latency_ms=150)
 
     campaign = wait_for(
         lambda: Campaign.objects.filter(pk=campaign_id, status="completed").first(), 120, what="completion"
@@ -144,7 +148,9 @@ def test_scheduled_campaign_fires_at_send_at(fresh_sim, start_worker) -> None:
     assert response.status_code == 201
     body = response.json()
     assert body["status"] == "scheduled"
-    assert fresh_sim.stats()["delivered_total"] == 0
+    delivered_early = fresh_sim.stats()["delivered_total"]
+    if timezone.now() < send_at:  # read before send_at (a loaded machine may take longer to get here)
+        assert delivered_early == 0
 
     campaign = wait_for(
         lambda: Campaign.objects.filter(pk=body["id"], status="completed").first(), 60, what="the send"
