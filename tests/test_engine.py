@@ -236,7 +236,8 @@ def test_httpx_fails_in_flight_requests_on_goaway_as_may_have_reached(sim, loop,
 
 def test_connection_dropped_with_requests_in_flight(sim, loop, engines):
     """Fault 09: the strict front resets the connection with the request unanswered."""
-    sim.configure(slow_ms=1500)
+    # Held long enough that all 20 are in flight at the server together even on a loaded machine.
+    sim.configure(slow_ms=5000)
     engine = make_engine(engines, sim, max_connections=1)
     # Authenticated first: a new APNs connection carries one stream until a request succeeded.
     loop.run_until_complete(engine.request(apns_request(sim, device_token())))
@@ -294,11 +295,14 @@ def test_untrusted_certificate_never_reached(kind, sim, loop, engines):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_timeout_after_sending_may_have_reached(kind, sim, loop, engines):
-    sim.configure(slow_ms=3000)
+    sim.configure(slow_ms=6000)
     engine = make_engine(engines, sim, kind)
+    # The connection is up first, and the timeout leaves seconds to send the request: it times out
+    # after sending (the server holds the answer 6 s), however slow a loaded machine is to send.
+    assert loop.run_until_complete(engine.request(apns_request(sim, device_token()))).status == 200
     token = device_token("07")
     with pytest.raises(TransportError) as info:
-        loop.run_until_complete(engine.request(apns_request(sim, token, timeout=0.5)))
+        loop.run_until_complete(engine.request(apns_request(sim, token, timeout=2.0)))
     assert info.value.may_have_reached is True
     poll(lambda: sim.counts([token])[token] == 1)  # the server did process it
     fresh = device_token()
@@ -370,8 +374,10 @@ def test_cancelled_request_frees_its_slot(sim, loop, engines):
 
     async def scenario() -> HttpResponse:
         task = asyncio.ensure_future(engine.request(apns_request(sim, device_token("07"))))
-        await asyncio.sleep(0.2)
-        assert engine.stats().in_flight == 1
+        deadline = time.monotonic() + 10
+        while engine.stats().in_flight != 1:  # the engine has taken it (not a fixed sleep)
+            assert time.monotonic() < deadline, "the request never went in flight"
+            await asyncio.sleep(0.01)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task

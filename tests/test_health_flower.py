@@ -64,7 +64,7 @@ def test_flower_lists_the_worker_and_its_queues(flower: str) -> None:
             mine = [info for name, info in workers.items() if name.startswith(worker.name + "@")]
             return mine[0] if mine and mine[0].get("active_queues") else None
 
-        info = wait_for(listed, 30, 0.5, "Flower to list the worker")
+        info = wait_for(listed, 90, 0.5, "Flower to list the worker")
         assert {q["name"] for q in info["active_queues"]} == QUEUES
         lengths = _get(f"{flower}/api/queues/length")
         assert {q["name"] for q in lengths["active_queues"]} == QUEUES

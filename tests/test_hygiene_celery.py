@@ -124,7 +124,7 @@ def test_prune_and_sweep_tasks_run_in_a_worker(redis_client, tmp_path):
                     pk=stale.pk, is_active=False, deactivation_reason="stale"
                 ).exists()
             ),
-            60,
+            120,  # a deadline only (a loaded machine starts a worker slowly)
             [worker],
             tmp_path,
         )
@@ -152,11 +152,11 @@ def test_beat_schedule_drains_the_feedback_stream(redis_client, tmp_path, audit_
     try:
         _wait_for(
             lambda: DeviceToken.objects.filter(app=app, is_active=False).count() == 40,
-            60,
+            120,  # a deadline only (a loaded machine starts a worker slowly)
             [worker, beat],
             tmp_path,
         )
-        _wait_for(lambda: redis_client.xlen("pushsvc:hygiene:feedback") == 0, 30, [worker, beat], tmp_path)
+        _wait_for(lambda: redis_client.xlen("pushsvc:hygiene:feedback") == 0, 120, [worker, beat], tmp_path)
     finally:
         _stop(beat)
         _stop(worker)
