@@ -19,6 +19,7 @@ in one pipelined round trip.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -41,7 +42,7 @@ from delivery import breaker, idempotency, runtime
 from delivery.payload import PushMessage
 from delivery.providers.base import Outcome, Result, Target
 from delivery.providers.registry import provider_class
-from delivery.ratelimit import TokenBucket, campaign_key, provider_key, rollout_rate
+from delivery.ratelimit import NO_REPORT, Report, TokenBucket, campaign_key, provider_key, rollout_rate
 from delivery.results import Device, ShardResults, apply_shard_run
 from pushsvc import logging as log_context
 from pushsvc import metrics
@@ -56,9 +57,9 @@ PLAN_BATCH = 100  # shards written and enqueued per transaction while planning
 PLAN_PUBLISHERS = 4  # threads publishing shard tasks while the planner scans on
 PLAN_LEASE_S = 60  # refreshed per batch of PLAN_BATCH shards (a second or two of scanning)
 REDIS_LOST = "redis_lost"  # _send stopped because Redis failed: record what was sent, then retry
-DEFERRED = "deferred"  # _send stopped because the provider's breaker is open: re-queue the rest later
+DEFERRED = "deferred"  # _send stopped: the provider's breaker is open or its bucket in debt: re-queue later
+LEASE_LOST = "lease_lost"  # _send stopped: another run owns the shard now; record nothing more
 LEASE_RECHECK_S = 5  # a shard found leased by another run is looked at again after this long
-THROTTLE_MIN_SHARE = 0.1  # of a chunk's answers throttled before the provider's rate is cut
 THROTTLE_REASONS = frozenset({"TooManyRequests", "QUOTA_EXCEEDED"})  # APNs, FCM (also on 429)
 _VERSION_RE = r"^[0-9]{1,9}(\.[0-9]{1,9}){0,3}$"
 
@@ -256,10 +257,12 @@ def _flush(
     lease: str,
 ) -> bool:
     """Write a batch of shards, count them outstanding, hand them to the publishers.
-    False once the campaign is cancelled."""
+    False once the campaign is cancelled, or when another planner owns the plan lease now."""
     if control.current_state(client, campaign_id) == control.CANCELLED:
         return False
-    idempotency.refresh_lease(client, idempotency.plan_lease_key(campaign_id), lease, PLAN_LEASE_S)
+    if not idempotency.refresh_lease(client, idempotency.plan_lease_key(campaign_id), lease, PLAN_LEASE_S):
+        logger.warning("campaign %s: plan lease lost; this planner stops", campaign_id)
+        return False
     with transaction.atomic():
         Shard.objects.bulk_create(batch)
         Campaign.objects.filter(pk=campaign_id).update(
@@ -353,7 +356,7 @@ def run_shard(shard_id: int) -> None:
 
 
 def _run_leased(client, shard: Shard, campaign: Campaign, token: str) -> None:
-    shard.refresh_from_db(fields=["status", "lo", "device_ids", "loaded"])
+    shard.refresh_from_db(fields=["status", "lo", "device_ids", "loaded", "expires_at"])
     if shard.status != Shard.Status.PENDING:
         return  # the run that held the lease before us finished or parked it
     devices = _load(shard, campaign)
@@ -361,12 +364,30 @@ def _run_leased(client, shard: Shard, campaign: Campaign, token: str) -> None:
     # Delivered by an earlier run that died before recording them (delivery/idempotency.py).
     already = idempotency.finished(client, campaign.pk, [d.pk for d in devices])
     todo = [d for d in devices if d.pk not in already]
-    results = ShardResults(attempt=shard.attempt, max_attempts=settings.CAMPAIGN_MAX_ATTEMPTS)
+    results = ShardResults(
+        attempt=shard.attempt,
+        max_attempts=settings.CAMPAIGN_MAX_ATTEMPTS,
+        deadline=int(shard.expires_at.timestamp()) if shard.expires_at else None,
+        answers=[] if campaign.kind == Campaign.Kind.DIRECT else None,
+    )
     park: str | None = None
     done_upto = 0
     defer_s = 0.0
+    if results.deadline is not None and time.time() >= results.deadline:
+        results.expire(todo)  # a retry whose message's TTL ran out while it waited: never sent
+        todo = []
     if todo:
         park, done_upto, defer_s = _send(client, shard, campaign, todo, results, token)
+    if park == LEASE_LOST:
+        # Another run owns the shard now (this one stalled past its lease). What this run delivered
+        # is in the bitmap, so that run counts it; its other answers that run sends again.
+        logger.warning(
+            "shard %s: lease lost after %d of %d devices; this run sends and records nothing more",
+            shard.pk,
+            done_upto,
+            len(todo),
+        )
+        return
 
     rest_lo: int | None = None
     rest_ids: list[int] | None = None
@@ -421,7 +442,11 @@ def _send(
     client, shard: Shard, campaign: Campaign, todo: list[Device], results: ShardResults, lease: str
 ) -> tuple[str | None, int, float]:
     """Send `todo` chunk by chunk; (why it stopped early or None, how many devices it finished,
-    seconds to defer the rest by when the provider's breaker is open)."""
+    seconds to defer the rest by when the provider's breaker is open or its bucket is in debt).
+
+    Every chunk goes only after a checkpoint found the campaign running and the lease still this
+    run's; a wait longer than BREAKER_SLEEP_MAX_S is never slept (a sleeping run could outlive its
+    lease): the shard is deferred instead and its reserved tokens go back to the bucket."""
     message = PushMessage.from_dict(campaign.message)
     provider = runtime.provider_for(campaign.app, shard.platform)
     bucket = TokenBucket(client)
@@ -431,43 +456,70 @@ def _send(
     chunk_size = max(settings.CAMPAIGN_CHUNK_SIZE, 1)
     web = shard.platform == Platform.WEB
     guard_armed = not campaign.prune_confirmed
-    # The previous chunk's throttled answers and its breaker report ride on the next checkpoint
+    # Only first sends of a broadcast can show provider-wide throttling (delivery/ratelimit.py).
+    sample = shard.attempt == 0 and not shard.is_child and campaign.kind == Campaign.Kind.BROADCAST
+    # The previous chunk's rate report and its breaker report ride on the next checkpoint
     # (delivery/ratelimit.py, delivery/breaker.py); the last chunk's go out on their own.
-    throttle = NOT_THROTTLED
+    rate_report = NO_REPORT
     report: tuple[str, float] = ("", 0.0)
     start = 0
     try:
         while start < len(todo):
             reserved = len(todo[start : start + chunk_size])
             try:
-                state, wait, verdict = _checkpoint(
-                    client, bucket, circuit, campaign, shard, provider_rate, reserved, lease, throttle, report
+                point = _checkpoint(
+                    client,
+                    bucket,
+                    circuit,
+                    campaign,
+                    shard,
+                    provider_rate,
+                    reserved,
+                    lease,
+                    rate_report,
+                    report,
                 )
-                throttle, report = NOT_THROTTLED, ("", 0.0)
-                if state != control.RUNNING:
+                rate_report, report = NO_REPORT, ("", 0.0)
+                verdict = point.verdict
+                if not point.leased or point.state != control.RUNNING:
                     if verdict.action == breaker.PROBE:
                         report = (breaker.RELEASE, 0.0)
-                    return (control.CANCELLED if state == control.CANCELLED else control.PAUSED), start, 0.0
+                    _refund(bucket, campaign, shard, provider_rate, reserved)
+                    if not point.leased:
+                        return LEASE_LOST, start, 0.0
+                    return (
+                        (control.CANCELLED if point.state == control.CANCELLED else control.PAUSED),
+                        start,
+                        0.0,
+                    )
                 size = settings.BREAKER_PROBE_SIZE if verdict.action == breaker.PROBE else chunk_size
                 chunk = todo[start : start + size] if verdict.action != breaker.WAIT else []
-                _refund(bucket, campaign, shard, provider_rate, reserved - len(chunk))
+                if verdict.action == breaker.WAIT or point.wait > settings.BREAKER_SLEEP_MAX_S:
+                    _refund(bucket, campaign, shard, provider_rate, reserved)
+                else:
+                    _refund(bucket, campaign, shard, provider_rate, reserved - len(chunk))
                 if verdict.action == breaker.WAIT:
                     stop = _wait_for_breaker(client, campaign, shard, verdict)
                     if stop == DEFERRED:
-                        # Spread over a few seconds: the deferred shards must not all wake together.
-                        return stop, start, verdict.wait_s + random.uniform(0, min(verdict.wait_s / 2, 5.0))
+                        return stop, start, _spread(verdict.wait_s)
                     if stop is not None:
                         return stop, start, 0.0
                     continue
-                if wait > 0:
-                    time.sleep(wait)
-                    pipe = client.pipeline(transaction=False)
-                    idempotency.refresh_lease(
-                        pipe, idempotency.lease_key(shard.pk), lease, settings.CAMPAIGN_SHARD_LEASE_S
-                    )
-                    pipe.execute()
+                if point.wait > settings.BREAKER_SLEEP_MAX_S:
+                    if verdict.action == breaker.PROBE:
+                        report = (breaker.RELEASE, 0.0)
+                    return DEFERRED, start, _spread(point.wait)
+                if point.wait > 0:
+                    time.sleep(point.wait)
+                    stop = _still_ours(client, campaign, shard, lease)
+                    if stop is not None:
+                        if verdict.action == breaker.PROBE:
+                            report = (breaker.RELEASE, 0.0)
+                        return stop, start, 0.0
             except redis.RedisError:
                 return REDIS_LOST, start, 0.0
+            if results.deadline is None and message.ttl is not None:
+                results.deadline = int(time.time()) + message.ttl  # fixed at the shard's first send
             targets = [
                 Target(
                     device_id=d.pk, token=d.token, p256dh=d.p256dh if web else "", auth=d.auth if web else ""
@@ -475,10 +527,20 @@ def _send(
                 for d in chunk
             ]
             sent_at = time.monotonic()
-            answers = runtime.run(provider.send_many(targets, message))
+            answers = runtime.run(provider.send_many(targets, _remaining(message, results.deadline)))
             metrics.observe_chunk(shard.platform, time.monotonic() - sent_at)  # pushsvc/metrics.py
+            if logger.isEnabledFor(logging.DEBUG):
+                for answer in answers:
+                    logger.debug(
+                        "device %s: %s %s %s id=%s",
+                        answer.target.device_id,
+                        answer.outcome,
+                        answer.status,
+                        answer.reason,
+                        answer.provider_message_id,
+                    )
             invalid = sum(1 for a in answers if a.outcome == Outcome.INVALID_TOKEN)
-            throttle = _throttled(answers)
+            rate_report = _rate_report(answers, sample)
             # A retry shard's devices failed before: a biased sample that must not open the breaker
             # for the whole app (a few devices a provider keeps failing are dead-lettered instead).
             # Its probe, and first sends, speak for the provider.
@@ -520,7 +582,34 @@ def _send(
                 return control.PAUSED, start, 0.0
         return None, len(todo), 0.0
     finally:
-        _last_reports(bucket, circuit, campaign, shard, provider_rate, lease, throttle, report)
+        _last_reports(bucket, circuit, campaign, shard, provider_rate, lease, rate_report, report)
+
+
+def _remaining(message: PushMessage, deadline: int | None) -> PushMessage:
+    """The message as this chunk sends it: with a TTL, the seconds left until the deadline fixed at
+    the first send (and the deadline itself, which APNs takes as apns-expiration). TTL 0 stays 0."""
+    if deadline is None or not message.ttl:
+        return message
+    return dataclasses.replace(message, ttl=max(deadline - int(time.time()), 1), expires_at=deadline)
+
+
+def _spread(wait_s: float) -> float:
+    """Deferred shards must not all wake together: spread them over a few seconds."""
+    return wait_s + random.uniform(0, min(wait_s / 2, 5.0))
+
+
+def _still_ours(client, campaign: Campaign, shard: Shard, lease: str) -> str | None:
+    """After a short sleep, before sending: None if the campaign runs and the lease is this run's."""
+    pipe = client.pipeline(transaction=False)
+    pipe.get(control.flag_key(campaign.pk))
+    idempotency.refresh_lease(pipe, idempotency.lease_key(shard.pk), lease, settings.CAMPAIGN_SHARD_LEASE_S)
+    flag, leased = pipe.execute()
+    if not leased:
+        return LEASE_LOST
+    state = flag.decode() if flag is not None else control.current_state(client, campaign.pk)
+    if state != control.RUNNING:
+        return control.CANCELLED if state == control.CANCELLED else control.PAUSED
+    return None
 
 
 def _last_reports(
@@ -530,19 +619,19 @@ def _last_reports(
     shard: Shard,
     provider_rate: float,
     lease: str,
-    throttle: Throttle,
+    rate_report: Report,
     report: tuple[str, float],
 ) -> None:
-    """The last chunk's throttling and breaker reports, which had no next checkpoint to ride on.
+    """The last chunk's rate and breaker reports, which had no next checkpoint to ride on.
     Best effort: with Redis away they are lost, and the bucket and breaker heal on their own."""
     with contextlib.suppress(redis.RedisError):
-        if throttle.hits:
+        if rate_report != NO_REPORT:
             bucket.reserve(
                 provider_key(campaign.app_id, shard.platform),
                 provider_rate,
                 0,
                 adaptive=True,
-                **throttle.report(),
+                report=rate_report,
             )
         if report[0]:
             circuit.report(campaign.app_id, shard.platform, lease, *report)
@@ -576,33 +665,32 @@ def _refund(bucket: TokenBucket, campaign: Campaign, shard: Shard, provider_rate
         bucket.refund(campaign_key(campaign.pk), _rollout_now(campaign), n)
 
 
-class Throttle(NamedTuple):
-    """A chunk's throttling report for the provider's adaptive bucket (delivery/ratelimit.py)."""
-
-    hits: int  # answers the provider throttled
-    retry_after: float  # their largest Retry-After
-    answered: int  # answers in the chunk
-
-    def report(self) -> dict[str, float]:
-        return {"throttled": self.hits, "retry_after": self.retry_after, "answered": self.answered}
-
-
-NOT_THROTTLED = Throttle(0, 0.0, 0)
-
-
-def _throttled(answers: list[Result]) -> Throttle:
-    """The chunk's throttling, or NOT_THROTTLED below THROTTLE_MIN_SHARE of the chunk: APNs
-    answers 429 for one device sent to too often, FCM QUOTA_EXCEEDED for one device's quota too;
-    a few of those say nothing about the sender's rate, and cutting the shared rate for them
-    would starve the whole campaign."""
+def _rate_report(answers: list[Result], sample: bool) -> Report:
+    """The chunk's report for the provider's adaptive bucket: what it accepted, and, when the
+    chunk can speak for the provider (`sample`: first sends of a broadcast), its 429s. The bucket
+    decides from many chunks whether the provider throttles the app or a few devices were pushed
+    too often (delivery/ratelimit.py)."""
+    accepted = sum(1 for a in answers if a.outcome not in (Outcome.RETRY, Outcome.AUTH_FAILURE))
+    if not sample:
+        return Report(accepted=accepted)
     hits = [
         a
         for a in answers
         if a.outcome == Outcome.RETRY and (a.status == 429 or a.reason.split(":", 1)[0] in THROTTLE_REASONS)
     ]
-    if not hits or len(hits) < THROTTLE_MIN_SHARE * len(answers):
-        return NOT_THROTTLED
-    return Throttle(len(hits), max((a.retry_after or 0.0 for a in hits), default=0.0), len(answers))
+    return Report(
+        throttled=len(hits),
+        answered=len(answers),
+        retry_after=max((a.retry_after or 0.0 for a in hits), default=0.0),
+        accepted=accepted,
+    )
+
+
+class Checkpoint(NamedTuple):
+    state: str  # the campaign's state as the shards see it
+    leased: bool  # the lease is still this run's
+    wait: float  # seconds before the reserved tokens may be used
+    verdict: breaker.Verdict
 
 
 def _checkpoint(
@@ -614,13 +702,13 @@ def _checkpoint(
     provider_rate: float,
     n: int,
     lease: str,
-    throttle: Throttle = NOT_THROTTLED,
+    rate_report: Report = NO_REPORT,
     report: tuple[str, float] = ("", 0.0),
-) -> tuple[str, float, breaker.Verdict]:
-    """Between two chunks, in one round trip: the campaign's control flag, the shard's lease, the
-    provider's breaker (told how the previous chunk went), and `n` tokens from the provider's and
-    the rollout's buckets; the provider's bucket also hears how many of the previous chunk were
-    throttled. Returns (state, seconds to wait, the breaker's verdict)."""
+) -> Checkpoint:
+    """Between two chunks, in one round trip: the campaign's control flag, the shard's lease
+    (refreshed only if still ours), the provider's breaker (told how the previous chunk went), and
+    `n` tokens from the provider's and the rollout's buckets; the provider's bucket also hears the
+    previous chunk's rate report."""
     pipe = client.pipeline(transaction=False)
     pipe.get(control.flag_key(campaign.pk))
     idempotency.refresh_lease(pipe, idempotency.lease_key(shard.pk), lease, settings.CAMPAIGN_SHARD_LEASE_S)
@@ -631,13 +719,15 @@ def _checkpoint(
         provider_rate,
         n,
         adaptive=True,
-        **throttle.report(),
+        report=rate_report,
     )
     if campaign.rollout_start_rate or campaign.rollout_max_rate:
         bucket.queue_reserve(pipe, campaign_key(campaign.pk), _rollout_now(campaign), n)
-    flag, _lease, verdict, *waits = pipe.execute()
+    flag, leased, verdict, *waits = pipe.execute()
     state = flag.decode() if flag is not None else control.current_state(client, campaign.pk)
-    return state, max((float(w) for w in waits), default=0.0), breaker.parse(verdict)
+    return Checkpoint(
+        state, bool(leased), max((float(w) for w in waits), default=0.0), breaker.parse(verdict)
+    )
 
 
 def _rollout_now(campaign: Campaign) -> float:

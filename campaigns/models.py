@@ -4,9 +4,12 @@ A campaign's counters are written only in bulk: each shard run adds its tallies 
 `UPDATE ... SET delivered = delivered + n, ...` (see delivery/results.py), never per token.
 When a campaign is finished they add up:
 
-    targeted = delivered + invalidated + failed + not_sent
+    targeted = delivered + invalidated + invalid_kept + failed + expired + not_sent
 
-where `not_sent` is what a cancel or a halt left unsent (see `Campaign.not_sent`).
+where `not_sent` is what a cancel or a halt left unsent (see `Campaign.not_sent`). `invalidated`
+counts tokens deactivated; `invalid_kept` invalid-token answers that deactivated nothing (an APNs
+410 older than the token's last registration, a token rotated while the answer was on its way);
+`expired` devices whose message TTL ran out before a retry could go.
 `delivered_after_retry` and `skipped_duplicate` are parts of `delivered`: the second counts
 devices delivered by a run that died before recording them, found in the idempotency bitmap by
 the re-run and not sent again. `sent` counts provider requests (a retried device counts once per
@@ -69,6 +72,8 @@ class Campaign(models.Model):
     retried = models.BigIntegerField(default=0)
     failed = models.BigIntegerField(default=0)
     invalidated = models.BigIntegerField(default=0)
+    invalid_kept = models.BigIntegerField(default=0)
+    expired = models.BigIntegerField(default=0)
     skipped_duplicate = models.BigIntegerField(default=0)
     # tokens.hygiene.stale_share_of(target) taken when planning starts (before the first send):
     # {"target", "unseen", "days", "share"}; a high share warns of a stale segment.
@@ -88,7 +93,7 @@ class Campaign(models.Model):
 
     @property
     def processed(self) -> int:
-        return self.delivered + self.invalidated + self.failed
+        return self.delivered + self.invalidated + self.invalid_kept + self.failed + self.expired
 
     @property
     def not_sent(self) -> int:
@@ -123,6 +128,9 @@ class Shard(models.Model):
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
     created_at = models.DateTimeField(default=timezone.now)
     not_before = models.DateTimeField(null=True, blank=True)
+    # A retry's deadline: its parent's first send + the message's TTL (a TTL is absolute); null
+    # for a shard whose devices were never sent, or a message without TTL.
+    expires_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         indexes = [models.Index(fields=["campaign", "status"], name="shard_status_idx")]
@@ -157,3 +165,26 @@ class OutcomeTally(models.Model):
 
     def __str__(self) -> str:
         return f"{self.platform} {self.outcome} {self.reason}: {self.count}"
+
+
+class DirectResult(models.Model):
+    """A direct send's answer per device, with the provider's message id (apns-id, FCM message
+    name, HMS requestId) to look a delivery up in the provider's own logs. Direct sends only
+    (at most DIRECT_SEND_MAX_RECIPIENTS devices): a broadcast keeps counters, not rows."""
+
+    campaign = models.ForeignKey(Campaign, on_delete=models.CASCADE, related_name="direct_results")
+    device_pk = models.BigIntegerField()
+    device_id = models.UUIDField(null=True, blank=True)
+    platform = models.CharField(max_length=16, choices=Platform.choices)
+    outcome = models.CharField(max_length=24)  # delivery.providers.base.Outcome, "dead_letter", "expired"
+    reason = models.CharField(max_length=128, blank=True, default="")
+    status = models.PositiveSmallIntegerField(null=True, blank=True)
+    provider_message_id = models.CharField(max_length=200, blank=True, default="")
+    attempt = models.PositiveSmallIntegerField(default=0)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        indexes = [models.Index(fields=["campaign", "id"], name="directresult_campaign_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.platform} device {self.device_pk}: {self.outcome}"

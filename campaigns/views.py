@@ -8,15 +8,15 @@ serializer_class for drf-spectacular to guess from.
 from __future__ import annotations
 
 from django.http import Http404
-from drf_spectacular.utils import OpenApiResponse, extend_schema, extend_schema_view
-from rest_framework import status
-from rest_framework.exceptions import APIException
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
+from rest_framework import serializers, status
+from rest_framework.exceptions import APIException, ValidationError
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
 from campaigns import control, fanout
-from campaigns.models import Campaign
+from campaigns.models import Campaign, DirectResult
 from campaigns.serializers import (
     CampaignCreateSerializer,
     CampaignSerializer,
@@ -84,6 +84,74 @@ class CampaignDetailView(APIView):
     )
     def get(self, request: Request, campaign_id: int) -> Response:
         return Response(represent(_campaign(request, campaign_id)))
+
+
+class DirectResultSerializer(serializers.Serializer):
+    id = serializers.IntegerField(help_text="the cursor: pass the last one as `after` for the next page")
+    device_id = serializers.UUIDField(allow_null=True)
+    platform = serializers.CharField()
+    outcome = serializers.CharField(
+        help_text="delivered, invalid_token, rejected, dead_letter (transient to the last attempt) or expired"
+    )
+    reason = serializers.CharField(allow_blank=True)
+    status = serializers.IntegerField(allow_null=True, help_text="the provider's HTTP status")
+    provider_message_id = serializers.CharField(
+        allow_blank=True, help_text="apns-id, FCM message name or HMS requestId, for the provider's own logs"
+    )
+    attempt = serializers.IntegerField(help_text="0: the first send")
+
+
+class DirectResultPageSerializer(serializers.Serializer):
+    results = DirectResultSerializer(many=True)
+    next_after = serializers.IntegerField(allow_null=True, help_text="null on the last page")
+
+
+RESULTS_PAGE_MAX = 1000
+
+
+def _int_param(request: Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ValidationError({name: f"must be an integer from {low} to {high}"}) from None
+    if not low <= value <= high:
+        raise ValidationError({name: f"must be an integer from {low} to {high}"})
+    return value
+
+
+class DirectResultsView(APIView):
+    """GET /api/v1/campaigns/{id}/results/: a direct send's final answer per device."""
+
+    permission_classes = [SendScope]
+
+    @extend_schema(
+        operation_id="campaigns_results",
+        summary="A direct send's final answer per device, with the provider's message id",
+        description=(
+            "Direct sends only (a broadcast keeps counters); a device appears once it has a final "
+            "answer. Pages in id order: pass the last `next_after` as `after`."
+        ),
+        parameters=[
+            OpenApiParameter("after", int, description="cursor: results with a greater id (default 0)"),
+            OpenApiParameter("limit", int, description=f"page size, 1 to {RESULTS_PAGE_MAX} (default 500)"),
+        ],
+        responses={200: DirectResultPageSerializer, **_errors(400, 404)},
+    )
+    def get(self, request: Request, campaign_id: int) -> Response:
+        campaign = _campaign(request, campaign_id)
+        after = _int_param(request, "after", 0, 0, 2**63 - 1)
+        limit = _int_param(request, "limit", 500, 1, RESULTS_PAGE_MAX)
+        rows = list(
+            DirectResult.objects.filter(campaign=campaign, id__gt=after)
+            .order_by("id")
+            .values(
+                "id", "device_id", "platform", "outcome", "reason", "status", "provider_message_id", "attempt"
+            )[:limit]
+        )
+        return Response({"results": rows, "next_after": rows[-1]["id"] if len(rows) == limit else None})
 
 
 class CampaignActionView(APIView):

@@ -85,10 +85,15 @@ def memory_bytes(client: redis.Redis, campaign_id: int) -> int:
 # --- shard leases ------------------------------------------------------------------------------
 # The bitmap keeps a device from being sent twice by runs that follow each other; a lease keeps two
 # runs of one shard from overlapping (a broker redelivery after the visibility timeout while the
-# first run still sends, or a planner re-publishing after a crash). The holder refreshes it at
-# every chunk; a run killed without releasing it blocks the shard for at most one lease period.
+# first run still sends, or the recovery sweep re-publishing a shard whose lease ran out). Only the
+# owner can refresh or release it (compare-and-set on its token): a run that finds its lease gone or
+# taken sends nothing more, since another run may already own the devices it was about to send.
 _RELEASE = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+_REFRESH = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('EXPIRE', KEYS[1], ARGV[2]) end
 return 0
 """
 
@@ -110,8 +115,10 @@ def acquire_lease(client: redis.Redis, key: str, token: str, ttl_s: int) -> int:
     return max(int(client.ttl(key)), 1)
 
 
-def refresh_lease(pipe: redis.Redis | redis.client.Pipeline, key: str, token: str, ttl_s: int) -> None:
-    pipe.set(key, token, xx=True, ex=ttl_s)
+def refresh_lease(pipe: redis.Redis | redis.client.Pipeline, key: str, token: str, ttl_s: int) -> object:
+    """Extend the lease if `token` still holds it. On a client: whether it does; on a pipeline the
+    answer (1 or 0) comes with the pipeline's results."""
+    return pipe.eval(_REFRESH, 1, key, token, int(ttl_s))
 
 
 def release_lease(client: redis.Redis, key: str, token: str) -> None:

@@ -22,6 +22,7 @@ class DeadLetter(models.Model):
     reason = models.CharField(max_length=128)
     status = models.PositiveSmallIntegerField(null=True, blank=True)  # last HTTP status, if any
     attempts = models.PositiveSmallIntegerField()
+    provider_message_id = models.CharField(max_length=200, blank=True, default="")  # apns-id, FCM name
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:

@@ -8,9 +8,11 @@ them in one transaction:
    that rotated its token since the shard loaded it keeps the new one; an APNs 410 only if the
    token was not registered again after Apple's timestamp (`updated_at <= invalid_since`),
 2. `last_success_at` of delivered tokens (one UPDATE),
-3. dead letters (one INSERT),
+3. dead letters, with the provider's message id (one INSERT), and for a direct send each
+   device's final answer (one INSERT: campaigns.models.DirectResult),
 4. per-reason tallies (one upsert),
-5. the follow-up shards: retries (with their backoff) and held devices (one INSERT),
+5. the follow-up shards: retries (one per Retry-After floor, with their backoff and the
+   message's deadline) and held devices (one INSERT),
 6. the shard itself, 7. the campaign's counters and outstanding shards (one UPDATE with F()),
 8. completion or an error-rate halt, decided on the row this transaction just updated.
 
@@ -29,11 +31,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import random
+import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 import redis
 from django.conf import settings
@@ -41,7 +45,7 @@ from django.db import connection, transaction
 from django.db.models import F
 from django.utils import timezone
 
-from campaigns.models import Campaign, OutcomeTally, Shard
+from campaigns.models import Campaign, DirectResult, OutcomeTally, Shard
 from delivery.models import DeadLetter
 from delivery.providers.base import Outcome, Result
 from pushsvc import metrics
@@ -51,6 +55,8 @@ from tokens.models import DeviceToken
 logger = logging.getLogger(__name__)
 
 DEAD_LETTER = "dead_letter"
+EXPIRED = "expired"  # the message's TTL ran out before the device's retry could go
+TTL_EXPIRED = "ttl_expired"
 
 
 @dataclass(slots=True)
@@ -68,22 +74,32 @@ class Device:
 class ShardResults:
     attempt: int
     max_attempts: int
+    # The devices' deadline (UNIX seconds: first send + TTL), or None without TTL. Retries that
+    # cannot go before it expire instead (a TTL is absolute, not restarted per attempt).
+    deadline: int | None = None
     sent: int = 0
     delivered: list[int] = field(default_factory=list)
     # (device pk, hash of the token sent to, reason, APNs 410 timestamp, when the answer came)
     invalid: list[tuple[int, str, str, datetime | None, datetime]] = field(default_factory=list)
     rejected: list[tuple[int, str]] = field(default_factory=list)
-    dead: list[tuple[Device, str, int | None]] = field(default_factory=list)
+    dead: list[tuple[Device, str, int | None, str]] = field(default_factory=list)  # + provider message id
     retry: list[int] = field(default_factory=list)
+    # Each retried device's own floor (its Retry-After): one device's 429 (a minute) must not hold
+    # back the 5xx retries of the same shard (seconds).
+    retry_floor: dict[int, float] = field(default_factory=dict)
     # RETRY answers of a chunk the provider failed as a whole (delivery/breaker.py: an outage):
     # retried without spending an attempt, since the failure says nothing about these devices.
     retry_outage: list[int] = field(default_factory=list)
-    retry_after: float = 0.0
+    retry_after: float = 0.0  # the outage retries' largest Retry-After
     held: list[int] = field(default_factory=list)  # auth failure or mass-prune guard: send again on resume
     held_invalid: int = 0  # invalid answers held by the mass-prune guard (in `held`, not `invalid`)
+    expired: list[int] = field(default_factory=list)
     recovered: int = 0  # of `delivered`: delivered by an earlier run that died before recording them
     tallies: Counter = field(default_factory=Counter)  # (outcome, reason) -> devices
     auth_reason: str = ""
+    # Final answers per device, kept only for a direct send (campaigns.models.DirectResult):
+    # (device, outcome, reason, status, provider message id)
+    answers: list[tuple[Device, str, str, int | None, str]] | None = None
 
     def add(
         self, devices: list[Device], results: list[Result], *, hold_invalid: bool, outage: bool = False
@@ -101,9 +117,11 @@ class ShardResults:
             # Tallies and deactivations group by the provider's code ("UNREGISTERED: Requested
             # entity was not found." -> "UNREGISTERED"); dead letters keep the full text.
             reason = detail.split(": ", 1)[0]
+            final = str(outcome)
             if outcome == Outcome.DELIVERED:
                 self.delivered.append(device.pk)
                 delivered.append(device.pk)
+                self._answer(device, final, "", result)
                 continue
             if outcome == Outcome.INVALID_TOKEN:
                 if hold_invalid:
@@ -116,16 +134,37 @@ class ShardResults:
                 self.rejected.append((device.pk, detail))
             elif outcome == Outcome.RETRY:
                 if last_attempt:
-                    self.dead.append((device, detail, result.status))
+                    self.dead.append((device, detail, result.status, result.provider_message_id))
                     self.tallies[(DEAD_LETTER, reason)] += 1
+                    self._answer(device, DEAD_LETTER, detail, result)
                     continue
-                (self.retry_outage if outage else self.retry).append(device.pk)
-                self.retry_after = max(self.retry_after, result.retry_after or 0.0)
+                floor = result.retry_after or 0.0
+                if self._past_deadline(min_retry_delay(1 if outage else self.attempt + 1, floor)):
+                    self.tallies[(str(outcome), reason)] += 1
+                    self.expire([device])
+                    continue
+                if outage:
+                    self.retry_outage.append(device.pk)
+                    self.retry_after = max(self.retry_after, floor)
+                else:
+                    self.retry.append(device.pk)
+                    self.retry_floor[device.pk] = floor
+                final = ""
             elif outcome == Outcome.AUTH_FAILURE:
                 self.held.append(device.pk)
                 self.auth_reason = self.auth_reason or reason
+                final = ""
             self.tallies[(str(outcome), reason)] += 1
+            if final:
+                self._answer(device, final, detail, result)
         return delivered
+
+    def _past_deadline(self, delay: float) -> bool:
+        return self.deadline is not None and time.time() + delay >= self.deadline
+
+    def _answer(self, device: Device, outcome: str, reason: str, result: Result) -> None:
+        if self.answers is not None:
+            self.answers.append((device, outcome, reason, result.status, result.provider_message_id))
 
     def recover(self, device_pks: Iterable[int]) -> None:
         """Devices the idempotency bitmap says were delivered by an earlier run of this shard that
@@ -135,6 +174,14 @@ class ShardResults:
         self.recovered += len(pks)
         self.sent += len(pks)
 
+    def expire(self, devices: Iterable[Device]) -> None:
+        """Devices not sent (again) because the message's TTL ran out."""
+        for device in devices:
+            self.expired.append(device.pk)
+            self.tallies[(EXPIRED, TTL_EXPIRED)] += 1
+            if self.answers is not None:
+                self.answers.append((device, EXPIRED, TTL_EXPIRED, None, ""))
+
     @property
     def failed(self) -> int:
         return len(self.rejected) + len(self.dead)
@@ -142,6 +189,13 @@ class ShardResults:
     @property
     def retried(self) -> int:
         return len(self.retry) + len(self.retry_outage)
+
+    def retry_groups(self) -> dict[float, list[int]]:
+        """The retried devices by their own floor (whole seconds): one follow-up shard each."""
+        groups: dict[float, list[int]] = {}
+        for pk in self.retry:
+            groups.setdefault(float(math.ceil(self.retry_floor.get(pk, 0.0))), []).append(pk)
+        return groups
 
 
 @dataclass(slots=True)
@@ -154,12 +208,17 @@ class Applied:
     halted_reason: str = ""
 
 
-def retry_delay(attempt: int, retry_after: float) -> float:
-    """Exponential backoff with full jitter on the upper half, capped, never below Retry-After."""
+def retry_delay(attempt: int, retry_after: float, *, jitter: bool = True) -> float:
+    """Exponential backoff with full jitter on the upper half, capped, never below Retry-After.
+    Without `jitter`: the shortest delay it can give."""
     base = settings.CAMPAIGN_RETRY_BASE_S * (2 ** max(attempt - 1, 0))
     capped = min(base, settings.CAMPAIGN_RETRY_MAX_S)
-    jittered = capped / 2 + random.uniform(0, capped / 2)
+    jittered = capped / 2 + (random.uniform(0, capped / 2) if jitter else 0.0)
     return min(max(jittered, retry_after), max(settings.CAMPAIGN_RETRY_MAX_S, retry_after))
+
+
+def min_retry_delay(attempt: int, retry_after: float) -> float:
+    return retry_delay(attempt, retry_after, jitter=False)
 
 
 def apply_shard_run(
@@ -195,7 +254,7 @@ def apply_shard_run(
             results.held.clear()
         app_id = Campaign.objects.filter(pk=campaign_id).values_list("app_id", flat=True).get()
 
-        _deactivate(app_id, shard.platform, campaign_id, results.invalid, now)
+        deactivated = _deactivate(app_id, shard.platform, campaign_id, results.invalid, now)
         if results.delivered:
             DeviceToken.objects.filter(id__in=results.delivered).update(last_success_at=now)
         if results.dead:
@@ -208,21 +267,42 @@ def apply_shard_run(
                     reason=reason,
                     status=status,
                     attempts=shard.attempt + 1,
+                    provider_message_id=message_id[:200],
                     created_at=now,
                 )
-                for device, reason, status in results.dead
+                for device, reason, status, message_id in results.dead
+            )
+        if results.answers:
+            DirectResult.objects.bulk_create(
+                DirectResult(
+                    campaign_id=campaign_id,
+                    device_pk=device.pk,
+                    device_id=device.device_id,
+                    platform=shard.platform,
+                    outcome=outcome,
+                    reason=reason,
+                    status=status,
+                    provider_message_id=message_id[:200],
+                    attempt=shard.attempt,
+                    created_at=now,
+                )
+                for device, outcome, reason, status, message_id in results.answers
             )
         _add_tallies(campaign_id, shard.platform, results.tallies)
 
+        expires_at = datetime.fromtimestamp(results.deadline, tz=UTC) if results.deadline else None
         follow_ups: list[tuple[Shard, float | None]] = []
-        if results.retry:
-            delay = retry_delay(shard.attempt + 1, results.retry_after)
-            follow_ups.append((_child(shard, results.retry, shard.attempt + 1, now, delay), delay))
+        for floor, ids in results.retry_groups().items():
+            delay = _before(retry_delay(shard.attempt + 1, floor), floor, results.deadline)
+            follow_ups.append((_child(shard, ids, shard.attempt + 1, now, delay, expires_at), delay))
         if results.retry_outage:
-            delay = retry_delay(1, results.retry_after)  # the breaker paces these; no growing backoff
-            follow_ups.append((_child(shard, results.retry_outage, shard.attempt, now, delay), delay))
+            # The breaker paces these; no growing backoff.
+            delay = _before(retry_delay(1, results.retry_after), results.retry_after, results.deadline)
+            follow_ups.append(
+                (_child(shard, results.retry_outage, shard.attempt, now, delay, expires_at), delay)
+            )
         if results.held:
-            follow_ups.append((_child(shard, results.held, shard.attempt, now, None), None))
+            follow_ups.append((_child(shard, results.held, shard.attempt, now, None, expires_at), None))
         if follow_ups:
             Shard.objects.bulk_create([s for s, _ in follow_ups])
 
@@ -246,7 +326,9 @@ def apply_shard_run(
             "sent": F("sent") + results.sent,
             "delivered": F("delivered") + len(results.delivered),
             "failed": F("failed") + results.failed,
-            "invalidated": F("invalidated") + len(results.invalid),
+            "invalidated": F("invalidated") + deactivated,
+            "invalid_kept": F("invalid_kept") + len(results.invalid) - deactivated,
+            "expired": F("expired") + len(results.expired),
             "retried": F("retried") + results.retried,
             "skipped_duplicate": F("skipped_duplicate") + results.recovered,
             "outstanding": F("outstanding") + outstanding_delta,
@@ -259,7 +341,14 @@ def apply_shard_run(
         Campaign.objects.filter(pk=campaign_id).update(**counters)
 
         state = Campaign.objects.filter(pk=campaign_id).values(
-            "status", "outstanding", "sent", "delivered", "failed", "invalidated", "halt_error_rate"
+            "status",
+            "outstanding",
+            "sent",
+            "delivered",
+            "failed",
+            "invalidated",
+            "invalid_kept",
+            "halt_error_rate",
         )[0]
         if state["status"] == Campaign.Status.RUNNING:
             if state["outstanding"] == 0:
@@ -284,8 +373,24 @@ def apply_shard_run(
     return applied
 
 
-def _child(parent: Shard, device_ids: list[int], attempt: int, now: datetime, delay: float | None) -> Shard:
+def _before(delay: float, floor: float, deadline: int | None) -> float:
+    """The jittered delay, cut to leave the retry a second before the deadline when that still
+    honours the device's floor (ShardResults.add expired the devices whose floor did not fit)."""
+    if deadline is None:
+        return delay
+    return max(min(delay, deadline - time.time() - 1.0), floor)
+
+
+def _child(
+    parent: Shard,
+    device_ids: list[int],
+    attempt: int,
+    now: datetime,
+    delay: float | None,
+    expires_at: datetime | None,
+) -> Shard:
     return Shard(
+        expires_at=expires_at,
         campaign_id=parent.campaign_id,
         platform=parent.platform,
         queue=parent.queue,
@@ -349,11 +454,11 @@ def _error_rate_breach(state: dict, results: ShardResults) -> str:
     """
     if state["sent"] < settings.CAMPAIGN_HALT_MIN_SENDS:
         return ""
-    final = state["delivered"] + state["failed"] + state["invalidated"]
+    final = state["delivered"] + state["failed"] + state["invalidated"] + state["invalid_kept"]
     if final == 0 or state["failed"] <= state["halt_error_rate"] * final:
         return ""
     reasons = Counter(reason for reason, _ in ((r, 0) for _, r in results.rejected))
-    reasons.update(reason for _, reason, _ in results.dead)
+    reasons.update(reason for _, reason, _, _ in results.dead)
     top = ", ".join(f"{r} x{n}" for r, n in reasons.most_common(3)) or "see the failure breakdown"
     return (
         f"Halted: {state['failed']} of {final} results failed "

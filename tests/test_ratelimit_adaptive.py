@@ -1,12 +1,13 @@
-"""The adaptive provider bucket (delivery/ratelimit.py) on a real Redis: a throttled report cuts
-the rate to half of what was being sent and pauses for the Retry-After; one event cuts once."""
+"""The adaptive provider bucket (delivery/ratelimit.py) on a real Redis: throttling of many
+distinct devices cuts the rate to just under what was accepted and pauses for the Retry-After; one
+event cuts once; one device's 429 cuts nothing; a cut never lands below the floor, and grows back."""
 
 from __future__ import annotations
 
 import pytest
 
 from delivery import ratelimit
-from delivery.ratelimit import TokenBucket
+from delivery.ratelimit import Report, TokenBucket
 
 KEY = "pushsvc:rate:app:1:ios"
 
@@ -22,7 +23,7 @@ def test_unlimited_bucket_is_free_until_throttled_then_paused_and_limited(redis_
     assert "limit" not in _state(redis_client)
 
     # Report-only call (n=0) for a chunk with 429s and Retry-After 3 s.
-    bucket.reserve(KEY, 0, 0, adaptive=True, throttled=150, retry_after=3)
+    bucket.reserve(KEY, 0, 0, adaptive=True, report=Report(throttled=150, retry_after=3))
     state = _state(redis_client)
     # Half of the rate it was reserving at (4,000 in well under a second: at least 4,000/s).
     assert state["limit"] >= 2000
@@ -37,13 +38,13 @@ def test_chunks_in_flight_for_one_event_cut_once_and_the_pause_is_capped(redis_c
     bucket = TokenBucket(redis_client)
     rate = 1000.0  # configured
     bucket.reserve(KEY, rate, 200, adaptive=True)
-    bucket.reserve(KEY, rate, 0, adaptive=True, throttled=50, retry_after=60)
+    bucket.reserve(KEY, rate, 0, adaptive=True, report=Report(throttled=50, retry_after=60))
     first = _state(redis_client)
     assert first["limit"] == pytest.approx(rate / 2)
     assert first["ceiling"] == rate
     # Two more reports of the same event (the other chunks in flight) within ADAPT_HOLD_S.
-    bucket.reserve(KEY, rate, 0, adaptive=True, throttled=50, retry_after=60)
-    bucket.reserve(KEY, rate, 0, adaptive=True, throttled=50, retry_after=60)
+    bucket.reserve(KEY, rate, 0, adaptive=True, report=Report(throttled=50, retry_after=60))
+    bucket.reserve(KEY, rate, 0, adaptive=True, report=Report(throttled=50, retry_after=60))
     again = _state(redis_client)
     assert again["cut_at"] == first["cut_at"]
     assert again["limit"] >= first["limit"]  # grown a little since, never cut again
@@ -64,7 +65,7 @@ def test_a_rollout_bucket_is_not_adaptive(redis_client) -> None:
     ("throttled", "answered", "keep"),
     [
         (150, 500, 0.7 * ratelimit.ADAPT_MARGIN),  # the provider accepted 70 %: settle just under that
-        (20, 500, ratelimit.ADAPT_MAX_KEEP),  # it refused a little: still a noticeable cut
+        (60, 550, ratelimit.ADAPT_MAX_KEEP),  # it refused a little: still a noticeable cut
         (490, 500, ratelimit.ADAPT_MIN_KEEP),  # it refused nearly all: at most a quarter kept
         (150, 0, 0.5),  # share unknown: halve
     ],
@@ -73,5 +74,53 @@ def test_a_cut_lands_just_under_what_the_provider_accepted(redis_client, throttl
     bucket = TokenBucket(redis_client)
     rate = 1000.0
     bucket.reserve(KEY, rate, 200, adaptive=True)
-    bucket.reserve(KEY, rate, 0, adaptive=True, throttled=throttled, retry_after=1, answered=answered)
+    report = Report(throttled=throttled, answered=answered, retry_after=1)
+    bucket.reserve(KEY, rate, 0, adaptive=True, report=report)
     assert _state(redis_client)["limit"] == pytest.approx(rate * keep)
+
+
+def test_one_devices_429_does_not_slow_the_app(redis_client) -> None:
+    """APNs 429 TooManyRequests for one device (or a few): no cut, no pause, the next chunk goes."""
+    bucket = TokenBucket(redis_client)
+    bucket.reserve(KEY, 0, 1, adaptive=True, report=Report(throttled=1, answered=1, retry_after=60))
+    assert "limit" not in _state(redis_client)
+    assert bucket.reserve(KEY, 0, 500, adaptive=True) == 0.0
+    # Still below THROTTLE_MIN_DEVICES distinct devices within the window (1 + 48), even at 100 %.
+    few = ratelimit.THROTTLE_MIN_DEVICES - 2
+    bucket.reserve(KEY, 0, 0, adaptive=True, report=Report(throttled=few, answered=few, retry_after=60))
+    assert "limit" not in _state(redis_client)
+    assert bucket.reserve(KEY, 0, 500, adaptive=True) == 0.0
+
+
+def test_throttled_devices_add_up_within_the_window(redis_client) -> None:
+    bucket = TokenBucket(redis_client)
+    rate = 1000.0
+    half = ratelimit.THROTTLE_MIN_DEVICES // 2 + 1
+    bucket.reserve(KEY, rate, 200, adaptive=True, report=Report(throttled=half, answered=200))
+    assert "limit" not in _state(redis_client)
+    bucket.reserve(KEY, rate, 0, adaptive=True, report=Report(throttled=half, answered=200))
+    assert "limit" in _state(redis_client)
+
+
+def test_a_cut_after_an_idle_second_lands_on_the_floor_not_at_one_per_second(redis_client) -> None:
+    """The reservation rate measured over an empty window used to be 0, which pinned the rate at
+    1/s with no growth. Now the cut keeps a quarter of what the provider accepted lately."""
+    bucket = TokenBucket(redis_client)
+    # The provider accepted 3,000 answers a moment ago (about 100/s over the floor's 30 s)...
+    bucket.reserve(KEY, 0, 0, adaptive=True, report=Report(accepted=3000))
+    # ...then nothing was reserved for over two seconds (an idle window), then throttling.
+    redis_client.hset(KEY, mapping={"m_ts": float(redis_client.time()[0]) - 5, "m_n": 0})
+    bucket.reserve(KEY, 0, 0, adaptive=True, report=Report(throttled=60, answered=60, retry_after=1))
+    state = _state(redis_client)
+    floor = 3000 / ratelimit.ADAPT_FLOOR_TAU_S * ratelimit.ADAPT_MIN_KEEP
+    assert state["limit"] >= floor * 0.95
+    assert state["limit"] >= ratelimit.ADAPT_FLOOR_MIN
+    assert state["slope"] >= floor * ratelimit.ADAPT_INCREASE * 0.95, "it grows back"
+
+
+def test_with_nothing_accepted_the_floor_is_the_minimum(redis_client) -> None:
+    bucket = TokenBucket(redis_client)
+    bucket.reserve(KEY, 0, 0, adaptive=True, report=Report(throttled=60, answered=60, retry_after=1))
+    state = _state(redis_client)
+    assert state["limit"] >= ratelimit.ADAPT_FLOOR_MIN
+    assert state["slope"] > 0

@@ -9,8 +9,9 @@ derived, retry-stable id was measured at ~4 µs of client CPU per send (sha1, fo
 HPACK can never index), about 6% of the send path, and APNs does not deduplicate on it; the message id
 in the payload already ties every attempt of one logical send together.
 
-`apns-expiration` is absolute (`now + ttl` at the moment of sending), 0 for ttl 0 ("deliver now or
-never"), absent when the message has no ttl.
+`apns-expiration` is absolute: the message's `expires_at` (its first send + ttl, kept by retries)
+or else `now + ttl` at the moment of sending, 0 for ttl 0 ("deliver now or never"), absent when the
+message has no ttl.
 """
 
 from __future__ import annotations
@@ -203,14 +204,19 @@ class ApnsProvider(Provider):
         return result
 
     def _headers(self, rendered: _Rendered, jwt: str) -> dict[str, str]:
-        second = int(self._clock()) if rendered.ttl else 0
+        deadline = rendered.message.expires_at
+        second = int(self._clock()) if rendered.ttl and deadline is None else 0
         cached = self._headers_cache
         if cached is not None and cached[0] is rendered and cached[1] is jwt and cached[2] == second:
             return cached[3]
         headers = rendered.headers.copy()
         headers["authorization"] = "bearer " + jwt
-        if rendered.ttl is not None:
-            headers["apns-expiration"] = str(second + rendered.ttl) if rendered.ttl else "0"
+        if rendered.ttl == 0:
+            headers["apns-expiration"] = "0"
+        elif deadline is not None:
+            headers["apns-expiration"] = str(deadline)  # a retry keeps its first send's deadline
+        elif rendered.ttl is not None:
+            headers["apns-expiration"] = str(second + rendered.ttl)
         self._headers_cache = (rendered, jwt, second, headers)
         return headers
 
