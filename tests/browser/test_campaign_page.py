@@ -2,6 +2,9 @@
 page, and watch its progress bar move without a page reload while a real worker sends to the
 simulator. Leaves a screenshot in var/artifacts/campaign_page.png.
 
+The page is served as in production: DEBUG off and no test static-file handler, so the admin CSS and
+progress.js come from WhiteNoise (tests/security_servers.py), the way they reach a real browser.
+
 Needs Debian's chromium and chromium-driver (`make test` installs them when missing). A browser
 that cannot start fails the test with the reason; it is never skipped.
 """
@@ -21,6 +24,7 @@ from campaigns.models import Campaign
 from campaigns.pytest_fixtures import *  # noqa: F403  (sim, fresh_sim, worker_env, start_worker)
 from campaigns.pytest_fixtures import api_client
 from campaigns.testing import build_population, load_devices, simulator_app, wait_for
+from tests.security_servers import production_server
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -32,6 +36,13 @@ ARTIFACT = Path(settings.BASE_DIR) / "var" / "artifacts" / "campaign_page.png"
 DEVICES = 900
 RATE = 120
 WORKER_ENV = {"CAMPAIGN_SHARD_SIZE": "100", "CAMPAIGN_CHUNK_SIZE": "50"}
+
+
+@pytest.fixture
+def site() -> Iterator[str]:
+    """The app over real HTTP with DEBUG off, static files served by the app itself (WhiteNoise)."""
+    with production_server() as url:
+        yield url
 
 
 @pytest.fixture
@@ -79,7 +90,7 @@ def _progress(driver) -> tuple[int, int, str]:
     return int(float(bar.get_attribute("value"))), int(float(bar.get_attribute("max"))), status
 
 
-def test_progress_bar_moves_without_reload(live_server, browser, fresh_sim, start_worker) -> None:
+def test_progress_bar_moves_without_reload(site, browser, fresh_sim, start_worker) -> None:
     from selenium.webdriver.common.by import By
 
     User.objects.create_superuser("operator", "op@example.com", "browser-pw-123")
@@ -88,6 +99,10 @@ def test_progress_bar_moves_without_reload(live_server, browser, fresh_sim, star
         app, build_population({"ios": 600, "android": 300}, {"ios": {"01": 30}, "android": {"03": 20}})
     )
     worker = start_worker(concurrency=2, env=WORKER_ENV)
+    # Until the page is open every request takes 6 s (well under the workers' 10 s timeout): the campaign
+    # cannot finish (~55 s at that pace) before a loaded machine has started Chromium, logged in and
+    # loaded the page. Normal speed again once the page shows it running.
+    fresh_sim.configure(latency_ms=6000)
     response = api_client(app).post(
         "/api/v1/campaigns/",
         {"name": "browser test", "message": {"title": "Hello", "body": "watch me"},
@@ -97,15 +112,17 @@ def test_progress_bar_moves_without_reload(live_server, browser, fresh_sim, star
     assert response.status_code == 201, response.content
     campaign_id = response.json()["id"]
 
-    browser.get(f"{live_server.url}/admin/login/?next=/admin/campaigns/campaign/{campaign_id}/change/")
+    assert settings.DEBUG is False
+    browser.get(f"{site}/admin/login/?next=/admin/campaigns/campaign/{campaign_id}/change/")
     browser.find_element(By.NAME, "username").send_keys("operator")
     browser.find_element(By.NAME, "password").send_keys("browser-pw-123")
     browser.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
-    wait_for(lambda: browser.find_elements(By.ID, "campaign-progress"), 15, what="the campaign page")
+    wait_for(lambda: browser.find_elements(By.ID, "campaign-progress"), 60, what="the campaign page")
     # A marker a reload would wipe out: the bar must move in this same document.
     browser.execute_script("window.__pushsvcNoReload = 'still here';")
 
     first, _, status = _progress(browser)
+    fresh_sim.configure(latency_ms=0)
     assert status in {"running", "scheduled"}, status
     try:
         moved = wait_for(
@@ -121,11 +138,11 @@ def test_progress_bar_moves_without_reload(live_server, browser, fresh_sim, star
         )
     assert moved[0] > first
     ARTIFACT.parent.mkdir(parents=True, exist_ok=True)
-    wait_for(lambda: _progress(browser)[0] >= moved[1] // 3, 30, what="a third of the campaign")
+    wait_for(lambda: _progress(browser)[0] >= moved[1] // 3, 60, what="a third of the campaign")
     browser.save_screenshot(str(ARTIFACT))
 
     value, maximum, status = wait_for(
-        lambda: (p := _progress(browser))[2] == "completed" and p, 60, what="the page to show completion"
+        lambda: (p := _progress(browser))[2] == "completed" and p, 120, what="the page to show completion"
     )
     assert browser.execute_script("return window.__pushsvcNoReload") == "still here"
     campaign = Campaign.objects.get(pk=campaign_id)
