@@ -31,7 +31,7 @@ from typing import NamedTuple
 
 import redis
 from django.conf import settings
-from django.db import transaction
+from django.db import connection, transaction
 from django.db.models import F, Max, QuerySet
 from django.utils import timezone
 
@@ -739,6 +739,35 @@ def _rollout_now(campaign: Campaign) -> float:
         campaign.started_at or now,
         now,
     )
+
+
+SHARD_MAX_FAILURES = 3  # runs of one shard that may raise before its campaign halts
+
+
+def shard_failed(shard_id: int, exc: BaseException) -> bool:
+    """A run of the shard raised something no retry policy expects (a bug, data the code cannot
+    handle). Counted on the shard; the third time the shard is parked and its campaign halted with
+    the error, instead of the recovery sweep re-publishing it forever. Other campaigns, of this app
+    or another, go on. True when the campaign was halted."""
+    error = f"{type(exc).__name__}: {exc}"[:500]
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {Shard._meta.db_table} SET failures = failures + 1, last_error = %s "
+            "WHERE id = %s AND status = %s RETURNING failures, campaign_id",
+            [error, shard_id, Shard.Status.PENDING],
+        )
+        row = cursor.fetchone()
+    if row is None or row[0] < SHARD_MAX_FAILURES:
+        return False
+    failures, campaign_id = row
+    Shard.objects.filter(pk=shard_id, status=Shard.Status.PENDING).update(status=Shard.Status.PAUSED)
+    reason = (
+        f"Halted: shard {shard_id} failed {failures} times with {error}. "
+        "Its devices are held; resume to try it again."
+    )
+    halted = control.pause(runtime.redis_client(), campaign_id, reason, to=control.HALTED)
+    logger.error("shard %s failed %s times: %s", shard_id, failures, error)
+    return halted
 
 
 def _park(client, shard: Shard, state: str) -> None:

@@ -131,6 +131,9 @@ class Shard(models.Model):
     # A retry's deadline: its parent's first send + the message's TTL (a TTL is absolute); null
     # for a shard whose devices were never sent, or a message without TTL.
     expires_at = models.DateTimeField(null=True, blank=True)
+    # Runs that raised an unexpected exception; at SHARD_MAX_FAILURES the campaign halts with it.
+    failures = models.PositiveSmallIntegerField(default=0)
+    last_error = models.TextField(blank=True, default="")
 
     class Meta:
         indexes = [models.Index(fields=["campaign", "status"], name="shard_status_idx")]

@@ -71,6 +71,13 @@ def send_shard(shard_id: int) -> None:
     except (redis.RedisError, ConnectionError):
         wait_for_redis()
         raise
+    except TASK_RETRY_POLICY["autoretry_for"]:
+        raise
+    except Exception as exc:
+        # Not a blink of the database or the network: a bounded number of these halts the
+        # campaign (campaigns/fanout.py shard_failed) instead of a crash loop through recovery.
+        fanout.shard_failed(shard_id, exc)
+        raise
 
 
 @shared_task(name="delivery.tasks.launch_due_campaigns", ignore_result=True)

@@ -286,3 +286,31 @@ def test_provider_message_ids_reach_dead_letters_and_direct_results(sim, setting
     assert by_device[str(healthy.device_id)]["provider_message_id"] == results[healthy.pk].provider_message_id
     bad = client.get(f"/api/v1/campaigns/{campaign.pk}/results/?limit=0")
     assert bad.status_code == 400 and "limit" in str(bad.json())
+
+
+# --- a shard that raises --------------------------------------------------------------------------
+def test_a_shard_that_keeps_raising_halts_its_campaign_and_nothing_else(sim) -> None:
+    """Data the send path cannot handle (here a stored message that no longer validates) used to
+    crash the task, and the recovery sweep re-published it every few seconds, forever."""
+    from delivery.tasks import send_shard
+
+    app = simulator_app(sim)
+    broken_devices = _devices(app, "android", [None] * 3)
+    broken, broken_shard = _campaign(app, broken_devices, {"title": "x", "collapse_key": "caf\u00e9"})
+    healthy_devices = _devices(app, "android", [None] * 3)
+    healthy, healthy_shard = _campaign(app, healthy_devices, {"title": "fine"})
+
+    for attempt in range(1, fanout.SHARD_MAX_FAILURES + 1):
+        outcome = send_shard.apply(args=[broken_shard.pk])
+        assert outcome.failed()
+        broken_shard.refresh_from_db()
+        assert broken_shard.failures == attempt and "collapse_key" in broken_shard.last_error
+    broken.refresh_from_db()
+    assert broken.status == Campaign.Status.HALTED
+    assert f"shard {broken_shard.pk} failed 3 times" in broken.status_reason
+    assert broken_shard.status == Shard.Status.PAUSED, "parked: the recovery sweep leaves it alone"
+    assert sim.stats()["requests"] == 0
+
+    send_shard.apply(args=[healthy_shard.pk])
+    healthy.refresh_from_db()
+    assert healthy.status == Campaign.Status.COMPLETED and healthy.delivered == 3
