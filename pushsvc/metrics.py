@@ -377,7 +377,16 @@ def _app_slugs() -> dict[str, str]:
 
 def _campaign_families(campaign_model: Any, slugs: dict[str, str]) -> Iterable[Any]:
     live = (campaign_model.Status.RUNNING, campaign_model.Status.PAUSED, campaign_model.Status.HALTED)
-    fields = ("targeted", "delivered", "retried", "failed", "invalidated", "skipped_duplicate")
+    fields = (
+        "targeted",
+        "delivered",
+        "retried",
+        "failed",
+        "invalidated",
+        "invalid_kept",
+        "expired",
+        "skipped_duplicate",
+    )
     rows = campaign_model.objects.filter(status__in=live).values("pk", "app_id", "status", *fields)[:200]
     family = GaugeMetricFamily(
         "pushsvc_campaign_devices",
