@@ -54,7 +54,14 @@ class SafeJSONField(forms.JSONField):
         # An invalid form is shown again from bound_data, which parses the input once more.
         if isinstance(data, str) and _nesting(data) > self.max_depth:
             return InvalidJSONInput(data)
-        return super().bound_data(data, initial)
+        value = super().bound_data(data, initial)
+        try:
+            _check_text(value)
+        except forms.ValidationError:
+            # Shown as typed (its \\u escapes are ASCII): re-dumped, a lone surrogate cannot be
+            # encoded into the page, and the answer was a 500.
+            return InvalidJSONInput(data)
+        return value
 
 
 def _nesting(text: str) -> int:

@@ -52,13 +52,17 @@ DEBUG = _env_bool("DEBUG", False)
 DEVELOPMENT_SECRET_KEY = "pushsvc-insecure-development-key-change-me"
 SECRET_KEY_MIN_LENGTH = 50
 SECRET_KEY = _env("SECRET_KEY", DEVELOPMENT_SECRET_KEY)
-if not DEBUG and (SECRET_KEY == DEVELOPMENT_SECRET_KEY or len(SECRET_KEY) < SECRET_KEY_MIN_LENGTH):
+if not DEBUG and (
+    SECRET_KEY == DEVELOPMENT_SECRET_KEY
+    or len(SECRET_KEY) < SECRET_KEY_MIN_LENGTH
+    or len(set(SECRET_KEY)) < 5  # "aaaa...": check --deploy's other rule
+):
     from django.core.exceptions import ImproperlyConfigured
 
     raise ImproperlyConfigured(
-        "SECRET_KEY is unset, the public development key or shorter than "
-        f"{SECRET_KEY_MIN_LENGTH} characters, and DEBUG is off. Set the SECRET_KEY environment "
-        "variable to a long random value, e.g. "
+        "SECRET_KEY is unset, the public development key, shorter than "
+        f"{SECRET_KEY_MIN_LENGTH} characters or of fewer than 5 distinct ones, and DEBUG is off. "
+        "Set the SECRET_KEY environment variable to a long random value, e.g. "
         "python3 -c 'import secrets; print(secrets.token_urlsafe(64))'."
     )
 ALLOWED_HOSTS = _env_list("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver")

@@ -2,6 +2,9 @@
 page, and watch its progress bar move without a page reload while a real worker sends to the
 simulator. Leaves a screenshot in var/artifacts/campaign_page.png.
 
+The page is served as in production: DEBUG off and no test static-file handler, so the admin CSS and
+progress.js come from WhiteNoise (tests/security_servers.py), the way they reach a real browser.
+
 Needs Debian's chromium and chromium-driver (`make test` installs them when missing). A browser
 that cannot start fails the test with the reason; it is never skipped.
 """
@@ -21,6 +24,7 @@ from campaigns.models import Campaign
 from campaigns.pytest_fixtures import *  # noqa: F403  (sim, fresh_sim, worker_env, start_worker)
 from campaigns.pytest_fixtures import api_client
 from campaigns.testing import build_population, load_devices, simulator_app, wait_for
+from tests.security_servers import production_server
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
@@ -32,6 +36,13 @@ ARTIFACT = Path(settings.BASE_DIR) / "var" / "artifacts" / "campaign_page.png"
 DEVICES = 900
 RATE = 120
 WORKER_ENV = {"CAMPAIGN_SHARD_SIZE": "100", "CAMPAIGN_CHUNK_SIZE": "50"}
+
+
+@pytest.fixture
+def site() -> Iterator[str]:
+    """The app over real HTTP with DEBUG off, static files served by the app itself (WhiteNoise)."""
+    with production_server() as url:
+        yield url
 
 
 @pytest.fixture
@@ -79,7 +90,7 @@ def _progress(driver) -> tuple[int, int, str]:
     return int(float(bar.get_attribute("value"))), int(float(bar.get_attribute("max"))), status
 
 
-def test_progress_bar_moves_without_reload(live_server, browser, fresh_sim, start_worker) -> None:
+def test_progress_bar_moves_without_reload(site, browser, fresh_sim, start_worker) -> None:
     from selenium.webdriver.common.by import By
 
     User.objects.create_superuser("operator", "op@example.com", "browser-pw-123")
@@ -101,7 +112,8 @@ def test_progress_bar_moves_without_reload(live_server, browser, fresh_sim, star
     assert response.status_code == 201, response.content
     campaign_id = response.json()["id"]
 
-    browser.get(f"{live_server.url}/admin/login/?next=/admin/campaigns/campaign/{campaign_id}/change/")
+    assert settings.DEBUG is False
+    browser.get(f"{site}/admin/login/?next=/admin/campaigns/campaign/{campaign_id}/change/")
     browser.find_element(By.NAME, "username").send_keys("operator")
     browser.find_element(By.NAME, "password").send_keys("browser-pw-123")
     browser.find_element(By.CSS_SELECTOR, "input[type=submit]").click()
