@@ -7,7 +7,8 @@ them in one transaction:
    `apply_invalidations`), matched on id AND the hash of the token this shard sent, so a device
    that rotated its token since the shard loaded it keeps the new one; an APNs 410 only if the
    token was not registered again after Apple's timestamp (`updated_at <= invalid_since`),
-2. `last_success_at` of delivered tokens (one UPDATE),
+2. nothing for delivered tokens: a healthy delivery writes no row of the device table (an UPDATE
+   per delivered device rewrote the whole registry and its indexes on every broadcast),
 3. dead letters, with the provider's message id (one INSERT), and for a direct send each
    device's final answer (one INSERT: campaigns.models.DirectResult),
 4. per-reason tallies (one upsert),
@@ -50,7 +51,6 @@ from delivery.models import DeadLetter
 from delivery.providers.base import Outcome, Result
 from pushsvc import metrics
 from tokens.feedback import PROVIDER_BY_PLATFORM, Invalidation, apply_invalidations
-from tokens.models import DeviceToken
 
 logger = logging.getLogger(__name__)
 
@@ -255,8 +255,6 @@ def apply_shard_run(
         app_id = Campaign.objects.filter(pk=campaign_id).values_list("app_id", flat=True).get()
 
         deactivated = _deactivate(app_id, shard.platform, campaign_id, results.invalid, now)
-        if results.delivered:
-            DeviceToken.objects.filter(id__in=results.delivered).update(last_success_at=now)
         if results.dead:
             DeadLetter.objects.bulk_create(
                 DeadLetter(

@@ -147,6 +147,7 @@ def test_only_deliveries_are_never_sent_again_and_a_re_run_counts_them_delivered
     results = ShardResults(attempt=0, max_attempts=3)
     results.add(devices[1:], answers[1:], hold_invalid=False)
     results.recover([rows[0].pk])
+    versions = _row_versions([r.pk for r in rows])
     apply_shard_run(shard, results, loaded=3, park=None, rest_lo=None, rest_ids=None)
 
     campaign.refresh_from_db()
@@ -155,4 +156,14 @@ def test_only_deliveries_are_never_sent_again_and_a_re_run_counts_them_delivered
     assert campaign.processed == 3  # every device once
     assert campaign.sent == 3
     assert not DeviceToken.objects.get(pk=rows[1].pk).is_active
-    assert DeviceToken.objects.get(pk=rows[0].pk).last_success_at is not None
+    # Writes in proportion to exceptions: the deactivated row is rewritten, the delivered and the
+    # rejected device's rows are not touched (PostgreSQL's xmin changes on every row version).
+    after = _row_versions([r.pk for r in rows])
+    assert after[rows[0].pk] == versions[rows[0].pk] and after[rows[2].pk] == versions[rows[2].pk]
+    assert after[rows[1].pk] != versions[rows[1].pk]
+
+
+def _row_versions(pks: list[int]) -> dict[int, str]:
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT id, xmin::text FROM {DeviceToken._meta.db_table} WHERE id = ANY(%s)", [pks])
+        return dict(cursor.fetchall())

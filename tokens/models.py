@@ -161,6 +161,8 @@ class DeviceToken(models.Model):
     app_version = models.CharField(max_length=32, blank=True, default="")
     locale = models.CharField(max_length=35, blank=True, default="")
     last_seen = models.DateTimeField(default=timezone.now)
+    # Carried over by import_tokens from another system; sends no longer write it: an UPDATE per
+    # delivered device rewrote the whole registry on every broadcast. Failures are what is written.
     last_success_at = models.DateTimeField(null=True, blank=True)
     is_active = models.BooleanField(default=True)
     deactivated_at = models.DateTimeField(null=True, blank=True)
