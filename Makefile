@@ -11,7 +11,7 @@ TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
 # key made once per checkout (var/dev-secret-key, not in git). Production sets SECRET_KEY itself.
 export SECRET_KEY ?= $(shell mkdir -p var && { [ -s var/dev-secret-key ] || $(PYTHON) -c "import secrets; print(secrets.token_urlsafe(64))" > var/dev-secret-key; } && cat var/dev-secret-key)
 
-.PHONY: venv demo test lint migrate simulator web worker beat flower bench browser-deps
+.PHONY: venv demo test test-fast test-slow lint migrate simulator web worker beat flower bench browser-deps
 
 venv: $(STAMP)
 
@@ -26,6 +26,14 @@ demo: venv
 
 test: venv browser-deps
 	DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) $(PY) -m pytest $(PYTEST_ARGS)
+
+# The two lanes of `make test` (tests/conftest.py marks what is slow): in-process tests only, and
+# the rest (Celery workers, fault tests, browser, schemathesis).
+test-fast: venv
+	DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+
+test-slow: venv browser-deps
+	DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) $(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 # The browser test (tests/browser/) drives Debian's chromium through chromium-driver; install them
 # on a fresh machine (as root, or through sudo) only when they are missing.

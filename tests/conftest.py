@@ -22,6 +22,20 @@ def pytest_configure(config: pytest.Config) -> None:
         )
 
 
+# --- two lanes: `make test-fast` runs what is not slow (in-process, a couple of minutes) ------------
+# Slow: whatever starts Celery workers (the start_worker / worker_env fixtures), the fault tests,
+# the browser and schemathesis. Marked here, from what a test uses, so a new worker test cannot
+# land in the fast lane by forgetting a marker.
+SLOW_FIXTURES = frozenset({"start_worker", "worker_env"})
+SLOW_PATHS = ("tests/reliability/", "tests/browser/", "tests/test_schemathesis.py")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.nodeid.startswith(SLOW_PATHS) or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 # --- test database: one of its own per pytest run -------------------------------------------------
 # pytest-django would create `test_<NAME>` (test_test under `make test`), so two runs on one server
 # clobbered each other's database: a run starting (or the restart tests' inner pytest process, which
