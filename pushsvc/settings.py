@@ -6,6 +6,7 @@ os.environ. Each variable is documented in the README ("Configuration") with its
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from datetime import timedelta
 from pathlib import Path
@@ -72,13 +73,13 @@ ALLOWED_HOSTS = _env_list("ALLOWED_HOSTS", "localhost,127.0.0.1,[::1],testserver
 # SECURE_PROXY_SSL_HEADER: behind a TLS-terminating proxy, the header it sets (e.g.
 # "X-Forwarded-Proto:https") so that Django knows the request was https; the proxy must overwrite
 # that header from clients, else a client could claim https.
-_ssl_header = _env("SECURE_PROXY_SSL_HEADER", "")
-SECURE_PROXY_SSL_HEADER = (
-    ("HTTP_" + _ssl_header.partition(":")[0].strip().upper().replace("-", "_"),
-     _ssl_header.partition(":")[2].strip())
-    if _ssl_header
-    else None
-)  # fmt: skip
+_ssl_header, _, _ssl_value = (part.strip() for part in _env("SECURE_PROXY_SSL_HEADER", "").partition(":"))
+if _ssl_header and not _ssl_value:
+    from django.core.exceptions import ImproperlyConfigured
+
+    raise ImproperlyConfigured("SECURE_PROXY_SSL_HEADER must be 'Header:value' (X-Forwarded-Proto:https).")
+_ssl_meta = "HTTP_" + _ssl_header.upper().replace("-", "_")
+SECURE_PROXY_SSL_HEADER = (_ssl_meta, _ssl_value) if _ssl_header else None
 SECURE_SSL_REDIRECT = _env_bool("SECURE_SSL_REDIRECT", False)
 # /healthz and /readyz are probed over plain http inside the cluster: never redirected.
 SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]
@@ -99,6 +100,13 @@ SILENCED_SYSTEM_CHECKS = ["security.W021"]
 # client (the API-key throttle and the admin login limit count per client). Empty: the TCP peer
 # is the client, and X-Forwarded-For is ignored (any client can write it).
 TRUSTED_PROXIES = _env_list("TRUSTED_PROXIES", "")
+for _cidr in TRUSTED_PROXIES:
+    try:
+        ipaddress.ip_network(_cidr, strict=False)
+    except ValueError:
+        from django.core.exceptions import ImproperlyConfigured
+
+        raise ImproperlyConfigured(f"TRUSTED_PROXIES: {_cidr!r} is not an address or CIDR.") from None
 
 INSTALLED_APPS = [
     "django.contrib.admin",

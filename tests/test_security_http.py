@@ -238,3 +238,13 @@ def test_check_deploy_is_clean_under_the_documented_production_settings() -> Non
     done = _manage("check", "--deploy", "--fail-level", "WARNING", env=PRODUCTION_ENV)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "no issues" in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("TRUSTED_PROXIES", "10.0.0.0/8,not-a-network"), ("SECURE_PROXY_SSL_HEADER", "X-Proto")],
+)
+def test_malformed_proxy_settings_stop_the_start_naming_the_variable(name, value) -> None:
+    done = _manage("check", env={**PRODUCTION_ENV, name: value})
+    assert done.returncode != 0
+    assert "ImproperlyConfigured" in done.stderr and name in done.stderr
