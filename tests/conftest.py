@@ -27,7 +27,13 @@ def pytest_configure(config: pytest.Config) -> None:
 # the browser and schemathesis. Marked here, from what a test uses, so a new worker test cannot
 # land in the fast lane by forgetting a marker.
 SLOW_FIXTURES = frozenset({"start_worker", "worker_env"})
-SLOW_PATHS = ("tests/reliability/", "tests/browser/", "tests/test_schemathesis.py")
+SLOW_PATHS = (
+    "tests/reliability/",
+    "tests/browser/",
+    "tests/test_schemathesis.py",
+    "tests/test_health_flower.py",  # starts a worker and Flower
+    "tests/test_hygiene_celery.py",  # starts workers and beat
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
