@@ -13,6 +13,9 @@ processes serve the default, apns and fcm queues. Printed: time per phase (load,
 attempts, retries), deliveries/s from launch to completed, peak RSS per worker process (VmHWM),
 Redis memory, and the database work (transactions, rows read/written per table).
 
+CPU per delivered device adds the workers, every PostgreSQL process and Redis (from /proc, the
+simulator excluded); "rows_written" of tokens_devicetoken is what a campaign rewrites of the registry.
+
 `--plan-only` loads the devices and times planning alone (shards written and their tasks
 enqueued; nothing is sent).
 
@@ -100,6 +103,23 @@ def cpu_seconds(pids: list[int]) -> float:
             continue
         total += sum(int(v) for v in fields[11:15])  # utime, stime, cutime, cstime
     return total / ticks
+
+
+def service_cpu_seconds() -> dict[str, float]:
+    """CPU of the central services by process name, from /proc: every PostgreSQL process with its
+    reaped children (a backend that exits hands its time to the postmaster's cutime/cstime), and
+    Redis. Machine-wide: the benchmark must run alone."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    totals = {"postgres": 0, "redis-server": 0}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            raw = stat.read_text()
+        except OSError:
+            continue
+        name = raw[raw.index("(") + 1 : raw.rindex(")")]
+        if name in totals:
+            totals[name] += sum(int(v) for v in raw.rsplit(")", 1)[1].split()[11:15])
+    return {name: t / ticks for name, t in totals.items()}
 
 
 def db_counters() -> dict[str, int]:
@@ -217,6 +237,7 @@ def main() -> None:
         sampler = threading.Thread(target=rss_sampler, args=(worker_pids, stop, peaks), daemon=True)
         sampler.start()
         before = db_counters()
+        services_before = service_cpu_seconds()
         redis_before = client.info("memory")["used_memory"]
         try:
             campaign = Campaign.objects.create(
@@ -245,6 +266,7 @@ def main() -> None:
                     break
             finished = time.perf_counter()
             worker_cpu = cpu_seconds(worker_pids())
+            services = {k: v - services_before[k] for k, v in service_cpu_seconds().items()}
             sim_cpu = cpu_seconds([sim.proc.pid]) if sim.proc else 0.0
         finally:
             stop.set()
@@ -278,6 +300,13 @@ def main() -> None:
     print(
         f"CPU: workers {worker_cpu:.1f} s ({worker_cpu * per_k * 1000:.0f} ms per 1,000 requests), "
         f"simulator {sim_cpu:.1f} s ({sim_cpu * per_k * 1000:.0f} ms per 1,000 requests)"
+    )
+    pushsvc_cpu = worker_cpu + services["postgres"] + services["redis-server"]
+    per_device = 1e6 / max(campaign.delivered, 1)
+    print(
+        f"CPU per delivered device, everything but the simulator: {pushsvc_cpu * per_device:.0f} us "
+        f"(workers {worker_cpu * per_device:.0f}, PostgreSQL {services['postgres'] * per_device:.0f}, "
+        f"Redis {services['redis-server'] * per_device:.0f})"
     )
     rss = sorted(peaks.values())
     if rss:
