@@ -1,4 +1,4 @@
-"""Benchmark: the hygiene feedback pipeline and the nightly prune on PostgreSQL and Redis.
+"""Benchmark: applying invalid-token answers, the nightly prune and the stale sweep on PostgreSQL.
 
     .venv/bin/python bench/hygiene.py [--rows 1000000] [--invalidations 100000]
         [--database postgres://postgres@127.0.0.1:5432/bench_hygiene] [--redis redis://127.0.0.1:6379/6]
@@ -7,12 +7,11 @@ It recreates the benchmark database, migrates it and loads `--rows` tokens with 
 for 31-90 days (prunable), 7 % active but not seen for 91-200 days (stale), the rest active and
 fresh. Then, each phase timed on its own:
 
-1. feedback: `--invalidations` random active tokens are published to the stream the way send
-   workers do (one pipelined XADD per 1,000 invalidations), in id order as a campaign's keyset
-   shards produce them (`--order random`: the worst case, every batch spread over the whole
-   table), then applied with `apply_feedback` in batches of HYGIENE_FEEDBACK_BATCH by
-   `--consumers` consumers of the group (threads, as drain_feedback starts on a backlog);
-   prints publish and apply time, invalidations/s, per-batch median/max.
+1. invalidations: `--invalidations` random active tokens are deactivated with
+   `tokens.invalidation.apply_invalidations`, one call per `--per-shard` tokens as a shard's
+   results apply them, in id order as a campaign's keyset shards produce them (`--order random`:
+   the worst case, every call spread over the whole table); prints invalidations/s and the
+   per-call median/max.
 2. prune: `prune_inactive` over the whole table while a thread keeps re-registering active devices
    through the registry upsert (the API's write path); prints rows deleted, batches, the longest and
    median write transaction (the longest time any row lock was held) and the registrations'
@@ -86,12 +85,10 @@ def load_rows(app_id: int, rows: int, now: datetime) -> None:
         cursor.execute("CHECKPOINT")
 
 
-def bench_feedback(app_id: int, count: int, order: str, consumers: int) -> None:
-    from django.conf import settings
-    from django.db import connection
+def bench_invalidations(app_id: int, count: int, order: str, per_shard: int) -> None:
+    from django.db import connection, transaction
 
-    from tokens import feedback
-    from tokens.feedback import Invalidation
+    from tokens.invalidation import Invalidation, apply_invalidations
 
     with connection.cursor() as cursor:
         cursor.execute(
@@ -101,49 +98,29 @@ def bench_feedback(app_id: int, count: int, order: str, consumers: int) -> None:
         )
         targets = cursor.fetchall()
     if order == "shard":
-        # A campaign's fan-out walks keyset shards in id order, so its feedback arrives that way.
+        # A campaign's fan-out walks keyset shards in id order, so its answers arrive that way.
         targets.sort()
     items = [
         Invalidation(pk, digest, app_id, "apns", "Unregistered", campaign_id=1) for pk, digest in targets
     ]
+    call_times: list[float] = []
+    deactivated = audited = 0
     started = time.perf_counter()
-    for i in range(0, len(items), 1000):
-        feedback.publish_invalidations(items[i : i + 1000])
-    published = time.perf_counter() - started
-
-    batch_times: list[float] = []
-    total = feedback.FeedbackReport()
-    guard = threading.Lock()
-
-    def consume(name: str) -> None:
-        while True:
-            report = feedback.apply_feedback(block_ms=0, consumer=name)
-            if not report.read:
-                break
-            with guard:
-                batch_times.append(report.seconds)
-                total.add(report)
-        connection.close()
-
-    started = time.perf_counter()
-    threads = [threading.Thread(target=consume, args=(f"bench-{i}",)) for i in range(consumers)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    for i in range(0, len(items), per_shard):
+        begun = time.perf_counter()
+        with transaction.atomic():  # a shard's results run in a transaction of their own
+            done, rows = apply_invalidations(items[i : i + per_shard])
+        call_times.append(time.perf_counter() - begun)
+        deactivated += done
+        audited += rows
     applied = time.perf_counter() - started
+    print(f"invalidations: {len(items):,} in {order} order, {per_shard:,} per call")
     print(
-        f"feedback: {len(items):,} invalidations in {order} order, batch {settings.HYGIENE_FEEDBACK_BATCH},"
-        f" {consumers} consumer(s)"
+        f"  apply: {applied:.2f} s ({deactivated / applied:,.0f}/s), {deactivated:,} deactivated,"
+        f" {audited:,} audit rows, {len(call_times)} calls;"
+        f" per call median {statistics.median(call_times) * 1000:.0f} ms,"
+        f" max {max(call_times) * 1000:.0f} ms"
     )
-    print(f"  publish (XADD, 1,000 per pipeline): {published:.2f} s ({len(items) / published:,.0f}/s)")
-    print(
-        f"  apply: {applied:.2f} s ({total.deactivated / applied:,.0f}/s), {total.deactivated:,} deactivated,"
-        f" {total.audited:,} audit rows, {len(batch_times)} batches;"
-        f" per batch median {statistics.median(batch_times) * 1000:.0f} ms,"
-        f" max {max(batch_times) * 1000:.0f} ms"
-    )
-    print(f"  publish + apply: {published + applied:.2f} s (target < 10 s)")
 
 
 class Registrations(threading.Thread):
@@ -218,10 +195,10 @@ def main() -> None:
         help="order the invalidations arrive in: shard (a campaign's id order) or random (worst case)",
     )
     parser.add_argument(
-        "--consumers",
+        "--per-shard",
         type=int,
-        default=2,
-        help="parallel feedback consumers (HYGIENE_FEEDBACK_CONSUMERS default: 2)",
+        default=1000,
+        help="invalidations per apply_invalidations call (CAMPAIGN_SHARD_SIZE default: 1000)",
     )
     args = parser.parse_args()
 
@@ -234,11 +211,11 @@ def main() -> None:
     django.setup()
     from django.core.management import call_command
 
-    from tokens import feedback, hygiene
+    from tokens import hygiene
     from tokens.testing import make_app
 
     call_command("migrate", verbosity=0)
-    feedback.redis_client().flushdb()
+    hygiene.redis_client().flushdb()
     app = make_app("bench-hygiene")
     now = datetime.now(UTC)
 
@@ -246,7 +223,7 @@ def main() -> None:
     load_rows(app.pk, args.rows, now)
     print(f"loaded {args.rows:,} rows with COPY in {time.perf_counter() - started:.1f} s")
 
-    bench_feedback(app.pk, args.invalidations, args.order, args.consumers)
+    bench_invalidations(app.pk, args.invalidations, args.order, args.per_shard)
     bench_job("prune", lambda on_batch: hygiene.prune_inactive(on_batch=on_batch), app.pk)
     bench_job("sweep", lambda on_batch: hygiene.sweep_stale(on_batch=on_batch), app.pk)
 

@@ -47,7 +47,7 @@ from delivery.results import Device, ShardResults, apply_shard_run
 from pushsvc import logging as log_context
 from pushsvc import metrics
 from tokens import hygiene
-from tokens.feedback import PROVIDER_BY_PLATFORM
+from tokens.invalidation import PROVIDER_BY_PLATFORM
 from tokens.models import DeviceToken, Platform
 
 logger = logging.getLogger(__name__)

@@ -50,7 +50,7 @@ from campaigns.models import Campaign, DirectResult, OutcomeTally, Shard
 from delivery.models import DeadLetter
 from delivery.providers.base import Outcome, Result
 from pushsvc import metrics
-from tokens.feedback import PROVIDER_BY_PLATFORM, Invalidation, apply_invalidations
+from tokens.invalidation import PROVIDER_BY_PLATFORM, Invalidation, apply_invalidations
 
 logger = logging.getLogger(__name__)
 

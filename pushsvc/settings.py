@@ -238,7 +238,7 @@ CELERY_TASK_ROUTES: dict[str, dict[str, str]] = {}
 # Beat schedule: filled by the hygiene and campaign modules' entries below.
 CELERY_BEAT_SCHEDULE: dict[str, dict] = {}
 
-# --- Token hygiene (tokens/feedback.py, tokens/hygiene.py) -------------------------------------
+# --- Token hygiene (tokens/hygiene.py, tokens/invalidation.py) ---------------------------------
 # Inactive tokens are kept this long before the nightly prune deletes them, so a wrongly
 # deactivated user base can still be restored from its rows.
 HYGIENE_PRUNE_AFTER_DAYS = _env_int("HYGIENE_PRUNE_AFTER_DAYS", 30)
@@ -255,15 +255,6 @@ HYGIENE_GUARD_UNSEEN_DAYS = _env_int("HYGIENE_GUARD_UNSEEN_DAYS", 30)
 # for 1 s.
 HYGIENE_BATCH_SIZE = _env_int("HYGIENE_BATCH_SIZE", 5000)
 HYGIENE_BATCH_TARGET_S = _env_float("HYGIENE_BATCH_TARGET_S", 0.25)
-# Invalidations applied per UPDATE, and how often the beat drains the stream (seconds): together
-# "every 5 s or 2,500 tokens, whichever comes first".
-HYGIENE_FEEDBACK_BATCH = _env_int("HYGIENE_FEEDBACK_BATCH", 2500)
-HYGIENE_FEEDBACK_FLUSH_S = _env_float("HYGIENE_FEEDBACK_FLUSH_S", 5.0)
-# Parallel consumers a drain starts when it finds a backlog (threads in the worker process).
-HYGIENE_FEEDBACK_CONSUMERS = _env_int("HYGIENE_FEEDBACK_CONSUMERS", 2)
-# Entries read by a consumer that has not acknowledged them after this long are presumed
-# orphaned by a dead consumer and reclaimed (a healthy batch is applied in well under a second).
-HYGIENE_FEEDBACK_CLAIM_IDLE_S = _env_float("HYGIENE_FEEDBACK_CLAIM_IDLE_S", 60.0)
 # TTL of the Redis lock that keeps two beats from running the same job; renewed after each batch,
 # so it only has to outlive one batch, and frees itself soon after a crashed run.
 HYGIENE_LOCK_TTL_S = _env_int("HYGIENE_LOCK_TTL_S", 60)
@@ -283,13 +274,6 @@ def _daily_at(hhmm: str) -> crontab:
 
 CELERY_BEAT_SCHEDULE.update(
     {
-        # Drains the feedback stream; `expires` drops a drain that waited longer than one interval
-        # in the queue, since the next one does the same work.
-        "tokens-drain-feedback": {
-            "task": "tokens.drain_feedback",
-            "schedule": HYGIENE_FEEDBACK_FLUSH_S,
-            "options": {"queue": "default", "expires": HYGIENE_FEEDBACK_FLUSH_S},
-        },
         "tokens-prune-inactive": {
             "task": "tokens.prune_inactive",
             "schedule": _daily_at(HYGIENE_PRUNE_AT),

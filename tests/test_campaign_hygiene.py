@@ -19,7 +19,7 @@ from campaigns.pytest_fixtures import api_client
 from campaigns.testing import build_population, load_devices, simulator_app, wait_for
 from delivery.providers.base import Outcome, Result, Target
 from delivery.results import Device, ShardResults, apply_shard_run
-from tokens.feedback import AUDIT_TABLE
+from tokens.invalidation import AUDIT_TABLE
 from tokens.models import DeviceToken
 from tokens.testing import fcm_token, make_app
 

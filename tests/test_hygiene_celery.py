@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 
@@ -17,7 +17,6 @@ from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
-from tokens.feedback import AUDIT_TABLE, Invalidation, publish_invalidations
 from tokens.models import DeviceToken
 from tokens.tasks import prune_inactive, sweep_stale
 from tokens.testing import apns_token, make_app
@@ -41,14 +40,6 @@ def _env(**extra: str) -> dict[str, str]:
     )
     env.update(extra)
     return env
-
-
-@pytest.fixture
-def audit_cleanup() -> Iterator[None]:
-    # transaction=True tests end with a flush of the models' tables; the audit table is not one.
-    yield
-    with connection.cursor() as cursor:
-        cursor.execute(f"DELETE FROM {AUDIT_TABLE}")
 
 
 def _start(args: list[str], tmp_path: Path, name: str, **env: str) -> subprocess.Popen:
@@ -134,35 +125,29 @@ def test_prune_and_sweep_tasks_run_in_a_worker(redis_client, tmp_path):
     assert DeviceToken.objects.get(pk=fresh.pk).is_active
 
 
-def test_beat_schedule_drains_the_feedback_stream(redis_client, tmp_path, audit_cleanup):
-    """Beat fires tokens.drain_feedback on its interval; the worker applies the stream."""
-    app = make_app()
-    rows = [_row(app) for _ in range(50)]
-    publish_invalidations(
-        [Invalidation(r.pk, r.token_hash, app.pk, "apns", "Unregistered", campaign_id=5) for r in rows[:40]]
-    )
-    knobs = {"HYGIENE_FEEDBACK_FLUSH_S": "1"}
-    worker = _worker(tmp_path, **knobs)
-    beat = _start(
-        ["beat", "-s", str(tmp_path / "beat-schedule"), "--pidfile", str(tmp_path / "beat.pid")],
-        tmp_path,
-        "beat",
-        **knobs,
-    )
-    try:
-        _wait_for(
-            lambda: DeviceToken.objects.filter(app=app, is_active=False).count() == 40,
-            120,  # a deadline only (a loaded machine starts a worker slowly)
-            [worker, beat],
-            tmp_path,
-        )
-        _wait_for(lambda: redis_client.xlen("pushsvc:hygiene:feedback") == 0, 120, [worker, beat], tmp_path)
-    finally:
-        _stop(beat)
-        _stop(worker)
-    assert set(DeviceToken.objects.filter(app=app, is_active=True).values_list("pk", flat=True)) == {
-        r.pk for r in rows[40:]
+def test_beat_schedules_the_nightly_prune_and_the_daily_sweep_only():
+    """Beat runs the two hygiene jobs at their UTC times on the default queue, and nothing else of
+    tokens/ (invalidations are applied in each shard's transaction, no beat job drains them)."""
+    from celery.schedules import crontab
+
+    from pushsvc.celery import app as celery_app
+
+    tokens_entries = {
+        name: entry
+        for name, entry in settings.CELERY_BEAT_SCHEDULE.items()
+        if entry["task"].startswith("tokens.")
     }
-    with connection.cursor() as cursor:
-        cursor.execute(f"SELECT count(*) FROM {AUDIT_TABLE} WHERE campaign_id = 5 AND applied")
-        assert cursor.fetchone()[0] == 40
+    assert set(tokens_entries) == {"tokens-prune-inactive", "tokens-sweep-stale"}
+    prune, sweep = tokens_entries["tokens-prune-inactive"], tokens_entries["tokens-sweep-stale"]
+    assert (prune["task"], sweep["task"]) == ("tokens.prune_inactive", "tokens.sweep_stale")
+    hour, _, minute = settings.HYGIENE_PRUNE_AT.partition(":")
+    assert prune["schedule"] == crontab(hour=int(hour), minute=int(minute))
+    hour, _, minute = settings.HYGIENE_SWEEP_AT.partition(":")
+    assert sweep["schedule"] == crontab(hour=int(hour), minute=int(minute))
+    assert prune["options"]["queue"] == sweep["options"]["queue"] == "default"
+    # The tasks beat names exist in the worker's registry.
+    celery_app.loader.import_default_modules()
+    assert {name for name in celery_app.tasks if name.startswith("tokens.")} == {
+        "tokens.prune_inactive",
+        "tokens.sweep_stale",
+    }

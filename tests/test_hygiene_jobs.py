@@ -14,7 +14,7 @@ from django.db import connection
 from django.utils import timezone
 
 from tokens import hygiene
-from tokens.feedback import AUDIT_TABLE, Invalidation, apply_feedback, publish_invalidations
+from tokens.invalidation import AUDIT_TABLE, Invalidation, apply_invalidations
 from tokens.models import DeviceToken
 from tokens.testing import apns_token, make_app
 
@@ -264,8 +264,7 @@ def test_churn_and_invalid_rates_from_the_audit(redis_client):
     items.append(
         Invalidation(rows[3].pk, rows[3].token_hash, app.pk, "apns", "BadDeviceToken")
     )  # no campaign
-    publish_invalidations(items)
-    apply_feedback(block_ms=0)
+    assert apply_invalidations(items) == (6, 6)
 
     churn = hygiene.token_churn(app)
     assert (churn.invalidations, churn.active) == (6, 9)
@@ -311,8 +310,9 @@ def test_spike_flagged_in_the_first_thousand_sends(redis_client):
 def test_audit_retention_deletes_only_old_rows(redis_client, settings):
     app = make_app()
     rows = [make_row(app) for _ in range(12)]
-    publish_invalidations([Invalidation(r.pk, r.token_hash, app.pk, "apns", "Unregistered") for r in rows])
-    apply_feedback(block_ms=0)
+    assert apply_invalidations(
+        [Invalidation(r.pk, r.token_hash, app.pk, "apns", "Unregistered") for r in rows]
+    ) == (12, 12)
     now = timezone.now()
     with connection.cursor() as cursor:
         cursor.execute(f"SELECT id FROM {AUDIT_TABLE} ORDER BY id")

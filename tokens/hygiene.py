@@ -24,6 +24,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from functools import lru_cache
 
 import redis
 from django.conf import settings
@@ -33,7 +34,7 @@ from django.utils import timezone
 from redis.exceptions import LockError, LockNotOwnedError
 from redis.lock import Lock
 
-from .feedback import AUDIT_TABLE, redis_client
+from .invalidation import AUDIT_TABLE
 from .models import App, DeviceToken
 
 logger = logging.getLogger(__name__)
@@ -43,6 +44,14 @@ STALE_REASON = "stale"
 _LOCK_NOT_AVAILABLE = "55P03"  # PostgreSQL lock_timeout expired
 _QUERY_CANCELED = "57014"  # PostgreSQL statement_timeout expired
 _SHRINK_LIMIT = 50  # a batch never gets smaller than 1/50 of HYGIENE_BATCH_SIZE (100 of 5,000)
+
+
+@lru_cache(maxsize=1)
+def redis_client() -> redis.Redis:
+    """The process-wide client (one connection pool) on settings.REDIS_URL, for the job locks
+    and the spike counters. Made here rather than taken from delivery.runtime: tokens/ imports
+    nothing from delivery/ or campaigns/."""
+    return redis.Redis.from_url(settings.REDIS_URL)
 
 
 @dataclass(slots=True)
@@ -367,7 +376,7 @@ def stale_share(
 
 @dataclass(slots=True, frozen=True)
 class Churn:
-    invalidations: int  # tokens deactivated by provider feedback in the window
+    invalidations: int  # tokens deactivated by provider invalid-token answers in the window
     active: int  # active tokens now
     days: float
 

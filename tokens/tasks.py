@@ -1,6 +1,6 @@
 """Celery entry points of the token hygiene jobs (scheduled in settings.CELERY_BEAT_SCHEDULE).
 
-Thin on purpose: the work lives in tokens/feedback.py and tokens/hygiene.py, where tests and the
+Thin on purpose: the work lives in tokens/hygiene.py, where tests and the
 management commands call it directly. Each task returns a small JSON summary for the worker log
 and Flower. Re-running any of them (acks_late redelivery, two beats) is harmless.
 """
@@ -12,19 +12,13 @@ from typing import Any
 
 from celery import shared_task
 
-from . import feedback, hygiene
+from . import hygiene
 
 
 def _summary(report: hygiene.JobReport) -> dict[str, Any]:
     data = asdict(report)
     data["cutoff"] = report.cutoff.isoformat()
     return data
-
-
-@shared_task(name="tokens.drain_feedback")
-def drain_feedback() -> dict[str, Any]:
-    """Apply the provider feedback waiting in the stream (beat: every HYGIENE_FEEDBACK_FLUSH_S)."""
-    return asdict(feedback.drain_feedback())
 
 
 @shared_task(name="tokens.prune_inactive")

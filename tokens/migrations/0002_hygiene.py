@@ -1,6 +1,6 @@
-"""The deactivation audit table of the token hygiene pipeline (tokens/feedback.py).
+"""The deactivation audit table of token hygiene (tokens/invalidation.py).
 
-Database-only: the table is written and read with bulk SQL by tokens/feedback.py and
+Database-only: the table is written and read with bulk SQL by tokens/invalidation.py and
 tokens/hygiene.py, never through a model, so it stays out of the migration state and out of the
 registry's models (makemigrations never sees or removes it). Rows reference tokens, apps and
 campaigns by plain ids: the audit must outlive the tokens the nightly prune deletes.
@@ -21,7 +21,8 @@ class Migration(migrations.Migration):
                     name="DeactivationAudit",
                     fields=[
                         ("id", models.BigAutoField(primary_key=True, serialize=False)),
-                        # Redis stream entry id: a batch applied twice (ack lost) records once.
+                        # A unique id per audit row (named for the Redis stream that once fed
+                        # this table; tokens/invalidation.py now generates it).
                         ("stream_id", models.CharField(max_length=32, unique=True)),
                         ("device_id", models.BigIntegerField()),
                         ("token_hash", models.CharField(max_length=64)),
