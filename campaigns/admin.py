@@ -18,7 +18,7 @@ from django.forms.fields import InvalidJSONInput
 from django.http import HttpRequest, HttpResponse
 from django.urls import URLPattern, path, reverse
 
-from campaigns import admin_views
+from campaigns import admin_views, series
 from campaigns.models import Campaign
 from campaigns.serializers import CampaignCreateSerializer
 from tokens.models import App
@@ -298,6 +298,7 @@ class CampaignAdmin(admin.ModelAdmin):
                 progress_url=reverse("admin:campaigns_campaign_progress", args=[campaign.pk]),
                 dead_letters=admin_views.dead_letters_of(campaign),
                 actions_available=admin_views.ACTIONS,
+                versions_shown=series.VERSIONS_SHOWN,
             )
         return super().change_view(request, object_id, form_url, extra)
 

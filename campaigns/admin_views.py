@@ -8,6 +8,7 @@ never create or do something the API would refuse.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from django import forms
@@ -19,7 +20,7 @@ from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import reverse
 
-from campaigns import control, fanout
+from campaigns import control, fanout, series
 from campaigns.models import Campaign
 from campaigns.serializers import DirectSendSerializer, ResumeSerializer, represent
 from delivery import runtime
@@ -47,6 +48,12 @@ def progress_payload(campaign: Campaign) -> dict[str, Any]:
     body["dead_letters"] = campaign.dead_letters.count()
     body.pop("message", None)  # not needed to redraw the page
     body["counters"] = counters
+    # The chart: the stored per-interval series (campaigns/series.py, at most ~240 rows however
+    # long the campaign) and the server's clock, so the page rates the current, partial interval
+    # by its elapsed part; answers by provider and app version.
+    body["series"] = {"fields": ["start", "width", *series.SAMPLE_FIELDS], "rows": series.series_of(campaign)}
+    body["now"] = int(time.time())
+    body.update(series.answers_of(campaign))
     return body
 
 

@@ -322,7 +322,7 @@ def _load(shard: Shard, campaign: Campaign) -> list[Device]:
         qs = DeviceToken.objects.filter(
             app_id=campaign.app_id, platform=shard.platform, is_active=True, id__in=shard.device_ids
         )
-    rows = qs.order_by("id").values_list("id", "token", "web_p256dh", "web_auth", "device_id")
+    rows = qs.order_by("id").values_list("id", "token", "web_p256dh", "web_auth", "device_id", "app_version")
     return [Device(*row) for row in rows]
 
 

@@ -191,3 +191,49 @@ class DirectResult(models.Model):
 
     def __str__(self) -> str:
         return f"{self.platform} device {self.device_pk}: {self.outcome}"
+
+
+class CampaignSample(models.Model):
+    """What a campaign's shard runs recorded during one interval, for the campaign page's chart
+    (campaigns/series.py). One row per interval, not per shard or device: each shard run adds to
+    its interval's row with one upsert. Intervals start `SAMPLE_BASE_S` wide and old ones are
+    merged into wider ones, so a campaign keeps at most `SAMPLE_MAX_ROWS` rows however long it
+    runs; the rows outlive the campaign (the chart of a finished campaign)."""
+
+    campaign = models.ForeignKey(Campaign, on_delete=models.CASCADE, related_name="samples")
+    start = models.BigIntegerField()  # UNIX seconds, a multiple of `width`
+    width = models.PositiveIntegerField()  # seconds: SAMPLE_BASE_S * 2**k
+    delivered = models.BigIntegerField(default=0)
+    failed = models.BigIntegerField(default=0)  # rejected + dead-lettered
+    invalid = models.BigIntegerField(default=0)  # invalid-token answers (deactivated or kept)
+    retried = models.BigIntegerField(default=0)  # retry attempts scheduled
+    expired = models.BigIntegerField(default=0)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["campaign", "start"], name="uniq_sample_interval")]
+
+    def __str__(self) -> str:
+        return f"campaign {self.campaign_id} @{self.start}+{self.width}s"
+
+
+class VersionTally(models.Model):
+    """A campaign's provider answers per platform and app version (DeviceToken.app_version):
+    the campaign page's success by version and outcome share per provider. One upsert per shard
+    run (a row per version present in the shard); the page shows the top versions, the rest
+    folded into "other"."""
+
+    campaign = models.ForeignKey(Campaign, on_delete=models.CASCADE, related_name="version_tallies")
+    platform = models.CharField(max_length=16, choices=Platform.choices)
+    app_version = models.CharField(max_length=32, blank=True, default="")
+    outcome = models.CharField(max_length=24)  # delivery.providers.base.Outcome: the provider's answer
+    count = models.BigIntegerField(default=0)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(
+                fields=["campaign", "platform", "app_version", "outcome"], name="uniq_version_tally"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.platform} {self.app_version or '?'} {self.outcome}: {self.count}"

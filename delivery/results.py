@@ -68,6 +68,7 @@ class Device:
     p256dh: str
     auth: str
     device_id: object  # UUID
+    app_version: str = ""  # per-version figures (pushsvc/metrics.py, campaigns/series.py)
 
 
 @dataclass
@@ -96,6 +97,7 @@ class ShardResults:
     expired: list[int] = field(default_factory=list)
     recovered: int = 0  # of `delivered`: delivered by an earlier run that died before recording them
     tallies: Counter = field(default_factory=Counter)  # (outcome, reason) -> devices
+    versions: Counter = field(default_factory=Counter)  # (app version, provider's answer) -> devices
     auth_reason: str = ""
     # Final answers per device, kept only for a direct send (campaigns.models.DirectResult):
     # (device, outcome, reason, status, provider message id)
@@ -113,6 +115,7 @@ class ShardResults:
         observed_at = timezone.now()
         for device, result in zip(devices, results, strict=True):
             outcome = result.outcome
+            self.versions[(device.app_version, str(outcome))] += 1
             detail = (result.reason or str(result.status or ""))[:128]
             # Tallies and deactivations group by the provider's code ("UNREGISTERED: Requested
             # entity was not found." -> "UNREGISTERED"); dead letters keep the full text.
@@ -365,7 +368,7 @@ def apply_shard_run(
             (s.pk, s.queue, delay) for s, delay in follow_ups if s.status == Shard.Status.PENDING
         ]
     try:
-        metrics.record_shard(app_id, shard.platform, results)  # pushsvc/metrics.py: one pipeline per shard
+        metrics.record_shard(app_id, shard.platform, results, campaign_id=campaign_id)  # + the chart series
     except redis.RedisError:
         logger.warning("shard %s: metrics not recorded (Redis unreachable)", shard.pk)
     return applied

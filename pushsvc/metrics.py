@@ -54,6 +54,16 @@ logger = logging.getLogger(__name__)
 PREFIX = "pushsvc:metrics:"
 SENDS = PREFIX + "sends"  # "app|provider|outcome|reason" -> devices
 RETRIES = PREFIX + "retries"  # "app|provider" -> retry attempts scheduled
+# Answers by app version: "app|provider|version|outcome" -> devices, the version folded into
+# "other" unless it ranks in its app's top VERSIONS_TOP by recent volume (VERSION_RANK:app).
+VERSION_SENDS = PREFIX + "version_sends"
+VERSION_RANK = PREFIX + "version_rank:"  # zset per app: version -> volume, halved once a day
+VERSION_DECAY = PREFIX + "version_decay"  # app zset key -> when it was last halved (unix time)
+VERSIONS_TOP = 10
+VERSIONS_KEPT = 200  # ranked candidates kept per app, so a new release can climb into the top
+VERSION_HALF_LIFE_S = 86_400
+OTHER_VERSION = "other"
+UNKNOWN_VERSION = "unknown"
 SHARD_SECONDS = PREFIX + "shard_seconds"  # "queue|le" -> count, "queue|sum", "queue|count"
 CHUNK_SECONDS = PREFIX + "chunk_seconds"  # "provider|le" -> count, "provider|sum", "provider|count"
 REQUEST_SECONDS = PREFIX + "request_seconds"  # the same, per answered provider request
@@ -67,6 +77,29 @@ SHARD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 3
 CHUNK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 PROVIDER_OF = {"ios": "apns", "android": "fcm", "huawei": "hms", "web": "webpush"}
 SEND_TASK = "delivery.tasks.send_shard"
+
+# One round trip per (app, provider) of a shard, atomic so concurrent workers agree on the rank:
+# halve the app's volumes once a day (recent volume decides, so a new release overtakes the
+# ones it replaces), add this shard's volumes, trim the candidates, then count each answer under
+# its version if the version ranks in the top N now, else under "other". Each exported series
+# only ever grows: a version's answers go to one label or the other, never move between them.
+_VERSION_SCRIPT = """
+local top_n, kept, now, half = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local last = tonumber(redis.call('HGET', KEYS[3], KEYS[1]) or '0')
+if now - last >= half then
+  if last > 0 then redis.call('ZUNIONSTORE', KEYS[1], 1, KEYS[1], 'WEIGHTS', 0.5) end
+  redis.call('HSET', KEYS[3], KEYS[1], now)
+end
+for i = 7, #ARGV, 3 do redis.call('ZINCRBY', KEYS[1], ARGV[i + 2], ARGV[i]) end
+redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -(kept + 1))
+for i = 7, #ARGV, 3 do
+  local rank = redis.call('ZREVRANK', KEYS[1], ARGV[i])
+  local label = ARGV[i]
+  if (not rank) or rank >= top_n then label = 'other' end
+  redis.call('HINCRBY', KEYS[2], ARGV[5] .. '|' .. ARGV[6] .. '|' .. label .. '|' .. ARGV[i + 1], ARGV[i + 2])
+end
+return 0
+"""
 
 _local = threading.local()
 # Per engine (by id) of this process: its latency counts and sum at the last report.
@@ -84,12 +117,18 @@ def _client() -> redis.Redis:
 
 
 # --- worker side ---------------------------------------------------------------------------------
-def record_shard(app_id: int, platform: str, results: ShardResults) -> None:
+def record_shard(app_id: int, platform: str, results: ShardResults, campaign_id: int | None = None) -> None:
     """Count one recorded shard run (called by delivery/results.py after its transaction).
 
     Inside a send task the figures wait for the task's end and leave with its duration in one
-    pipeline; anywhere else (a test, a shell) they are written at once.
+    pipeline; anywhere else (a test, a shell) they are written at once. With `campaign_id`, the
+    run is also added to the campaign's stored chart series and per-version answers
+    (campaigns/series.py: two upserts, in the database because they outlive Redis' counters).
     """
+    if campaign_id is not None:
+        from campaigns import series
+
+        series.record_run(campaign_id, platform, results)
     provider = PROVIDER_OF.get(platform, platform)
     sends: Counter[str] = Counter()
     if results.delivered:
@@ -97,12 +136,16 @@ def record_shard(app_id: int, platform: str, results: ShardResults) -> None:
     for (outcome, reason), count in results.tallies.items():
         sends[SEP.join((str(app_id), provider, str(outcome), reason))] += count
     retries = Counter({SEP.join((str(app_id), provider)): results.retried} if results.retried else {})
+    versions: Counter[tuple[str, str, str, str]] = Counter()
+    for (version, outcome), count in getattr(results, "versions", {}).items():
+        versions[(str(app_id), provider, (version or UNKNOWN_VERSION).replace(SEP, "/"), outcome)] += count
     pending = getattr(_local, "pending", None)
     if pending is not None:
         pending[0].update(sends)
         pending[1].update(retries)
+        pending[4].update(versions)
         return
-    _safe_flush(sends, retries, None, None)
+    _safe_flush(sends, retries, None, None, versions=versions)
 
 
 def observe_chunk(platform: str, seconds: float) -> None:
@@ -126,7 +169,7 @@ def _bucket(seconds: float, bounds: tuple[float, ...]) -> str:
 @task_prerun.connect(weak=False)
 def _task_started(task_id: str | None = None, task: Any = None, **_: Any) -> None:
     if getattr(task, "name", "") == SEND_TASK:
-        _local.pending = (Counter(), Counter(), Counter(), Counter())
+        _local.pending = (Counter(), Counter(), Counter(), Counter(), Counter())
         _local.started = time.monotonic()
 
 
@@ -134,12 +177,12 @@ def _task_started(task_id: str | None = None, task: Any = None, **_: Any) -> Non
 def _task_finished(task_id: str | None = None, task: Any = None, **_: Any) -> None:
     if getattr(task, "name", "") != SEND_TASK or getattr(_local, "pending", None) is None:
         return
-    sends, retries, chunks, chunk_sums = _local.pending
+    sends, retries, chunks, chunk_sums, versions = _local.pending
     _local.pending = None
     elapsed = time.monotonic() - _local.started
     queue = ((getattr(task.request, "delivery_info", None) or {}).get("routing_key")) or "unknown"
     figures, requests = _engine_figures()
-    _safe_flush(sends, retries, (queue, elapsed), figures, (chunks, chunk_sums), requests)
+    _safe_flush(sends, retries, (queue, elapsed), figures, (chunks, chunk_sums), requests, versions)
 
 
 def _engine_figures() -> tuple[dict[str, int], tuple[Counter[str], Counter[str]]]:
@@ -179,10 +222,11 @@ def _safe_flush(
     engines: dict[str, int] | None,
     chunks: tuple[Counter[str], Counter[str]] | None = None,
     requests: tuple[Counter[str], Counter[str]] | None = None,
+    versions: Counter[tuple[str, str, str, str]] | None = None,
 ) -> None:
     # Metrics must never fail a send: a Redis blip loses one shard's figures, logged.
     try:
-        _flush(_client(), sends, retries, duration, engines, chunks, requests)
+        _flush(_client(), sends, retries, duration, engines, chunks, requests, versions)
     except redis.RedisError as exc:
         logger.warning("metrics not recorded: %s", type(exc).__name__)
 
@@ -195,8 +239,21 @@ def _flush(
     engines: dict[str, int] | None,
     chunks: tuple[Counter[str], Counter[str]] | None = None,
     requests: tuple[Counter[str], Counter[str]] | None = None,
+    versions: Counter[tuple[str, str, str, str]] | None = None,
 ) -> None:
     pipe = client.pipeline(transaction=False)
+    if versions:
+        script = client.register_script(_VERSION_SCRIPT)
+        groups: dict[tuple[str, str], list[str]] = {}
+        for (app, provider, version, outcome), count in versions.items():
+            groups.setdefault((app, provider), []).extend((version, outcome, str(count)))
+        now = int(time.time())
+        for (app, provider), triples in groups.items():
+            script(
+                keys=[VERSION_RANK + app, VERSION_SENDS, VERSION_DECAY],
+                args=[VERSIONS_TOP, VERSIONS_KEPT, now, VERSION_HALF_LIFE_S, app, provider, *triples],
+                client=pipe,
+            )
     for field, count in sends.items():
         pipe.hincrby(SENDS, field, count)
     for field, count in retries.items():
@@ -246,10 +303,13 @@ class RedisCollector:
         pipe.hgetall(REQUEST_SECONDS)
         pipe.zremrangebyscore(PROCS, "-inf", time.time() - PROC_TTL_S)
         pipe.zrange(PROCS, 0, -1)
+        pipe.hgetall(VERSION_SENDS)
         queues = ("default", "priority", *settings.PUSH_QUEUES)
         for queue in queues:
             pipe.llen(queue)
-        sends, retries, shard_seconds, chunk_seconds, request_seconds, _, procs, *depths = pipe.execute()
+        sends, retries, shard_seconds, chunk_seconds, request_seconds, _, procs, version_sends, *depths = (
+            pipe.execute()
+        )
         slugs = _app_slugs()
 
         family = CounterMetricFamily(
@@ -261,6 +321,8 @@ class RedisCollector:
             app, provider, outcome, reason = field.decode().split(SEP, 3)
             family.add_metric([slugs.get(app, app), provider, outcome, reason], int(value))
         yield family
+
+        yield _version_family(self.client, version_sends, slugs)
 
         family = CounterMetricFamily(
             "pushsvc_retries", "Retry attempts scheduled (devices).", labels=["app", "provider"]
@@ -322,6 +384,29 @@ class RedisCollector:
 
         yield from _campaign_families(Campaign, slugs)
         yield from _churn_families()
+
+
+def _version_family(client: redis.Redis, raw: dict[bytes, bytes], slugs: dict[str, str]) -> Any:
+    """Answers by app version: per app, the versions now in its top VERSIONS_TOP and "other".
+    A version that left the top keeps its Redis field but is no longer exported (its series goes
+    stale in Prometheus), so the exported cardinality per app stays at most
+    (VERSIONS_TOP + 1) x providers x outcomes."""
+    family = CounterMetricFamily(
+        "pushsvc_version_sends",
+        "Provider answers by app version (top versions per app by recent volume, the rest as other).",
+        labels=["app", "provider", "version", "outcome"],
+    )
+    parsed = [(field.decode().split(SEP, 3), int(value)) for field, value in raw.items()]
+    apps = sorted({app for (app, *_), _ in parsed})
+    pipe = client.pipeline(transaction=False)
+    for app in apps:
+        pipe.zrevrange(VERSION_RANK + app, 0, VERSIONS_TOP - 1)
+    ranked = pipe.execute()
+    top = {app: {v.decode() for v in vs} | {OTHER_VERSION} for app, vs in zip(apps, ranked, strict=True)}
+    for (app, provider, version, outcome), value in sorted(parsed):
+        if version in top[app]:
+            family.add_metric([slugs.get(app, app), provider, version, outcome], value)
+    return family
 
 
 def _breaker_families(client: redis.Redis, slugs: dict[str, str]) -> Iterable[Any]:
