@@ -21,6 +21,7 @@ from django.urls import URLPattern, path, reverse
 from campaigns import admin_views, series
 from campaigns.models import Campaign
 from campaigns.serializers import CampaignCreateSerializer
+from tokens.admin import AppAdmin
 from tokens.models import App
 
 # Serializer error keys -> the form field that shows them.
@@ -31,6 +32,10 @@ _ROLLOUT_FIELDS = {
 }
 
 admin.site.index_template = "admin/pushsvc_index.html"
+
+# The App page's "send test push" is a direct send, which campaigns/ owns; tokens/ (below it)
+# knows nothing of campaigns, so the action is added from here.
+AppAdmin.actions = (*AppAdmin.actions, admin_views.send_test_push_action)
 
 
 class SafeJSONField(forms.JSONField):

@@ -17,6 +17,7 @@ from django.db import connection, transaction
 from django.db.models import Q
 from django.utils import timezone
 
+from campaigns import publish
 from campaigns.models import Campaign, Shard
 from delivery import breaker, idempotency
 from tokens.models import Platform
@@ -78,8 +79,6 @@ def resume(
     if not changed:
         raise TransitionError("Only a paused or halted campaign can be resumed.")
     set_flag(client, campaign_id, RUNNING)
-    from campaigns import fanout
-
     app_id = Campaign.objects.filter(pk=campaign_id).values_list("app_id", flat=True).get()
     circuit = breaker.Breaker(client)
     for platform in Platform.values:
@@ -88,7 +87,7 @@ def resume(
     # A planner still at work keeps planning through a pause (its shards park themselves), and a
     # planner that died is redelivered by the broker: resuming never starts a second one.
     for shard_id, queue in unpark_shards(campaign_id):
-        fanout.enqueue_shard(shard_id, queue)
+        publish.shard(shard_id, queue)
     complete_if_done(client, campaign_id)
 
 

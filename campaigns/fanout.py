@@ -1,7 +1,7 @@
 """Fan-out: a campaign becomes shards, a shard becomes provider requests.
 
 launch (API or beat) -> `plan` (a task on `default`) -> one `send_shard` task per shard on the
-provider's queue -> each shard records its results (delivery/results.py); the shard whose
+provider's queue -> each shard records its results (campaigns/ledger.py); the shard whose
 transaction brings the campaign's `outstanding` to 0 completes it. Retried and held devices
 become follow-up shards of the same campaign, so completion waits for them too.
 
@@ -35,15 +35,15 @@ from django.db import connection, transaction
 from django.db.models import F, Max, QuerySet
 from django.utils import timezone
 
-from campaigns import control
+from campaigns import control, publish
 from campaigns.guard import HOLD, PASSED, PruneGuard, describe
+from campaigns.ledger import Device, ShardResults, apply_shard_run
 from campaigns.models import Campaign, Shard
 from delivery import breaker, idempotency, runtime
 from delivery.payload import PushMessage
 from delivery.providers.base import Outcome, Result, Target
 from delivery.providers.registry import provider_class
 from delivery.ratelimit import NO_REPORT, Report, TokenBucket, campaign_key, provider_key, rollout_rate
-from delivery.results import Device, ShardResults, apply_shard_run
 from pushsvc import logging as log_context
 from pushsvc import metrics
 from tokens import hygiene
@@ -104,18 +104,6 @@ def queue_for(campaign: Campaign, platform: str) -> str:
 
 
 # --- enqueueing --------------------------------------------------------------------------------
-def enqueue_shard(shard_id: int, queue: str, countdown: float | None = None) -> None:
-    from delivery.tasks import send_shard
-
-    send_shard.apply_async(args=[shard_id], queue=queue, countdown=countdown)
-
-
-def enqueue_plan(campaign_id: int) -> None:
-    from delivery.tasks import plan_campaign
-
-    plan_campaign.apply_async(args=[campaign_id])
-
-
 def launch(campaign: Campaign) -> None:
     """Start a draft campaign now, or leave it scheduled for beat (see launch_due)."""
     if campaign.send_at and campaign.send_at > timezone.now():
@@ -125,7 +113,7 @@ def launch(campaign: Campaign) -> None:
         return
     if control.start(campaign.pk):
         _arm(campaign.pk)
-        enqueue_plan(campaign.pk)
+        publish.plan(campaign.pk)
 
 
 def launch_due() -> list[int]:
@@ -139,7 +127,7 @@ def launch_due() -> list[int]:
     for campaign_id in due.values_list("id", flat=True)[:100]:
         if control.start(campaign_id):  # conditional: two beats cannot both start it
             _arm(campaign_id)
-            enqueue_plan(campaign_id)
+            publish.plan(campaign_id)
             launched.append(campaign_id)
     return launched
 
@@ -225,7 +213,7 @@ def _plan_leased(client, campaign: Campaign, lease: str) -> None:
                 cancelled = True
                 break
         for future in published:
-            future.result()  # a failed publish fails the task (retried by Celery; see delivery/tasks.py)
+            future.result()  # a failed publish fails the task (retried by Celery; see campaigns/tasks.py)
     if cancelled:
         return
     with transaction.atomic():
@@ -275,7 +263,7 @@ def _flush(
 
 def _publish(shards: list[tuple[int, str]]) -> None:
     for shard_id, queue in shards:
-        enqueue_shard(shard_id, queue)
+        publish.shard(shard_id, queue)
 
 
 def plan_direct(campaign: Campaign) -> int:
@@ -310,7 +298,7 @@ def plan_direct(campaign: Campaign) -> int:
         )
     _arm(campaign.pk, control.RUNNING if shards else Campaign.Status.COMPLETED)
     for shard in shards:
-        enqueue_shard(shard.pk, shard.queue)
+        publish.shard(shard.pk, shard.queue)
     return len(rows)
 
 
@@ -345,7 +333,7 @@ def run_shard(shard_id: int) -> None:
     if busy_for:
         # Another run holds the shard (or died holding it): look again shortly; a live holder
         # finishes or parks it, a dead one's lease runs out.
-        enqueue_shard(shard.pk, shard.queue, countdown=min(busy_for, LEASE_RECHECK_S))
+        publish.shard(shard.pk, shard.queue, countdown=min(busy_for, LEASE_RECHECK_S))
         return
     try:
         _run_leased(client, shard, campaign, token)
@@ -424,9 +412,9 @@ def _run_leased(client, shard: Shard, campaign: Campaign, token: str) -> None:
         client=client,
     )
     for follow_up, queue, delay in applied.follow_ups:
-        enqueue_shard(follow_up, queue, countdown=delay)
+        publish.shard(follow_up, queue, countdown=delay)
     if park == DEFERRED:
-        enqueue_shard(shard.pk, shard.queue, countdown=defer_s)
+        publish.shard(shard.pk, shard.queue, countdown=defer_s)
     if applied.completed:
         control.set_flag(client, campaign.pk, Campaign.Status.COMPLETED)
         idempotency.expire(client, campaign.pk)
@@ -784,7 +772,7 @@ def _requeue_if_resumed(client, campaign_id: int, shard_id: int | None) -> None:
     if control.current_state(client, campaign_id) != control.RUNNING:
         return
     for follow_up, queue in control.unpark_shards(campaign_id, shard_id):
-        enqueue_shard(follow_up, queue)
+        publish.shard(follow_up, queue)
 
 
 def progress(campaign: Campaign) -> dict[str, object]:

@@ -1,9 +1,10 @@
-"""Per-device results of a shard run, applied in bulk: one statement per kind, never per token.
+"""The campaign ledger: a shard run's per-device results, applied in bulk (one statement per kind,
+never per token), and the campaign's counters, completion and halts decided on them.
 
 `ShardResults` sorts a run's results as they come in (chunk by chunk); `apply_shard_run` records
 them in one transaction:
 
-1. invalid tokens deactivated with an audit row each (one statement: tokens.feedback
+1. invalid tokens deactivated with an audit row each (one statement: tokens.invalidation
    `apply_invalidations`), matched on id AND the hash of the token this shard sent, so a device
    that rotated its token since the shard loaded it keeps the new one; an APNs 410 only if the
    token was not registered again after Apple's timestamp (`updated_at <= invalid_since`),
@@ -20,12 +21,10 @@ them in one transaction:
 A second run of an already recorded shard (the broker redelivered it) finds it no longer pending
 and records nothing; the idempotency bitmap made it send nothing either.
 
-Invalidations are applied synchronously, in this transaction, rather than published to the
-hygiene stream after commit: the deactivation then commits atomically with the shard's counters
-and follow-up shards (a retry shard created here can never resend to a token this run found
-dead), it survives a Redis restart (a stream entry published after commit would not, without
-AOF), and it costs one statement per shard, the same as the id-only UPDATE it replaces. A second
-run of a recorded shard records nothing (see above), so no audit row is written twice.
+Invalidations are applied in this transaction, so a deactivation commits atomically with the
+shard's counters and follow-up shards (a retry shard created here can never resend to a token this
+run found dead) and needs nothing from Redis. A second run of a recorded shard records nothing
+(see above), so no audit row is written twice.
 """
 
 from __future__ import annotations
@@ -412,7 +411,7 @@ def _deactivate(
     invalid: list[tuple[int, str, str, datetime | None, datetime]],
     now: datetime,
 ) -> int:
-    """The shard's invalid tokens, deactivated and audited in one statement (tokens/feedback.py)."""
+    """The shard's invalid tokens, deactivated and audited in one statement (tokens/invalidation.py)."""
     if not invalid:
         return 0
     provider = PROVIDER_BY_PLATFORM.get(platform, platform)

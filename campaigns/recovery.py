@@ -42,6 +42,7 @@ from django.db import connection
 from django.db.models import Q
 from django.utils import timezone
 
+from campaigns import publish
 from campaigns.models import Campaign, Shard
 from delivery import idempotency
 
@@ -70,8 +71,6 @@ def _queue_empty(broker: redis.Redis, queue: str) -> bool:
 
 def republish_lost(client: redis.Redis, broker: redis.Redis | None = None) -> int:
     """Publish again the pending shards the broker lost (see the module docstring); how many."""
-    from campaigns.fanout import enqueue_shard
-
     broker = broker or client
     cutoff = timezone.now() - timedelta(seconds=grace_s())
     stalled = (
@@ -102,14 +101,12 @@ def republish_lost(client: redis.Redis, broker: redis.Redis | None = None) -> in
             if queue not in empty:
                 empty[queue] = _queue_empty(broker, queue)
             if empty[queue]:
-                enqueue_shard(shard_id, queue)
+                publish.shard(shard_id, queue)
                 published += 1
 
 
 def replan_lost(client: redis.Redis) -> int:
     """Publish the planning task again for started campaigns whose planner is gone; how many."""
-    from campaigns.fanout import enqueue_plan
-
     cutoff = timezone.now() - timedelta(seconds=grace_s())
     unplanned = list(
         Campaign.objects.filter(
@@ -123,7 +120,7 @@ def replan_lost(client: redis.Redis) -> int:
         pipe.exists(idempotency.plan_lease_key(campaign_id))
     lost = [campaign_id for campaign_id, leased in zip(unplanned, pipe.execute(), strict=True) if not leased]
     for campaign_id in lost:
-        enqueue_plan(campaign_id)
+        publish.plan(campaign_id)
     if lost:
         logger.warning("recovery: planning again %s campaign(s) whose planner was lost", len(lost))
     return len(lost)

@@ -32,7 +32,7 @@ from django.db import DatabaseError, connection, transaction
 from campaigns.models import Campaign, CampaignSample, VersionTally
 
 if TYPE_CHECKING:
-    from delivery.results import ShardResults
+    from campaigns.ledger import ShardResults
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Celery tasks of the fan-out. Thin: each calls one plain function of campaigns/fanout.py.
+"""Celery tasks of the fan-out. Thin: each calls one plain function of campaigns/fanout.py. Their
+names (campaigns/publish.py, kept from when they lived in delivery/) and retry policy are here.
 
 Task-level failures (the broker or the database blinked, a provider pool failed to build) are
 retried by Celery with the policy below, in one place. Per-device failures are not task
@@ -24,7 +25,7 @@ from celery import shared_task
 from celery.signals import worker_ready
 from django.db import DatabaseError, InterfaceError
 
-from campaigns import fanout, recovery
+from campaigns import fanout, publish, recovery
 from delivery import runtime
 from delivery.engine.base import TransportError
 
@@ -55,7 +56,7 @@ def wait_for_redis(deadline_s: float = REDIS_WAIT_S) -> bool:
             pause = min(pause * 2, 5.0)
 
 
-@shared_task(name="delivery.tasks.plan_campaign", **TASK_RETRY_POLICY)
+@shared_task(name=publish.PLAN_TASK, **TASK_RETRY_POLICY)
 def plan_campaign(campaign_id: int) -> None:
     try:
         fanout.plan(campaign_id)
@@ -64,7 +65,7 @@ def plan_campaign(campaign_id: int) -> None:
         raise
 
 
-@shared_task(name="delivery.tasks.send_shard", **TASK_RETRY_POLICY)
+@shared_task(name=publish.SEND_TASK, **TASK_RETRY_POLICY)
 def send_shard(shard_id: int) -> None:
     try:
         fanout.run_shard(shard_id)
@@ -80,7 +81,7 @@ def send_shard(shard_id: int) -> None:
         raise
 
 
-@shared_task(name="delivery.tasks.launch_due_campaigns", ignore_result=True)
+@shared_task(name=publish.LAUNCH_DUE_TASK, ignore_result=True)
 def launch_due_campaigns() -> int:
     launched = len(fanout.launch_due())
     recovery.sweep(runtime.redis_client())

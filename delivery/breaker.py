@@ -19,7 +19,7 @@ Reports from chunks that were already in flight when the breaker opened change n
 what the first failure said. Only the probe closes an open breaker, so stragglers' successes from
 before the outage cannot flap it shut.
 
-The devices of an outage chunk are retried without spending an attempt (delivery/results.py):
+The devices of an outage chunk are retried without spending an attempt (campaigns/ledger.py):
 their failure says nothing about them. How long the provider has been down (`down_for`) is
 returned with every verdict, so the caller can pause the campaign with a reason after
 BREAKER_PAUSE_AFTER_S instead of retrying for ever.

@@ -47,7 +47,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from delivery.engine.base import LATENCY_BOUNDS
 
 if TYPE_CHECKING:
-    from delivery.results import ShardResults
+    from campaigns.ledger import ShardResults
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def _client() -> redis.Redis:
 
 # --- worker side ---------------------------------------------------------------------------------
 def record_shard(app_id: int, platform: str, results: ShardResults, campaign_id: int | None = None) -> None:
-    """Count one recorded shard run (called by delivery/results.py after its transaction).
+    """Count one recorded shard run (called by campaigns/ledger.py after its transaction).
 
     Inside a send task the figures wait for the task's end and leave with its duration in one
     pipeline; anywhere else (a test, a shell) they are written at once. With `campaign_id`, the

@@ -287,7 +287,7 @@ CELERY_BEAT_SCHEDULE.update(
     }
 )
 
-# --- Campaigns and fan-out (campaigns/fanout.py, delivery/tasks.py) ---------------------------
+# --- Campaigns and fan-out (campaigns/fanout.py, campaigns/tasks.py) ---------------------------
 # CAMPAIGN_SHARD_SIZE: active devices per shard (one send task). CAMPAIGN_CHUNK_SIZE: devices sent
 # between two checks of the campaign's pause/cancel flag and the rate limiter, so a pause takes
 # effect within one chunk. CAMPAIGN_MAX_ATTEMPTS: sends per device before a transient failure is

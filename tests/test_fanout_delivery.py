@@ -14,9 +14,9 @@ from campaigns import fanout
 from campaigns.models import Campaign, Shard
 from campaigns.pytest_fixtures import *  # noqa: F403  (the fixtures: sim, fresh_sim, worker_env, start_worker)
 from campaigns.pytest_fixtures import api_client
+from campaigns.tasks import send_shard
 from campaigns.testing import build_population, load_devices, sim_counts, simulator_app, wait_for
 from delivery import idempotency
-from delivery.tasks import send_shard
 from tokens.models import DeviceToken
 from tokens.testing import make_app
 

@@ -294,7 +294,7 @@ def test_provider_message_ids_reach_dead_letters_and_direct_results(sim, setting
 def test_a_shard_that_keeps_raising_halts_its_campaign_and_nothing_else(sim) -> None:
     """Data the send path cannot handle (here a stored message that no longer validates) used to
     crash the task, and the recovery sweep re-published it every few seconds, forever."""
-    from delivery.tasks import send_shard
+    from campaigns.tasks import send_shard
 
     app = simulator_app(sim)
     broken_devices = _devices(app, "android", [None] * 3)

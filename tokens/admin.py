@@ -16,8 +16,6 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.functional import cached_property
 
-from campaigns.admin_views import send_test_push_action
-
 from . import credentials
 from .auth import forget_cached_keys
 from .models import ApiKey, App, DeviceToken
@@ -124,7 +122,7 @@ class AppAdmin(admin.ModelAdmin):
     list_display = ("slug", "name", "is_active", "apns_topic", "configured", "created_at")
     search_fields = ("slug", "name")
     readonly_fields = ("vapid_public_key", "created_at")
-    actions = (send_test_push_action,)  # campaigns/admin_views.py: the direct-send path
+    actions = ()  # campaigns/admin.py adds "send test push" (a direct send: tokens/ knows nothing of it)
     fieldsets = (
         (None, {"fields": ("name", "slug", "is_active", "created_at")}),
         (

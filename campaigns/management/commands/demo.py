@@ -235,10 +235,10 @@ class Command(BaseCommand):
         wait_for(lambda: _pings(url), 10, what="the private redis-server")
         self.stdout.write(f"(no Redis at {settings.REDIS_URL}: started a private redis-server)")
         # This process only talks to Redis from now on: point it (and the Celery client) there.
-        from pushsvc.celery import app as celery_app
+        from celery import current_app
 
         settings.REDIS_URL = settings.CELERY_BROKER_URL = url
-        celery_app.conf.broker_url = url
+        current_app.conf.broker_url = url
         return url
 
     def _http_server(self, stack: ExitStack) -> str:

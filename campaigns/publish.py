@@ -1,0 +1,19 @@
+"""Publishing the campaign tasks, by name: planning, sending and recovery enqueue work without
+importing the tasks module (campaigns/tasks.py), which imports them. The names are the public
+contract with queued messages and routes (pushsvc/settings.py), kept across moves."""
+
+from __future__ import annotations
+
+from celery import current_app
+
+PLAN_TASK = "delivery.tasks.plan_campaign"
+SEND_TASK = "delivery.tasks.send_shard"
+LAUNCH_DUE_TASK = "delivery.tasks.launch_due_campaigns"
+
+
+def shard(shard_id: int, queue: str, countdown: float | None = None) -> None:
+    current_app.send_task(SEND_TASK, args=[shard_id], queue=queue, countdown=countdown)
+
+
+def plan(campaign_id: int) -> None:
+    current_app.send_task(PLAN_TASK, args=[campaign_id])
