@@ -13,7 +13,9 @@ are merged pairwise (two neighbours become one row spanning both), which halves 
 intervals so get coarser as the campaign ages, recent ones stay 10 s wide, and a campaign never
 holds more than `SAMPLE_MAX_ROWS` rows (about 240 points for a campaign of minutes or of days).
 Per-version rows are bounded by the versions present in the target; the page shows the top
-`VERSIONS_SHOWN` and folds the rest into "other".
+`VERSIONS_SHOWN` and folds the rest into "other". They count the answers providers gave; devices
+a re-run found already delivered by a run that died before recording them (`skipped_duplicate`)
+were not sent again, so they are in the series' deliveries but in no version's answers.
 
 These are figures for operators, not accounting: a database error here is logged and loses one
 run's figures; the campaign's own counters (campaigns/models.py) are written in the run's
@@ -90,7 +92,10 @@ def _add_versions(campaign_id: int, platform: str, versions: dict[tuple[str, str
     if not versions:
         return
     table = VersionTally._meta.db_table
-    rows = [(campaign_id, platform, (v or "")[:32], outcome, n) for (v, outcome), n in versions.items() if n]
+    # Sorted: concurrent runs then lock the rows they share in one order (no deadlock).
+    rows = sorted(
+        (campaign_id, platform, (v or "")[:32], outcome, n) for (v, outcome), n in versions.items() if n
+    )
     placeholders = ", ".join(["(%s, %s, %s, %s, %s)"] * len(rows))
     sql = (
         f"INSERT INTO {table} (campaign_id, platform, app_version, outcome, count) VALUES {placeholders} "

@@ -1,6 +1,8 @@
 """The campaign page in a real headless Chromium: log into the admin, open a running campaign's
 page, and watch its progress bar move without a page reload while a real worker sends to the
-simulator. Leaves a screenshot in var/artifacts/campaign_page.png.
+simulator, with its throughput chart drawing points as intervals are recorded, its provider shares
+and its success by app version. Leaves a screenshot of the page mid-campaign, chart included, in
+docs/img/campaign_page.png (the one docs/operations.md shows).
 
 The page is served as in production: DEBUG off and no test static-file handler, so the admin CSS and
 progress.js come from WhiteNoise (tests/security_servers.py), the way they reach a real browser.
@@ -25,16 +27,18 @@ from campaigns.pytest_fixtures import *  # noqa: F403  (sim, fresh_sim, worker_e
 from campaigns.pytest_fixtures import api_client
 from campaigns.testing import build_population, load_devices, simulator_app, wait_for
 from tests.security_servers import production_server
+from tokens.models import DeviceToken
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
-ARTIFACT = Path(settings.BASE_DIR) / "var" / "artifacts" / "campaign_page.png"
+ARTIFACT = Path(settings.BASE_DIR) / "docs" / "img" / "campaign_page.png"
 # Small shards so the counters move shard by shard, and a rollout rate so the campaign lasts
-# long enough to watch (~7 s for 900 devices at 120/s).
+# long enough to watch and to draw a few 10 s intervals on the chart (~30 s for 900 devices at 30/s).
 DEVICES = 900
-RATE = 120
+RATE = 30
+MID_CAMPAIGN_POINTS = 3
 WORKER_ENV = {"CAMPAIGN_SHARD_SIZE": "100", "CAMPAIGN_CHUNK_SIZE": "50"}
 
 
@@ -90,14 +94,33 @@ def _progress(driver) -> tuple[int, int, str]:
     return int(float(bar.get_attribute("value"))), int(float(bar.get_attribute("max"))), status
 
 
+def _chart(driver) -> dict[str, int]:
+    """Intervals the chart shows, and the vertices of each of its lines: read in one script, since
+    the page redraws the chart every second (elements found one call earlier may be gone)."""
+    return driver.execute_script(
+        """
+        const chart = document.getElementById("campaign-chart");
+        const out = {intervals: Number(chart.dataset.points || 0)};
+        for (const line of chart.querySelectorAll("polyline[data-series]")) {
+          out[line.dataset.series] = (line.getAttribute("points") || "").trim().split(/\\s+/).length;
+        }
+        return out;
+        """
+    )
+
+
 def test_progress_bar_moves_without_reload(site, browser, fresh_sim, start_worker) -> None:
     from selenium.webdriver.common.by import By
 
     User.objects.create_superuser("operator", "op@example.com", "browser-pw-123")
     app = simulator_app(fresh_sim)
-    load_devices(
+    population = load_devices(
         app, build_population({"ios": 600, "android": 300}, {"ios": {"01": 30}, "android": {"03": 20}})
     )
+    # App versions for the per-version table: the unregistered iOS tokens on an old release.
+    DeviceToken.objects.filter(app=app, platform="ios").update(app_version="4.2.0")
+    DeviceToken.objects.filter(app=app, platform="android").update(app_version="4.1.3")
+    DeviceToken.objects.filter(app=app, token__in=population.of("ios", "01")).update(app_version="3.9.1")
     worker = start_worker(concurrency=2, env=WORKER_ENV)
     # Until the page is open every request takes 6 s (well under the workers' 10 s timeout): the campaign
     # cannot finish (~55 s at that pace) before a loaded machine has started Chromium, logged in and
@@ -138,7 +161,16 @@ def test_progress_bar_moves_without_reload(site, browser, fresh_sim, start_worke
         )
     assert moved[0] > first
     ARTIFACT.parent.mkdir(parents=True, exist_ok=True)
-    wait_for(lambda: _progress(browser)[0] >= moved[1] // 3, 60, what="a third of the campaign")
+    # Mid-campaign: the chart has drawn a few recorded intervals, and the campaign is still running.
+    chart = wait_for(
+        lambda: (c := _chart(browser))["intervals"] >= MID_CAMPAIGN_POINTS and c, 90, what="chart intervals"
+    )
+    assert _progress(browser)[2] == "running"
+    # A step line: two vertices per interval, more where a gap drops to zero.
+    assert chart["delivered"] >= 2 * MID_CAMPAIGN_POINTS, chart
+    assert set(chart) == {"intervals", "delivered", "errors", "retries"}
+    # Tall enough to show the chart, the provider shares and the per-version table in one image.
+    browser.set_window_size(1280, 1700)
     browser.save_screenshot(str(ARTIFACT))
 
     value, maximum, status = wait_for(
@@ -152,6 +184,22 @@ def test_progress_bar_moves_without_reload(site, browser, fresh_sim, start_worke
     assert int(delivered) == campaign.delivered == DEVICES - 30
     failures = browser.find_element(By.ID, "campaign-failures").text
     assert "invalid_token" in failures and "retry" in failures
+    # After the end the chart still draws the stored series (the page polls once more, then stops).
+    final_chart = _chart(browser)
+    assert final_chart["intervals"] >= chart["intervals"] and final_chart["delivered"] >= 2, final_chart
+    shares = browser.execute_script(
+        """
+        const out = {};
+        for (const row of document.querySelectorAll("#provider-shares .share-row")) {
+          out[row.dataset.provider] = [...row.querySelectorAll(".share-bar span")].map((seg) => seg.title);
+        }
+        return out;
+        """
+    )
+    assert set(shares) == {"apns", "fcm"}
+    assert "invalid_token: 30" in shares["apns"] and "retry: 20" in shares["fcm"], shares
+    versions = browser.find_element(By.ID, "campaign-versions").text
+    assert "3.9.1" in versions and "4.2.0" in versions and "4.1.3" in versions
     buttons = {
         b.get_attribute("data-action"): b.is_enabled()
         for b in browser.find_elements(By.CSS_SELECTOR, "button[data-action]")

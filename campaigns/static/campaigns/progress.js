@@ -91,6 +91,7 @@
       chart.append(svg("text", { x: W / 2, y: H / 2, "text-anchor": "middle", class: "axis-label" }, "No answers yet."));
       return;
     }
+    const merged = new Set(rows.map((r) => r.width)).size > 1;
     const last = rows[rows.length - 1];
     // The newest interval may still be filling: rate it by its elapsed part.
     if (!final && now > last.start && now < last.start + last.width) last.width = Math.max(1, now - last.start);
@@ -126,8 +127,7 @@
         points: points.map(([px, py]) => `${px.toFixed(1)},${py.toFixed(1)}`).join(" "),
       }));
     }
-    const widths = new Set(rows.map((r) => r.width));
-    setText('[data-field="chart_note"]', `${rows.length} intervals` + (widths.size > 1 ? ", older ones merged" : ""));
+    setText('[data-field="chart_note"]', `${rows.length} intervals` + (merged ? ", older ones merged" : ""));
   }
 
   const SHARES = ["delivered", "invalid_token", "retry", "rejected", "auth_failure"];
