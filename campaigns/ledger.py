@@ -436,7 +436,9 @@ def _add_tallies(campaign_id: int, platform: str, tallies: Counter) -> None:
     if not tallies:
         return
     table = OutcomeTally._meta.db_table
-    rows = [(campaign_id, platform, outcome, reason, n) for (outcome, reason), n in tallies.items()]
+    # In key order: two shards of one campaign upserting the same rows in different orders could
+    # deadlock each other.
+    rows = [(campaign_id, platform, outcome, reason, n) for (outcome, reason), n in sorted(tallies.items())]
     placeholders = ", ".join(["(%s, %s, %s, %s, %s)"] * len(rows))
     sql = (
         f"INSERT INTO {table} (campaign_id, platform, outcome, reason, count) VALUES {placeholders} "
