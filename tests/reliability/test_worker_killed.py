@@ -56,6 +56,8 @@ def test_sigkill_of_a_whole_worker_mid_campaign_loses_nothing(fresh_sim, start_w
     )
     assert result.lost == []
     assert result.extra_deliveries <= len(pool) * CHUNK, "only requests in flight in the dead pool may repeat"
+    # Exact whatever the timing: how many of them the dead runs had delivered before the kill (the
+    # re-runs' skipped_duplicate) depends on whether their chunks in flight were their first; the
+    # bitmap's counting is covered deterministically in tests/test_campaign_hygiene.py.
     assert campaign.delivered == len(tokens), "the dead runs' deliveries are counted by the re-runs"
-    assert campaign.skipped_duplicate > 0
     assert campaign.failed == 0 and campaign.invalidated == 0
