@@ -84,7 +84,8 @@ def test_devices_racing_for_one_token_end_with_one_row():
 
 def test_token_moves_and_rotations_interleaved_stay_consistent():
     """Half the racers move a shared token between devices, half rotate those devices to fresh
-    tokens: whatever the interleaving, no token or device appears twice."""
+    tokens: whatever the interleaving, no token or device appears twice, and the shared token is
+    held at most once (none holds it when its last taker's rotation to a fresh token came after)."""
     app = make_app()
     devices = [str(uuid.uuid4()) for _ in range(THREADS)]
     for _ in range(ROUNDS):
@@ -97,4 +98,4 @@ def test_token_moves_and_rotations_interleaved_stay_consistent():
         rows = list(DeviceToken.objects.filter(app=app).values_list("device_id", "token_hash"))
         assert len({d for d, _ in rows}) == len(rows)
         assert len({t for _, t in rows}) == len(rows)
-        assert sum(1 for _, t in rows if t == DeviceToken.hash_token(shared)) == 1
+        assert sum(1 for _, t in rows if t == DeviceToken.hash_token(shared)) <= 1
