@@ -41,10 +41,11 @@ from datetime import UTC, datetime, timedelta
 
 import redis
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
+from campaigns.counts import add_counts
 from campaigns.models import Campaign, DirectResult, OutcomeTally, Shard
 from delivery.models import DeadLetter
 from delivery.providers.base import Outcome, Result
@@ -433,20 +434,11 @@ def _deactivate(
 
 
 def _add_tallies(campaign_id: int, platform: str, tallies: Counter) -> None:
-    if not tallies:
-        return
-    table = OutcomeTally._meta.db_table
-    # In key order: two shards of one campaign upserting the same rows in different orders could
-    # deadlock each other.
-    rows = [(campaign_id, platform, outcome, reason, n) for (outcome, reason), n in sorted(tallies.items())]
-    placeholders = ", ".join(["(%s, %s, %s, %s, %s)"] * len(rows))
-    sql = (
-        f"INSERT INTO {table} (campaign_id, platform, outcome, reason, count) VALUES {placeholders} "
-        "ON CONFLICT (campaign_id, platform, outcome, reason) "
-        f"DO UPDATE SET count = {table}.count + EXCLUDED.count"
+    add_counts(
+        OutcomeTally._meta.db_table,
+        ("campaign_id", "platform", "outcome", "reason"),
+        ((campaign_id, platform, outcome, reason, n) for (outcome, reason), n in tallies.items()),
     )
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [value for row in rows for value in row])
 
 
 def _error_rate_breach(state: dict, results: ShardResults) -> str:

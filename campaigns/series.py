@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from django.db import DatabaseError, connection, transaction
 
+from campaigns.counts import add_counts
 from campaigns.models import Campaign, CampaignSample, VersionTally
 
 if TYPE_CHECKING:
@@ -89,21 +90,11 @@ def add_sample(campaign_id: int, counts: dict[str, int], now: float) -> bool:
 
 
 def _add_versions(campaign_id: int, platform: str, versions: dict[tuple[str, str], int]) -> None:
-    if not versions:
-        return
-    table = VersionTally._meta.db_table
-    # Sorted: concurrent runs then lock the rows they share in one order (no deadlock).
-    rows = sorted(
-        (campaign_id, platform, (v or "")[:32], outcome, n) for (v, outcome), n in versions.items() if n
+    add_counts(
+        VersionTally._meta.db_table,
+        ("campaign_id", "platform", "app_version", "outcome"),
+        ((campaign_id, platform, (v or "")[:32], outcome, n) for (v, outcome), n in versions.items() if n),
     )
-    placeholders = ", ".join(["(%s, %s, %s, %s, %s)"] * len(rows))
-    sql = (
-        f"INSERT INTO {table} (campaign_id, platform, app_version, outcome, count) VALUES {placeholders} "
-        "ON CONFLICT (campaign_id, platform, app_version, outcome) "
-        f"DO UPDATE SET count = {table}.count + EXCLUDED.count"
-    )
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [value for row in rows for value in row])
 
 
 def compact(campaign_id: int) -> int:
