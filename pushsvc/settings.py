@@ -224,6 +224,11 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_BROKER_TRANSPORT_OPTIONS = {
     "visibility_timeout": _env_int("CELERY_VISIBILITY_TIMEOUT", 3600),
 }
+# Celery's Django fixup closes every database connection after each task unless this is set, and
+# a shard task then pays a new PostgreSQL backend (fork, catalog warm-up) per 1,000 devices. Kept
+# for 2 x this many tasks; pushsvc/celery.py checks them at each task start as Django does at
+# each request (broken ones and those older than DB_CONN_MAX_AGE are replaced).
+CELERY_DB_REUSE_MAX = _env_int("CELERY_DB_REUSE_MAX", 1000)
 CELERY_WORKER_SEND_TASK_EVENTS = True
 CELERY_TASK_SEND_SENT_EVENT = True
 CELERY_TASK_DEFAULT_QUEUE = "default"
