@@ -129,6 +129,12 @@ def reset_keys(client: redis.Redis, campaign_id: int) -> None:
     client.delete(*stale)
 
 
+def arm(client: redis.Redis, campaign_id: int, state: str = RUNNING) -> None:
+    """At launch: forget what Redis kept under this id, then raise the flag shards will read."""
+    reset_keys(client, campaign_id)
+    set_flag(client, campaign_id, state)
+
+
 def start(campaign_id: int) -> bool:
     """draft/scheduled -> running, holding one `outstanding` for the planner. False if not due."""
     now = timezone.now()

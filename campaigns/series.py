@@ -35,7 +35,7 @@ from campaigns.counts import add_counts
 from campaigns.models import Campaign, CampaignSample, VersionTally
 
 if TYPE_CHECKING:
-    from campaigns.ledger import ShardResults
+    from campaigns.sending.ledger import ShardResults
 
 logger = logging.getLogger(__name__)
 

@@ -47,7 +47,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from delivery.engine.base import LATENCY_BOUNDS
 
 if TYPE_CHECKING:
-    from campaigns.ledger import ShardResults
+    from campaigns.sending.ledger import ShardResults
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +118,7 @@ def _client() -> redis.Redis:
 
 # --- worker side ---------------------------------------------------------------------------------
 def record_shard(app_id: int, platform: str, results: ShardResults, campaign_id: int | None = None) -> None:
-    """Count one recorded shard run (called by campaigns/ledger.py after its transaction).
+    """Count one recorded shard run (called by campaigns/sending/ledger.py after its transaction).
 
     Inside a send task the figures wait for the task's end and leave with its duration in one
     pipeline; anywhere else (a test, a shell) they are written at once. With `campaign_id`, the
@@ -149,7 +149,7 @@ def record_shard(app_id: int, platform: str, results: ShardResults, campaign_id:
 
 
 def observe_chunk(platform: str, seconds: float) -> None:
-    """One chunk's provider round trip (called by the send loop in campaigns/fanout.py)."""
+    """One chunk's provider round trip (called by the send loop in campaigns/sending/run.py)."""
     provider = PROVIDER_OF.get(platform, platform)
     field = f"{provider}{SEP}{_bucket(seconds, CHUNK_BUCKETS)}"
     pending = getattr(_local, "pending", None)

@@ -52,7 +52,7 @@ def invalidation(row: DeviceToken, **fields) -> Invalidation:
 
 
 def answer(device_id: int, sent_token: str, app_id: int, platform: str, **fields) -> Invalidation:
-    """An invalid-token answer as a shard's results build it (campaigns/ledger.py): the hash is
+    """An invalid-token answer as a shard's results build it (campaigns/sending/ledger.py): the hash is
     of the token the shard SENT, whatever the row holds now."""
     return Invalidation(
         device_id=device_id,
@@ -222,7 +222,7 @@ def test_applied_again_deactivates_nothing_more_and_spares_a_re_registration():
     assert deactivated == 0
     assert active_ids(app) == {rows[0].pk}
     # The second call audits again, none of it applied: a caller that may run twice (a shard)
-    # must make its second run a no-op itself (campaigns/ledger.py records a shard once).
+    # must make its second run a no-op itself (campaigns/sending/ledger.py records a shard once).
     assert audited == 10
     assert sum(a["applied"] for a in audit_rows(app_id=app.pk)) == 10
 

@@ -1,6 +1,6 @@
 """Provider answers that a token is dead, applied to the registry in bulk, with an audit row each.
 
-campaigns/ledger.py calls `apply_invalidations` inside the shard's own transaction, so the
+campaigns/sending/ledger.py calls `apply_invalidations` inside the shard's own transaction, so the
 deactivations commit together with the shard's counters and follow-up shards. A token is
 deactivated only if both hold:
 - the row still has the token that was sent: matched on id AND token_hash, so an answer about a
