@@ -155,17 +155,18 @@ class ShardRun:
         shard_id: int,
         *,
         client: redis.Redis,
-        providers: Callable[[App, str], Provider] = runtime.provider_for,
+        providers: Callable[[App, str], Provider] | None = None,
         clock: Clock = SYSTEM_CLOCK,
         record: Callable[..., Applied] = apply_shard_run,
         publish_shard: Callable[..., None] = publish.shard,
         run_settings: RunSettings | None = None,
     ) -> None:
         # `providers` is a factory, not a provider: which app and platform it needs is on the shard
-        # row, and a shard that parks or finds its lease taken must not build one.
+        # row, and a shard that parks or finds its lease taken must not build one. Default: the
+        # process's warm providers (delivery/runtime.py).
         self.shard_id = shard_id
         self.client = client
-        self.providers = providers
+        self.providers = providers or runtime.provider_for
         self.clock = clock
         self.record = record
         self.publish_shard = publish_shard
