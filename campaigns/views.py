@@ -162,7 +162,9 @@ class CampaignActionView(APIView):
     def post(self, request: Request, campaign_id: int) -> Response:
         campaign = _campaign(request, campaign_id)
         try:
-            actions.act(self.action, campaign, request.data or {})
+            # Only resume reads a body: the others take none, so a stray one is not parsed.
+            options = (request.data or {}) if self.action == "resume" else None
+            actions.act(self.action, campaign, options)
         except actions.InvalidOptions as exc:
             raise ValidationError(exc.errors) from None
         except control.TransitionError as exc:
