@@ -15,6 +15,7 @@ import dj_database_url
 from celery.schedules import crontab
 from kombu import Queue
 
+from delivery.providers.specs import SPECS as PROVIDER_SPECS
 from pushsvc import logging as _logging
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -230,7 +231,7 @@ CELERY_TASK_DEFAULT_QUEUE = "default"
 
 # One queue per provider so that a slow or paused provider never blocks another; `priority`
 # carries direct (transactional) sends so they never wait behind a broadcast.
-PUSH_QUEUES = ("apns", "fcm", "hms", "webpush")
+PUSH_QUEUES = tuple(spec.queue for spec in PROVIDER_SPECS)
 CELERY_TASK_QUEUES = tuple(Queue(name) for name in ("default", "priority", *PUSH_QUEUES))
 # Task routes, in one place. Send tasks choose their provider queue per call (queue=...), see
 # campaigns/targeting.py queue_for; the entries below are the defaults for everything else.

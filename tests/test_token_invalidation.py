@@ -12,7 +12,8 @@ from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from tokens.invalidation import AUDIT_TABLE, PROVIDER_BY_PLATFORM, Invalidation, apply_invalidations
+from delivery.providers.specs import provider_name
+from tokens.invalidation import AUDIT_TABLE, Invalidation, apply_invalidations
 from tokens.models import DeviceToken
 from tokens.registry import upsert_device
 from tokens.testing import apns_token, fcm_token, make_app
@@ -44,7 +45,7 @@ def invalidation(row: DeviceToken, **fields) -> Invalidation:
         "device_id": row.pk,
         "token_hash": row.token_hash,
         "app_id": row.app_id,
-        "provider": PROVIDER_BY_PLATFORM[row.platform],
+        "provider": provider_name(row.platform),
         "reason": "Unregistered" if row.platform == "ios" else "UNREGISTERED",
     }
     values.update(fields)
@@ -58,7 +59,7 @@ def answer(device_id: int, sent_token: str, app_id: int, platform: str, **fields
         device_id=device_id,
         token_hash=DeviceToken.hash_token(sent_token),
         app_id=app_id,
-        provider=PROVIDER_BY_PLATFORM[platform],
+        provider=provider_name(platform),
         reason=fields.pop("reason", "UNREGISTERED"),
         **fields,
     )

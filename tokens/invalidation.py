@@ -29,8 +29,6 @@ from .models import DeviceToken
 AUDIT_TABLE = "tokens_deactivation_audit"
 _TOKENS = DeviceToken._meta.db_table
 
-# Platform (tokens.models.Platform) -> provider name recorded in the audit.
-PROVIDER_BY_PLATFORM = {"ios": "apns", "android": "fcm", "huawei": "hms", "web": "webpush"}
 _REASON_MAX = 64  # DeviceToken.deactivation_reason
 
 

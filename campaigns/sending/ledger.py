@@ -49,8 +49,9 @@ from campaigns.models import Campaign, DirectResult, OutcomeTally, Shard
 from campaigns.sending.policy import before_deadline, min_retry_delay, retry_delay
 from delivery.models import DeadLetter
 from delivery.providers.base import Outcome, Result
+from delivery.providers.specs import provider_name
 from pushsvc import metrics
-from tokens.invalidation import PROVIDER_BY_PLATFORM, Invalidation, apply_invalidations
+from tokens.invalidation import Invalidation, apply_invalidations
 
 logger = logging.getLogger(__name__)
 
@@ -395,7 +396,7 @@ def _deactivate(
     """The shard's invalid tokens, deactivated and audited in one statement (tokens/invalidation.py)."""
     if not invalid:
         return 0
-    provider = PROVIDER_BY_PLATFORM.get(platform, platform)
+    provider = provider_name(platform)
     items = [
         Invalidation(
             device_id=pk,

@@ -31,11 +31,11 @@ from campaigns.targeting import target_queryset
 from delivery import breaker, idempotency, runtime
 from delivery.payload import PushMessage
 from delivery.providers.base import Outcome, Provider, Target
+from delivery.providers.specs import provider_name
 from delivery.ratelimit import NO_REPORT, Report, TokenBucket, campaign_key, provider_key, rollout_rate
 from pushsvc import logging as log_context
 from pushsvc import metrics
 from tokens import hygiene
-from tokens.invalidation import PROVIDER_BY_PLATFORM
 from tokens.models import App, DeviceToken, Platform
 
 logger = logging.getLogger(__name__)
@@ -281,7 +281,7 @@ class ShardRun:
         # mostly invalid (a bad import, the wrong APNs environment). Shown on the campaign API.
         hygiene.record_sends(
             campaign.pk,
-            PROVIDER_BY_PLATFORM.get(shard.platform, shard.platform),
+            provider_name(shard.platform),
             results.sent,
             len(results.invalid) + results.held_invalid,
             client=self.client,
