@@ -45,6 +45,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from delivery.engine.base import LATENCY_BOUNDS
+from delivery.providers.specs import SPECS
 
 if TYPE_CHECKING:
     from campaigns.sending.ledger import ShardResults
@@ -75,7 +76,7 @@ SHARD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 3
 # A chunk is up to CAMPAIGN_CHUNK_SIZE requests in flight together: its round trip is about the
 # slowest answer among them (per request: REQUEST_SECONDS, timed by the engines).
 CHUNK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-PROVIDER_OF = {"ios": "apns", "android": "fcm", "huawei": "hms", "web": "webpush"}
+PROVIDER_OF = {spec.platform: spec.name for spec in SPECS}  # the metric label per platform
 SEND_TASK = "delivery.tasks.send_shard"
 
 # One round trip per (app, provider) of a shard, atomic so concurrent workers agree on the rank:
