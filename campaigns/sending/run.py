@@ -157,19 +157,20 @@ class ShardRun:
         client: redis.Redis,
         providers: Callable[[App, str], Provider] | None = None,
         clock: Clock = SYSTEM_CLOCK,
-        record: Callable[..., Applied] = apply_shard_run,
-        publish_shard: Callable[..., None] = publish.shard,
+        record: Callable[..., Applied] | None = None,
+        publish_shard: Callable[..., None] | None = None,
         run_settings: RunSettings | None = None,
     ) -> None:
         # `providers` is a factory, not a provider: which app and platform it needs is on the shard
-        # row, and a shard that parks or finds its lease taken must not build one. Default: the
-        # process's warm providers (delivery/runtime.py).
+        # row, and a shard that parks or finds its lease taken must not build one. Defaults (looked
+        # up here, so a patched module is honoured): the process's warm providers
+        # (delivery/runtime.py), the ledger's transaction, publishing by task name.
         self.shard_id = shard_id
         self.client = client
         self.providers = providers or runtime.provider_for
         self.clock = clock
-        self.record = record
-        self.publish_shard = publish_shard
+        self.record = record or apply_shard_run
+        self.publish_shard = publish_shard or publish.shard
         self._settings = run_settings
         self.guard_paused = False  # this run's guard verdict paused the campaign
 
