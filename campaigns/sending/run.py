@@ -167,10 +167,10 @@ class ShardRun:
         # (delivery/runtime.py), the ledger's transaction, publishing by task name.
         self.shard_id = shard_id
         self.client = client
-        self.providers = providers or runtime.provider_for
+        self.providers = runtime.provider_for if providers is None else providers
         self.clock = clock
-        self.record = record or apply_shard_run
-        self.publish_shard = publish_shard or publish.shard
+        self.record = apply_shard_run if record is None else record
+        self.publish_shard = publish.shard if publish_shard is None else publish_shard
         self._settings = run_settings
         self.guard_paused = False  # this run's guard verdict paused the campaign
 
