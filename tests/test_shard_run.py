@@ -145,15 +145,13 @@ class Setup:
     provider: FakeProvider
     clock: FakeClock
     published: Published
+    built: list[tuple[int, str]] = field(default_factory=list)  # (app, platform) providers asked for
 
     def run(self, client: Any = None, **settings: Any) -> StopReason:
-        built: list[tuple[Any, str]] = []
-
         def providers(app: Any, platform: str) -> Provider:
-            built.append((app.pk, platform))
+            self.built.append((app.pk, platform))
             return self.provider
 
-        self.built = built
         return ShardRun(
             self.shard.pk,
             client=client or self.client,
