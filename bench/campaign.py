@@ -168,7 +168,7 @@ def main() -> None:
     import redis
     from django.core.management import call_command
 
-    from campaigns import control, fanout
+    from campaigns import control, planning
     from campaigns.models import Campaign, Shard
     from campaigns.testing import CeleryWorker, simulator_app, simulator_env
     from delivery.simulator.testing import SimulatorProcess
@@ -187,7 +187,7 @@ def main() -> None:
         campaign = Campaign.objects.create(app=app, message={"title": "plan"})
         control.start(campaign.pk)
         t0 = time.perf_counter()
-        fanout.plan(campaign.pk)
+        planning.plan(campaign.pk)
         elapsed = time.perf_counter() - t0
         campaign.refresh_from_db()
         shards = Shard.objects.filter(campaign=campaign).count()
@@ -244,7 +244,7 @@ def main() -> None:
                 app=app, name="bench", message={"title": "Bench", "body": "hi"}
             )
             launched = time.perf_counter()
-            fanout.launch(campaign)
+            planning.launch(campaign)
             planned_at = first_attempts_at = None
             redis_peak = redis_before
             first_shards = None

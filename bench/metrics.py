@@ -27,7 +27,7 @@ django.setup()
 
 from django.test import Client  # noqa: E402
 
-from campaigns.ledger import ShardResults  # noqa: E402
+from campaigns.sending.ledger import ShardResults  # noqa: E402
 from pushsvc import metrics  # noqa: E402
 from tokens.models import App  # noqa: E402
 

@@ -59,7 +59,7 @@ def run_pushsvc(sim, rows, args) -> float:
     import redis
     from django.core.management import call_command
 
-    from campaigns import fanout
+    from campaigns import planning
     from campaigns.models import Campaign
     from campaigns.testing import CeleryWorker, load_devices, simulator_app, simulator_env
 
@@ -83,7 +83,7 @@ def run_pushsvc(sim, rows, args) -> float:
             worker.start()
         campaign = Campaign.objects.create(app=app, name="peers", message={"title": "Bench", "body": "hi"})
         started = time.perf_counter()
-        fanout.launch(campaign)
+        planning.launch(campaign)
         while campaign.status in (Campaign.Status.DRAFT, Campaign.Status.RUNNING):
             time.sleep(0.1)
             campaign.refresh_from_db()

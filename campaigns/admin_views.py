@@ -1,9 +1,9 @@
 """Admin-only views around campaigns: the progress JSON the change page polls, the operator
 actions (launch, pause, resume, cancel, duplicate) and "send test push".
 
-Every action calls the functions the API calls (campaigns/control.py, campaigns/fanout.py), and
-every message goes through the API's validation (campaigns/serializers.py), so the admin can
-never create or do something the API would refuse.
+Every action is the API's own (campaigns/actions.py `act`, `send_direct`), and every message goes
+through the API's validation (campaigns/serializers.py), so the admin can never create or do
+something the API would refuse.
 """
 
 from __future__ import annotations
@@ -20,14 +20,13 @@ from django.shortcuts import get_object_or_404
 from django.template.response import TemplateResponse
 from django.urls import reverse
 
-from campaigns import control, fanout, series
+from campaigns import actions, control, series
+from campaigns.actions import ACTIONS
 from campaigns.models import Campaign
-from campaigns.serializers import DirectSendSerializer, ResumeSerializer, represent
-from delivery import runtime
+from campaigns.serializers import DirectSendSerializer, represent
 from delivery.models import DeadLetter
 from tokens.models import App, DeviceToken
 
-ACTIONS = ("launch", "pause", "resume", "cancel", "duplicate")
 DEAD_LETTERS_SHOWN = 100
 
 
@@ -68,56 +67,13 @@ def dead_letters_of(campaign: Campaign) -> QuerySet[DeadLetter]:
 
 # --- operator actions ----------------------------------------------------------------------------
 def apply_action(action: str, campaign: Campaign, options: dict[str, Any] | None = None) -> str:
-    """Run one operator action like the API does; returns what happened. Raises TransitionError.
-    `options`: resume's `confirm_prune` and `halt_error_rate`, validated as the API validates them."""
-    client = runtime.redis_client()
-    if action == "launch":
-        if campaign.status != Campaign.Status.DRAFT:
-            raise control.TransitionError("Only a draft campaign can be launched.")
-        fanout.launch(campaign)
-        return "launched"
-    if action == "pause":
-        if not control.pause(client, campaign.pk, "Paused from the admin."):
-            raise control.TransitionError(f"Only a running campaign can be paused (it is {campaign.status}).")
-        return "paused"
-    if action == "resume":
-        body = ResumeSerializer(data=options or {})
-        if not body.is_valid():
-            problems = "; ".join(
-                f"{field}: {' '.join(map(str, errs))}" for field, errs in body.errors.items()
-            )
-            raise control.TransitionError(f"Not resumed: {problems}")
-        control.resume(
-            client,
-            campaign.pk,
-            confirm_prune=body.validated_data["confirm_prune"],
-            halt_error_rate=body.validated_data.get("halt_error_rate"),
-        )
-        return "resumed" + (
-            " with its invalid tokens confirmed" if body.validated_data["confirm_prune"] else ""
-        )
-    if action == "cancel":
-        control.cancel(client, campaign.pk)
-        return "cancelled"
-    if action == "duplicate":
-        copy = duplicate(campaign)
-        return f"duplicated as draft campaign {copy.pk}"
-    raise control.TransitionError(f"Unknown action {action!r}.")
-
-
-def duplicate(campaign: Campaign) -> Campaign:
-    """A new draft with the same app, message, target and rollout; counters and state start fresh."""
-    return Campaign.objects.create(
-        app_id=campaign.app_id,
-        name=(f"Copy of {campaign.name}" if campaign.name else f"Copy of campaign {campaign.pk}")[:200],
-        kind=Campaign.Kind.BROADCAST,
-        message=campaign.message,
-        target=campaign.target,
-        rollout_start_rate=campaign.rollout_start_rate,
-        rollout_max_rate=campaign.rollout_max_rate,
-        rollout_ramp_minutes=campaign.rollout_ramp_minutes,
-        halt_error_rate=campaign.halt_error_rate,
-    )
+    """Run one operator action as the API does; returns what happened. Raises TransitionError,
+    also for resume options that do not validate (shown as the message)."""
+    try:
+        return actions.act(action, campaign, options, pause_reason="Paused from the admin.")
+    except actions.InvalidOptions as exc:
+        problems = "; ".join(f"{field}: {' '.join(map(str, errs))}" for field, errs in exc.errors.items())
+        raise control.TransitionError(f"Not resumed: {problems}") from None
 
 
 def run_actions(
@@ -193,15 +149,12 @@ def send_test_push_view(request: HttpRequest, admin_obj: Any) -> Any:
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
         # The same path as POST /api/v1/notifications/ (campaigns/views.py DirectSendView).
-        campaign = Campaign.objects.create(
-            app=data["app"],
-            kind=Campaign.Kind.DIRECT,
+        campaign = actions.send_direct(
+            data["app"],
+            data["validated"]["message"],
+            {"device_ids": [str(data["device_id"])]},
             name="Test push from the admin",
-            message=data["validated"]["message"],
-            target={"device_ids": [str(data["device_id"])]},
-            status=Campaign.Status.RUNNING,
         )
-        fanout.plan_direct(campaign)
         admin_obj.message_user(request, f"Test push queued as direct send {campaign.pk}.")
         return HttpResponseRedirect(reverse("admin:campaigns_campaign_change", args=[campaign.pk]))
     context = {

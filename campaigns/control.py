@@ -19,6 +19,7 @@ from django.utils import timezone
 
 from campaigns import publish
 from campaigns.models import Campaign, Shard
+from campaigns.sending.guard import guard_keys
 from delivery import breaker, idempotency
 from tokens.models import Platform
 
@@ -125,8 +126,14 @@ def reset_keys(client: redis.Redis, campaign_id: int) -> None:
     """Forget Redis state left under this campaign id by an earlier database (a restored backup,
     the demo's fresh SQLite file): ids restart, Redis remembers. Called once, at launch."""
     stale = list(client.scan_iter(match=f"pushsvc:idem:{campaign_id}:*", count=1000))
-    stale += [f"pushsvc:pruneguard:{campaign_id}:{p}" for p in ("ios", "android", "huawei", "web")]
+    stale += guard_keys(campaign_id)
     client.delete(*stale)
+
+
+def arm(client: redis.Redis, campaign_id: int, state: str = RUNNING) -> None:
+    """At launch: forget what Redis kept under this id, then raise the flag shards will read."""
+    reset_keys(client, campaign_id)
+    set_flag(client, campaign_id, state)
 
 
 def start(campaign_id: int) -> bool:

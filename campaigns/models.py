@@ -1,7 +1,7 @@
 """Campaigns, their shards and their per-reason tallies.
 
 A campaign's counters are written only in bulk: each shard run adds its tallies with one
-`UPDATE ... SET delivered = delivered + n, ...` (see campaigns/ledger.py), never per token.
+`UPDATE ... SET delivered = delivered + n, ...` (see campaigns/sending/ledger.py), never per token.
 When a campaign is finished they add up:
 
     targeted = delivered + invalidated + invalid_kept + failed + expired + not_sent
@@ -80,7 +80,7 @@ class Campaign(models.Model):
     stale_at_launch = models.JSONField(null=True, blank=True)
 
     # Completion bookkeeping: shards not yet done, plus one held by the planner while it plans.
-    # The transaction that brings it to 0 (see campaigns/ledger.py) completes the campaign.
+    # The transaction that brings it to 0 (see campaigns/sending/ledger.py) completes the campaign.
     outstanding = models.BigIntegerField(default=0)
     planned = models.BooleanField(default=False)
 

@@ -12,7 +12,7 @@ Redis was down exists only as a row. `republish_lost` publishes again every pend
   a big campaign's backlog must not be published twice every sweep.
 
 A message published twice is harmless: the shard's lease keeps two runs from overlapping and the
-run that finds it no longer PENDING does nothing (campaigns/fanout.py).
+run that finds it no longer PENDING does nothing (campaigns/sending/run.py).
 
 A planner can be lost too (its process killed, its message dropped by a Redis restart, or
 redelivered while the dead planner's lease still held, which acknowledges it with nothing
@@ -23,8 +23,8 @@ lease keeps a second planner from racing one that is alive.
 Duplicates after Redis lost its data: the idempotency bitmap is gone with it, so a re-run cannot
 ask Redis which devices are finished. It does not need to: a shard whose Redis calls fail
 mid-run records what it sent in PostgreSQL and stays pending with its range (or id list) moved
-past it (campaigns/fanout.py, REDIS_LOST); finished shards are DONE rows. Only the answers of a
-chunk in flight in a process that died outright can be sent again, as with a killed worker.
+past it (campaigns/sending/run.py, StopReason.REDIS_LOST); finished shards are DONE rows. Only the
+answers of a chunk in flight in a process that died outright can be sent again, as with a killed worker.
 
 It runs from the beat's campaign scheduler tick and from a thread in every worker's main process
 (so a deployment without a beat recovers too); a Redis lock makes one sweep per interval.

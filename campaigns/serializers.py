@@ -9,16 +9,17 @@ from __future__ import annotations
 
 import re
 import typing
+from datetime import timedelta
 from typing import Any
 
 import redis
 from django.conf import settings
 from django.core.validators import MaxLengthValidator, RegexValidator
+from django.utils import timezone
 from drf_spectacular.extensions import OpenApiSerializerExtension
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from campaigns.fanout import progress
 from campaigns.models import Campaign
 from delivery import payload
 from delivery.payload import PayloadError, PushMessage
@@ -422,3 +423,17 @@ def represent(campaign: Campaign) -> dict[str, Any]:
             for t in campaign.tallies.order_by("-count")[:50]
         ],
     }
+
+
+def progress(campaign: Campaign) -> dict[str, object]:
+    """Rate (deliveries/s since start) and ETA for the API and the admin."""
+    now = timezone.now()
+    end = campaign.finished_at or now
+    elapsed = (end - campaign.started_at).total_seconds() if campaign.started_at else 0.0
+    done = campaign.processed
+    rate = done / elapsed if elapsed > 0 else 0.0
+    remaining = max(campaign.targeted - done, 0)
+    eta = None
+    if campaign.status == Campaign.Status.RUNNING and rate > 0:
+        eta = (now + timedelta(seconds=remaining / rate)).isoformat()
+    return {"elapsed_s": round(elapsed, 3), "rate_per_s": round(rate, 1), "remaining": remaining, "eta": eta}

@@ -33,9 +33,10 @@ from django.db import DatabaseError, connection, transaction
 
 from campaigns.counts import add_counts
 from campaigns.models import Campaign, CampaignSample, VersionTally
+from delivery.providers.specs import SPECS
 
 if TYPE_CHECKING:
-    from campaigns.ledger import ShardResults
+    from campaigns.sending.ledger import ShardResults
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ VERSIONS_SHOWN = 10
 OTHER = "other"
 UNKNOWN = "unknown"  # devices that registered no app_version
 SAMPLE_FIELDS = ("delivered", "failed", "invalid", "retried", "expired")
-PROVIDER_OF = {"ios": "apns", "android": "fcm", "huawei": "hms", "web": "webpush"}
+PROVIDER_OF = {spec.platform: spec.name for spec in SPECS}  # the metric label per platform
 
 
 # --- write side (workers) ------------------------------------------------------------------------

@@ -1,9 +1,10 @@
-"""Celery tasks of the fan-out. Thin: each calls one plain function of campaigns/fanout.py. Their
-names (campaigns/publish.py, kept from when they lived in delivery/) and retry policy are here.
+"""Celery tasks of campaigns. Thin: each calls one plain function (campaigns/planning.py,
+campaigns/sending/run.py). Their names (campaigns/publish.py, kept from when they lived in
+delivery/) and retry policy are here.
 
 Task-level failures (the broker or the database blinked, a provider pool failed to build) are
 retried by Celery with the policy below, in one place. Per-device failures are not task
-failures: they are results, retried as retry shards (campaigns/fanout.py). acks_late and
+failures: they are results, retried as retry shards (campaigns/sending/). acks_late and
 reject_on_worker_lost are set globally (settings), so a worker killed mid-shard gives the shard
 back to the broker and the idempotency bitmap keeps the re-run from sending anything twice.
 
@@ -25,7 +26,8 @@ from celery import shared_task
 from celery.signals import worker_ready
 from django.db import DatabaseError, InterfaceError
 
-from campaigns import fanout, publish, recovery
+from campaigns import planning, publish, recovery
+from campaigns.sending import run
 from delivery import runtime
 from delivery.engine.base import TransportError
 
@@ -59,7 +61,7 @@ def wait_for_redis(deadline_s: float = REDIS_WAIT_S) -> bool:
 @shared_task(name=publish.PLAN_TASK, **TASK_RETRY_POLICY)
 def plan_campaign(campaign_id: int) -> None:
     try:
-        fanout.plan(campaign_id)
+        planning.plan(campaign_id)
     except (redis.RedisError, ConnectionError):
         wait_for_redis()
         raise
@@ -68,7 +70,7 @@ def plan_campaign(campaign_id: int) -> None:
 @shared_task(name=publish.SEND_TASK, **TASK_RETRY_POLICY)
 def send_shard(shard_id: int) -> None:
     try:
-        fanout.run_shard(shard_id)
+        run.run_shard(shard_id)
     except (redis.RedisError, ConnectionError):
         wait_for_redis()
         raise
@@ -76,14 +78,14 @@ def send_shard(shard_id: int) -> None:
         raise
     except Exception as exc:
         # Not a blink of the database or the network: a bounded number of these halts the
-        # campaign (campaigns/fanout.py shard_failed) instead of a crash loop through recovery.
-        fanout.shard_failed(shard_id, exc)
+        # campaign (campaigns/sending/run.py shard_failed) instead of a crash loop through recovery.
+        run.shard_failed(shard_id, exc)
         raise
 
 
 @shared_task(name=publish.LAUNCH_DUE_TASK, ignore_result=True)
 def launch_due_campaigns() -> int:
-    launched = len(fanout.launch_due())
+    launched = len(planning.launch_due())
     recovery.sweep(runtime.redis_client())
     return launched
 

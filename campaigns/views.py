@@ -15,7 +15,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from campaigns import control, fanout
+from campaigns import actions, control
 from campaigns.models import Campaign, DirectResult
 from campaigns.serializers import (
     CampaignCreateSerializer,
@@ -24,7 +24,6 @@ from campaigns.serializers import (
     ResumeSerializer,
     represent,
 )
-from delivery import runtime
 from tokens.auth import SendScope
 from tokens.views import _ERROR as ERROR  # the devices' error response: one Error component in all
 
@@ -69,7 +68,7 @@ class CampaignCollectionView(APIView):
         serializer.is_valid(raise_exception=True)
         campaign = serializer.save()
         if not serializer.validated_data["draft"]:
-            fanout.launch(campaign)
+            actions.act("launch", campaign)
             campaign.refresh_from_db()
         return Response(represent(campaign), status=status.HTTP_201_CREATED)
 
@@ -162,28 +161,12 @@ class CampaignActionView(APIView):
 
     def post(self, request: Request, campaign_id: int) -> Response:
         campaign = _campaign(request, campaign_id)
-        client = runtime.redis_client()
         try:
-            if self.action == "launch":
-                if campaign.status != Campaign.Status.DRAFT:
-                    raise control.TransitionError("Only a draft campaign can be launched.")
-                fanout.launch(campaign)
-            elif self.action == "pause":
-                if not control.pause(client, campaign.pk, "Paused by request."):
-                    raise control.TransitionError(
-                        f"Only a running campaign can be paused (it is {campaign.status})."
-                    )
-            elif self.action == "resume":
-                body = ResumeSerializer(data=request.data or {})
-                body.is_valid(raise_exception=True)
-                control.resume(
-                    client,
-                    campaign.pk,
-                    confirm_prune=body.validated_data["confirm_prune"],
-                    halt_error_rate=body.validated_data.get("halt_error_rate"),
-                )
-            elif self.action == "cancel":
-                control.cancel(client, campaign.pk)
+            # Only resume reads a body: the others take none, so a stray one is not parsed.
+            options = (request.data or {}) if self.action == "resume" else None
+            actions.act(self.action, campaign, options)
+        except actions.InvalidOptions as exc:
+            raise ValidationError(exc.errors) from None
         except control.TransitionError as exc:
             raise Conflict(str(exc)) from None
         campaign.refresh_from_db()
@@ -258,13 +241,5 @@ class DirectSendView(APIView):
         target = {"user_ids": data["user_ids"]} if data.get("user_ids") else {}
         if data.get("device_ids"):
             target["device_ids"] = [str(d) for d in data["device_ids"]]
-        campaign = Campaign.objects.create(
-            app=request.auth.app,
-            kind=Campaign.Kind.DIRECT,
-            message=data["message"],
-            target=target,
-            status=Campaign.Status.RUNNING,
-        )
-        fanout.plan_direct(campaign)
-        campaign.refresh_from_db()
+        campaign = actions.send_direct(request.auth.app, data["message"], target)
         return Response(represent(campaign), status=status.HTTP_202_ACCEPTED)

@@ -8,7 +8,7 @@ campaign's error-rate halt, and every worker keeps hammering the provider while 
 So a chunk whose answers are mostly server or transport failures (`is_outage`) opens the breaker:
 
 - open: no shard of the app sends to that provider until `open_until`; callers wait (briefly)
-  or defer their shard (campaigns/fanout.py). The first open lasts BREAKER_OPEN_S (at least the
+  or defer their shard (campaigns/sending/run.py). The first open lasts BREAKER_OPEN_S (at least the
   provider's Retry-After);
 - half-open: once `open_until` has passed, exactly one caller gets the probe (a small chunk);
   the others keep waiting until it reports, or until BREAKER_PROBE_TTL_S if it died;
@@ -19,7 +19,7 @@ Reports from chunks that were already in flight when the breaker opened change n
 what the first failure said. Only the probe closes an open breaker, so stragglers' successes from
 before the outage cannot flap it shut.
 
-The devices of an outage chunk are retried without spending an attempt (campaigns/ledger.py):
+The devices of an outage chunk are retried without spending an attempt (campaigns/sending/ledger.py):
 their failure says nothing about them. How long the provider has been down (`down_for`) is
 returned with every verdict, so the caller can pause the campaign with a reason after
 BREAKER_PAUSE_AFTER_S instead of retrying for ever.

@@ -45,9 +45,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from delivery.engine.base import LATENCY_BOUNDS
+from delivery.providers.specs import SPECS
 
 if TYPE_CHECKING:
-    from campaigns.ledger import ShardResults
+    from campaigns.sending.ledger import ShardResults
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ SHARD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 3
 # A chunk is up to CAMPAIGN_CHUNK_SIZE requests in flight together: its round trip is about the
 # slowest answer among them (per request: REQUEST_SECONDS, timed by the engines).
 CHUNK_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
-PROVIDER_OF = {"ios": "apns", "android": "fcm", "huawei": "hms", "web": "webpush"}
+PROVIDER_OF = {spec.platform: spec.name for spec in SPECS}  # the metric label per platform
 SEND_TASK = "delivery.tasks.send_shard"
 
 # One round trip per (app, provider) of a shard, atomic so concurrent workers agree on the rank:
@@ -118,7 +119,7 @@ def _client() -> redis.Redis:
 
 # --- worker side ---------------------------------------------------------------------------------
 def record_shard(app_id: int, platform: str, results: ShardResults, campaign_id: int | None = None) -> None:
-    """Count one recorded shard run (called by campaigns/ledger.py after its transaction).
+    """Count one recorded shard run (called by campaigns/sending/ledger.py after its transaction).
 
     Inside a send task the figures wait for the task's end and leave with its duration in one
     pipeline; anywhere else (a test, a shell) they are written at once. With `campaign_id`, the
@@ -149,7 +150,7 @@ def record_shard(app_id: int, platform: str, results: ShardResults, campaign_id:
 
 
 def observe_chunk(platform: str, seconds: float) -> None:
-    """One chunk's provider round trip (called by the send loop in campaigns/fanout.py)."""
+    """One chunk's provider round trip (called by the send loop in campaigns/sending/run.py)."""
     provider = PROVIDER_OF.get(platform, platform)
     field = f"{provider}{SEP}{_bucket(seconds, CHUNK_BUCKETS)}"
     pending = getattr(_local, "pending", None)

@@ -15,6 +15,7 @@ import dj_database_url
 from celery.schedules import crontab
 from kombu import Queue
 
+from delivery.providers.specs import SPECS as PROVIDER_SPECS
 from pushsvc import logging as _logging
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -235,10 +236,10 @@ CELERY_TASK_DEFAULT_QUEUE = "default"
 
 # One queue per provider so that a slow or paused provider never blocks another; `priority`
 # carries direct (transactional) sends so they never wait behind a broadcast.
-PUSH_QUEUES = ("apns", "fcm", "hms", "webpush")
+PUSH_QUEUES = tuple(spec.queue for spec in PROVIDER_SPECS)
 CELERY_TASK_QUEUES = tuple(Queue(name) for name in ("default", "priority", *PUSH_QUEUES))
 # Task routes, in one place. Send tasks choose their provider queue per call (queue=...), see
-# campaigns/fanout.py; the entries below are the defaults for everything else.
+# campaigns/targeting.py queue_for; the entries below are the defaults for everything else.
 CELERY_TASK_ROUTES: dict[str, dict[str, str]] = {}
 # Beat schedule: filled by the hygiene and campaign modules' entries below.
 CELERY_BEAT_SCHEDULE: dict[str, dict] = {}
@@ -292,7 +293,7 @@ CELERY_BEAT_SCHEDULE.update(
     }
 )
 
-# --- Campaigns and fan-out (campaigns/fanout.py, campaigns/tasks.py) ---------------------------
+# --- Campaigns and fan-out (campaigns/planning.py, campaigns/sending/, campaigns/tasks.py) -------
 # CAMPAIGN_SHARD_SIZE: active devices per shard (one send task). CAMPAIGN_CHUNK_SIZE: devices sent
 # between two checks of the campaign's pause/cancel flag and the rate limiter, so a pause takes
 # effect within one chunk. CAMPAIGN_MAX_ATTEMPTS: sends per device before a transient failure is

@@ -168,8 +168,8 @@ def test_rearm_after_a_resume_probes_at_once_and_restarts_the_outage_clock(circu
 
 @pytest.mark.django_db
 def test_an_outage_chunk_spends_no_attempt_and_a_deferred_shard_waits_for_its_time(redis_client) -> None:
-    from campaigns.ledger import Device, ShardResults, apply_shard_run
     from campaigns.models import Campaign, Shard
+    from campaigns.sending.ledger import Device, ShardResults, apply_shard_run
     from delivery.models import DeadLetter
     from tokens.testing import apns_token, make_app
 

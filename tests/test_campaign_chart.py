@@ -13,10 +13,10 @@ from django.test import Client
 from prometheus_client.parser import text_string_to_metric_families
 
 from campaigns import series
-from campaigns.ledger import Device, ShardResults
 from campaigns.models import Campaign, CampaignSample
 from campaigns.pytest_fixtures import *  # noqa: F403  (sim, fresh_sim, worker_env, start_worker)
 from campaigns.pytest_fixtures import api_client
+from campaigns.sending.ledger import Device, ShardResults
 from campaigns.testing import build_population, load_devices, simulator_app, wait_for
 from delivery.providers.base import Outcome, Result, Target
 from pushsvc import metrics

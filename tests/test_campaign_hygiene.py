@@ -13,10 +13,10 @@ import pytest
 from django.db import connection
 from django.utils import timezone
 
-from campaigns.ledger import Device, ShardResults, apply_shard_run
 from campaigns.models import Campaign, Shard
 from campaigns.pytest_fixtures import *  # noqa: F403  (the fixtures: sim, fresh_sim, worker_env, start_worker)
 from campaigns.pytest_fixtures import api_client
+from campaigns.sending.ledger import Device, ShardResults, apply_shard_run
 from campaigns.testing import build_population, load_devices, simulator_app, wait_for
 from delivery.providers.base import Outcome, Result, Target
 from tokens.invalidation import AUDIT_TABLE

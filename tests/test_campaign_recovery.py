@@ -116,7 +116,7 @@ def test_a_lost_planner_is_started_again_and_a_live_one_left_alone(redis_client)
 
 
 def test_one_planner_at_a_time_and_the_lease_is_released_when_done(redis_client) -> None:
-    from campaigns import fanout
+    from campaigns import planning
     from tokens.models import DeviceToken
     from tokens.testing import apns_token
 
@@ -137,11 +137,11 @@ def test_one_planner_at_a_time_and_the_lease_is_released_when_done(redis_client)
     )
     key = idempotency.plan_lease_key(campaign.pk)
     redis_client.set(key, "a live planner", ex=60)
-    fanout.plan(campaign.pk)
+    planning.plan(campaign.pk)
     assert not Shard.objects.filter(campaign=campaign).exists()  # left to the live planner
 
     redis_client.delete(key)  # it died; its lease ran out
-    fanout.plan(campaign.pk)
+    planning.plan(campaign.pk)
     campaign.refresh_from_db()
     assert campaign.planned and Shard.objects.filter(campaign=campaign).count() == 1
     assert not redis_client.exists(key)

@@ -10,7 +10,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from campaigns import fanout
+from campaigns import planning, targeting
 from campaigns.models import Campaign, Shard
 from campaigns.pytest_fixtures import *  # noqa: F403  (the fixtures: sim, fresh_sim, worker_env, start_worker)
 from campaigns.pytest_fixtures import api_client
@@ -35,7 +35,7 @@ def test_planning_covers_the_segment_exactly_with_keyset_ranges(settings) -> Non
     DeviceToken.objects.filter(id=middle).update(is_active=False)
 
     qs = DeviceToken.objects.filter(app=app, is_active=True, platform="ios")
-    ranges = list(fanout.iter_ranges(qs, 100))
+    ranges = list(planning.iter_ranges(qs, 100))
     assert [n for _, _, n in ranges] == [100] * 12 + [33]
     for (lo, hi, n), (next_lo, _, _) in itertools.pairwise(ranges):
         assert hi == next_lo, "ranges are contiguous"
@@ -56,23 +56,23 @@ def test_target_filters_platforms_users_versions_and_activity() -> None:
         app=app, message={"title": "x"}, target={"platforms": ["android"], "min_app_version": "2.10"}
     )
     # Numeric, not lexicographic: 2.10.1 >= 2.10 > 2.9; iOS is excluded by platform.
-    assert set(fanout.target_queryset(campaign).values_list("id", flat=True)) == set(ids[:3])
-    assert fanout.target_platforms(campaign) == ["android"]
+    assert set(targeting.target_queryset(campaign).values_list("id", flat=True)) == set(ids[:3])
+    assert targeting.target_platforms(campaign) == ["android"]
 
     campaign.target = {"max_app_version": "2.9.5"}
-    assert list(fanout.target_queryset(campaign).values_list("id", flat=True)) == [ids[3]]
+    assert list(targeting.target_queryset(campaign).values_list("id", flat=True)) == [ids[3]]
 
     users = list(DeviceToken.objects.filter(app=app).values_list("user_id", flat=True)[:2])
     campaign.target = {"user_ids": users}
-    assert fanout.target_queryset(campaign).count() == 2
+    assert targeting.target_queryset(campaign).count() == 2
 
     campaign.started_at = timezone.now()
     DeviceToken.objects.filter(id__in=ids).update(last_seen=timezone.now() - timedelta(days=40))
     campaign.target = {"active_within_days": 30}
-    assert fanout.target_queryset(campaign).count() == 320 - 4
+    assert targeting.target_queryset(campaign).count() == 320 - 4
 
     # Planning refuses a campaign that is not running.
-    fanout.plan(campaign.pk)
+    planning.plan(campaign.pk)
     assert not Shard.objects.filter(campaign=campaign).exists()
 
 

@@ -14,8 +14,8 @@ from django.conf import settings
 from django.test import Client
 from prometheus_client.parser import text_string_to_metric_families
 
-from campaigns.ledger import Device, ShardResults
 from campaigns.models import Campaign
+from campaigns.sending.ledger import Device, ShardResults
 from delivery import breaker
 from delivery.providers.base import Outcome, Result, Target
 from pushsvc import metrics

@@ -13,10 +13,10 @@ from django.conf import settings
 from django.test import Client, override_settings
 from prometheus_client.parser import text_string_to_metric_families
 
-from campaigns.ledger import ShardResults
 from campaigns.models import Campaign
 from campaigns.pytest_fixtures import *  # noqa: F403  (sim, fresh_sim, worker_env, start_worker)
 from campaigns.pytest_fixtures import api_client
+from campaigns.sending.ledger import ShardResults
 from campaigns.testing import build_population, load_devices, simulator_app, wait_for
 from delivery import breaker
 from delivery.providers.base import Outcome

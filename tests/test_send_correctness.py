@@ -1,6 +1,6 @@
 """Correctness of a shard run under throttling, retries and lost leases, in-process.
 
-Each test runs `campaigns.fanout.run_shard` in this process (no worker) against the simulator's
+Each test runs `campaigns.sending.run.run_shard` in this process (no worker) against the simulator's
 fast front over TLS, on real PostgreSQL and Redis:
 - one device's 429 backs off that device, never the app's rate;
 - a run sends nothing once its lease is not its own, and never sleeps past it (it defers);
@@ -20,11 +20,12 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from campaigns import fanout
+from campaigns import control, targeting
 from campaigns.models import Campaign, DirectResult, OutcomeTally, Shard
 from campaigns.pytest_fixtures import api_client
+from campaigns.sending import run
 from campaigns.testing import make_token, simulator_app, simulator_env
-from delivery import idempotency
+from delivery import idempotency, runtime
 from delivery.models import DeadLetter
 from delivery.ratelimit import TokenBucket, provider_key
 from tokens.models import DeviceToken
@@ -73,12 +74,12 @@ def _campaign(app, devices, message: dict, *, kind: str = Campaign.Kind.BROADCAS
         outstanding=1,
         targeted=len(devices),
     )
-    fanout._arm(campaign.pk)
+    control.arm(runtime.redis_client(), campaign.pk)
     platform = devices[0].platform
     shard = Shard.objects.create(
         campaign=campaign,
         platform=platform,
-        queue=fanout.queue_for(campaign, platform),
+        queue=targeting.queue_for(campaign, platform),
         device_ids=[d.pk for d in devices],
         planned=len(devices),
     )
@@ -97,7 +98,7 @@ def test_one_devices_429_backs_off_that_device_not_the_app(sim, redis_client) ->
     app = simulator_app(sim)
     [hot] = _devices(app, "ios", ["03"])
     direct, direct_shard = _campaign(app, [hot], {"title": "hi"}, kind=Campaign.Kind.DIRECT)
-    fanout.run_shard(direct_shard.pk)
+    run.run_shard(direct_shard.pk)
     assert sim.counts([hot.token]) == {hot.token: 0}, "answered 429, not delivered"
     [retry] = _children(direct)
     assert retry.device_ids == [hot.pk] and retry.attempt == 1
@@ -106,7 +107,7 @@ def test_one_devices_429_backs_off_that_device_not_the_app(sim, redis_client) ->
     devices = _devices(app, "ios", [None] * 600)
     campaign, shard = _campaign(app, devices, {"title": "campaign"})
     started = time.monotonic()
-    fanout.run_shard(shard.pk)
+    run.run_shard(shard.pk)
     took = time.monotonic() - started
     shard.refresh_from_db()
     campaign.refresh_from_db()
@@ -127,7 +128,7 @@ def test_retries_wait_for_their_own_floor(sim) -> None:
     throttled, failed = _devices(app, "ios", ["03", "06"])
     campaign, shard = _campaign(app, [throttled, failed], {"title": "hi"})
     before = timezone.now()
-    fanout.run_shard(shard.pk)
+    run.run_shard(shard.pk)
     early, late = _children(campaign)
     assert early.device_ids == [failed.pk] and late.device_ids == [throttled.pk]
     after = timezone.now()  # the children were timed between the two, however slow the machine
@@ -156,7 +157,7 @@ def test_a_run_that_lost_its_lease_sends_and_records_nothing(sim, redis_client) 
     campaign, shard = _campaign(app, devices, {"title": "hi"})
     key = idempotency.lease_key(shard.pk)
     redis_client.set(key, "someone-else", ex=60)  # the shard's lease went to another run
-    fanout._run_leased(redis_client, shard, campaign, "this-run")
+    run.ShardRun(shard.pk, client=redis_client).run_leased(shard, campaign, "this-run")
     assert sim.stats()["requests"] == 0
     shard.refresh_from_db()
     campaign.refresh_from_db()
@@ -178,9 +179,9 @@ def test_a_long_wait_for_the_rate_defers_the_shard_instead_of_sleeping(sim, sett
         planned=100,
     )
     Campaign.objects.filter(pk=campaign.pk).update(outstanding=2, targeted=200)
-    fanout.run_shard(first.pk)  # a burst of one chunk is free
+    run.run_shard(first.pk)  # a burst of one chunk is free
     started, started_at = time.monotonic(), timezone.now()
-    fanout.run_shard(second.pk)  # then 100 at 10/s: about 10 s of debt
+    run.run_shard(second.pk)  # then 100 at 10/s: about 10 s of debt
     assert time.monotonic() - started < settings.BREAKER_SLEEP_MAX_S + 5, "deferred, not slept"
     second.refresh_from_db()
     assert second.status == Shard.Status.PENDING
@@ -197,12 +198,12 @@ def test_a_retry_keeps_the_apns_expiration_of_the_first_send(sim) -> None:
     app = simulator_app(sim)
     healthy, throttled = _devices(app, "ios", [None, "03"])
     campaign, shard = _campaign(app, [healthy, throttled], {"title": "hi", "ttl": 600})
-    fanout.run_shard(shard.pk)
+    run.run_shard(shard.pk)
     [retry] = _children(campaign)
     first = sim.last([healthy.token])[healthy.token]["headers"]["apns-expiration"]
     assert int(first) == int(retry.expires_at.timestamp())
     time.sleep(1.1)  # a second later: a relative TTL would now give another expiration
-    fanout.run_shard(retry.pk)
+    run.run_shard(retry.pk)
     again = sim.last([throttled.token])[throttled.token]["headers"]["apns-expiration"]
     assert again == first
 
@@ -211,11 +212,11 @@ def test_an_fcm_retry_sends_the_time_that_remains(sim) -> None:
     app = simulator_app(sim)
     [device] = _devices(app, "android", ["03"])
     campaign, shard = _campaign(app, [device], {"title": "hi", "ttl": 3600})
-    fanout.run_shard(shard.pk)
+    run.run_shard(shard.pk)
     [retry] = _children(campaign)
     # As if the retry ran 59 minutes later.
     Shard.objects.filter(pk=retry.pk).update(expires_at=timezone.now() + timedelta(seconds=60))
-    fanout.run_shard(retry.pk)
+    run.run_shard(retry.pk)
     ttl = sim.last([device.token])[device.token]["message"]["android"]["ttl"]
     assert ttl.endswith("s") and 55 <= int(ttl[:-1]) <= 60
 
@@ -224,11 +225,11 @@ def test_a_retry_past_its_deadline_is_expired_not_sent(sim) -> None:
     app = simulator_app(sim)
     devices = _devices(app, "ios", ["03", "03"])
     campaign, shard = _campaign(app, devices, {"title": "hi", "ttl": 600})
-    fanout.run_shard(shard.pk)
+    run.run_shard(shard.pk)
     [retry] = _children(campaign)
     Shard.objects.filter(pk=retry.pk).update(expires_at=timezone.now() - timedelta(seconds=1))
     requests = sim.stats()["requests"]
-    fanout.run_shard(retry.pk)
+    run.run_shard(retry.pk)
     assert sim.stats()["requests"] == requests, "nothing sent after the deadline"
     campaign.refresh_from_db()
     assert campaign.status == Campaign.Status.COMPLETED
@@ -242,7 +243,7 @@ def test_ttl_zero_is_one_attempt(sim) -> None:
     app = simulator_app(sim)
     healthy, throttled = _devices(app, "ios", [None, "03"])
     campaign, shard = _campaign(app, [healthy, throttled], {"title": "now or never", "ttl": 0})
-    fanout.run_shard(shard.pk)
+    run.run_shard(shard.pk)
     assert sim.last([healthy.token])[healthy.token]["headers"]["apns-expiration"] == "0"
     assert _children(campaign) == []
     campaign.refresh_from_db()
@@ -258,7 +259,7 @@ def test_invalidated_counts_deactivations_and_kept_410s_separately(sim) -> None:
     [fresh] = _devices(app, "ios", ["01"], registered_ago=timedelta(minutes=5))
     [old] = _devices(app, "ios", ["01"], registered_ago=timedelta(days=2))
     campaign, shard = _campaign(app, [fresh, old], {"title": "hi"})
-    fanout.run_shard(shard.pk)
+    run.run_shard(shard.pk)
     campaign.refresh_from_db()
     assert (campaign.invalidated, campaign.invalid_kept) == (1, 1)
     assert DeviceToken.objects.get(pk=fresh.pk).is_active
@@ -272,7 +273,7 @@ def test_provider_message_ids_reach_dead_letters_and_direct_results(sim, setting
     app = simulator_app(sim)
     healthy, down = _devices(app, "ios", [None, "05"])
     campaign, shard = _campaign(app, [healthy, down], {"title": "hi"}, kind=Campaign.Kind.DIRECT)
-    fanout.run_shard(shard.pk)
+    run.run_shard(shard.pk)
     dead = DeadLetter.objects.get(campaign=campaign)
     assert dead.device_pk == down.pk and dead.provider_message_id
     results = {r.device_pk: r for r in DirectResult.objects.filter(campaign=campaign)}
@@ -302,7 +303,7 @@ def test_a_shard_that_keeps_raising_halts_its_campaign_and_nothing_else(sim) -> 
     healthy_devices = _devices(app, "android", [None] * 3)
     healthy, healthy_shard = _campaign(app, healthy_devices, {"title": "fine"})
 
-    for attempt in range(1, fanout.SHARD_MAX_FAILURES + 1):
+    for attempt in range(1, run.SHARD_MAX_FAILURES + 1):
         outcome = send_shard.apply(args=[broken_shard.pk])
         assert outcome.failed()
         broken_shard.refresh_from_db()

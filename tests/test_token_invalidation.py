@@ -12,7 +12,8 @@ from django.db import connection, transaction
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
-from tokens.invalidation import AUDIT_TABLE, PROVIDER_BY_PLATFORM, Invalidation, apply_invalidations
+from delivery.providers.specs import provider_name
+from tokens.invalidation import AUDIT_TABLE, Invalidation, apply_invalidations
 from tokens.models import DeviceToken
 from tokens.registry import upsert_device
 from tokens.testing import apns_token, fcm_token, make_app
@@ -44,7 +45,7 @@ def invalidation(row: DeviceToken, **fields) -> Invalidation:
         "device_id": row.pk,
         "token_hash": row.token_hash,
         "app_id": row.app_id,
-        "provider": PROVIDER_BY_PLATFORM[row.platform],
+        "provider": provider_name(row.platform),
         "reason": "Unregistered" if row.platform == "ios" else "UNREGISTERED",
     }
     values.update(fields)
@@ -52,13 +53,13 @@ def invalidation(row: DeviceToken, **fields) -> Invalidation:
 
 
 def answer(device_id: int, sent_token: str, app_id: int, platform: str, **fields) -> Invalidation:
-    """An invalid-token answer as a shard's results build it (campaigns/ledger.py): the hash is
+    """An invalid-token answer as a shard's results build it (campaigns/sending/ledger.py): the hash is
     of the token the shard SENT, whatever the row holds now."""
     return Invalidation(
         device_id=device_id,
         token_hash=DeviceToken.hash_token(sent_token),
         app_id=app_id,
-        provider=PROVIDER_BY_PLATFORM[platform],
+        provider=provider_name(platform),
         reason=fields.pop("reason", "UNREGISTERED"),
         **fields,
     )
@@ -222,7 +223,7 @@ def test_applied_again_deactivates_nothing_more_and_spares_a_re_registration():
     assert deactivated == 0
     assert active_ids(app) == {rows[0].pk}
     # The second call audits again, none of it applied: a caller that may run twice (a shard)
-    # must make its second run a no-op itself (campaigns/ledger.py records a shard once).
+    # must make its second run a no-op itself (campaigns/sending/ledger.py records a shard once).
     assert audited == 10
     assert sum(a["applied"] for a in audit_rows(app_id=app.pk)) == 10
 

@@ -1,6 +1,6 @@
 """Provider answers that a token is dead, applied to the registry in bulk, with an audit row each.
 
-campaigns/ledger.py calls `apply_invalidations` inside the shard's own transaction, so the
+campaigns/sending/ledger.py calls `apply_invalidations` inside the shard's own transaction, so the
 deactivations commit together with the shard's counters and follow-up shards. A token is
 deactivated only if both hold:
 - the row still has the token that was sent: matched on id AND token_hash, so an answer about a
@@ -29,8 +29,6 @@ from .models import DeviceToken
 AUDIT_TABLE = "tokens_deactivation_audit"
 _TOKENS = DeviceToken._meta.db_table
 
-# Platform (tokens.models.Platform) -> provider name recorded in the audit.
-PROVIDER_BY_PLATFORM = {"ios": "apns", "android": "fcm", "huawei": "hms", "web": "webpush"}
 _REASON_MAX = 64  # DeviceToken.deactivation_reason
 
 

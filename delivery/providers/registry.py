@@ -1,5 +1,6 @@
-"""Which adapter serves which platform. The fan-out and the API look adapters up only here, so adding
-a provider is one module and one line below, and nothing else changes.
+"""Which adapter serves which platform. The send path and the API look adapters up only here; the
+table comes from the provider declarations (delivery/providers/specs.py), so adding a provider is
+one adapter module and one spec.
 
 Adapter modules are imported on first use: a worker that only sends to APNs never imports the Web Push
 crypto stack, and importing this module stays cheap for the API process.
@@ -11,16 +12,13 @@ import importlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
+from delivery.providers.specs import SPECS
+
 if TYPE_CHECKING:
     from delivery.providers.base import Provider
 
 # platform (tokens.models.Platform value) -> "module:Class"
-ADAPTERS: Mapping[str, str] = {
-    "ios": "delivery.providers.apns:ApnsProvider",
-    "android": "delivery.providers.fcm:FcmProvider",
-    "huawei": "delivery.providers.hms:HmsProvider",
-    "web": "delivery.providers.webpush:WebPushProvider",
-}
+ADAPTERS: Mapping[str, str] = {spec.platform: spec.adapter for spec in SPECS}
 
 
 class _Providers(Mapping[str, "type[Provider]"]):

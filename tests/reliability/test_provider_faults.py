@@ -28,7 +28,8 @@ PRODUCTION_RETRIES = {"CAMPAIGN_RETRY_BASE_S": "2", "CAMPAIGN_RETRY_MAX_S": "300
 
 def tries_within(seconds: float, retry_after: float = 2.0) -> int:
     """The most sends one device can get in `seconds` under the production backoff
-    (campaigns.ledger.retry_delay: the n-th retry waits at least max(Retry-After, base * 2^(n-1) / 2))."""
+    (campaigns.sending.policy.retry_delay: the n-th retry waits at least
+    max(Retry-After, base * 2^(n-1) / 2))."""
     base = float(PRODUCTION_RETRIES["CAMPAIGN_RETRY_BASE_S"])
     tries, elapsed = 1, 0.0
     while True:

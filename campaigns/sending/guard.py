@@ -16,6 +16,8 @@ from __future__ import annotations
 import redis
 from django.conf import settings
 
+from tokens.models import Platform
+
 _OBSERVE = """
 local key = KEYS[1]
 local n = tonumber(ARGV[1])
@@ -48,10 +50,9 @@ class PruneGuard:
     def observe(self, campaign_id: int, platform: str, results: int, invalid: int) -> int:
         """Count one chunk's results: HOLD when invalid answers must be held (the guard tripped),
         PASSED once the first results are all in without tripping (stop asking), else 0."""
-        key = f"pushsvc:pruneguard:{campaign_id}:{platform}"
         return int(
             self._script(
-                keys=[key],
+                keys=[guard_key(campaign_id, platform)],
                 args=[
                     results,
                     invalid,
@@ -62,8 +63,14 @@ class PruneGuard:
             )
         )
 
-    def reset(self, client: redis.Redis, campaign_id: int) -> None:
-        client.delete(*[f"pushsvc:pruneguard:{campaign_id}:{p}" for p in ("ios", "android", "huawei", "web")])
+
+def guard_key(campaign_id: int, platform: str) -> str:
+    return f"pushsvc:pruneguard:{campaign_id}:{platform}"
+
+
+def guard_keys(campaign_id: int) -> list[str]:
+    """The campaign's counters on every platform (forgotten at launch: campaigns/control.py)."""
+    return [guard_key(campaign_id, platform) for platform in Platform.values]
 
 
 def describe(platform: str, invalid: int, total: int, reason: str) -> str:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
-import random
 import time
 from collections import Counter
 from collections.abc import Iterable
@@ -47,10 +46,12 @@ from django.utils import timezone
 
 from campaigns.counts import add_counts
 from campaigns.models import Campaign, DirectResult, OutcomeTally, Shard
+from campaigns.sending.policy import before_deadline, min_retry_delay, retry_delay
 from delivery.models import DeadLetter
 from delivery.providers.base import Outcome, Result
+from delivery.providers.specs import provider_name
 from pushsvc import metrics
-from tokens.invalidation import PROVIDER_BY_PLATFORM, Invalidation, apply_invalidations
+from tokens.invalidation import Invalidation, apply_invalidations
 
 logger = logging.getLogger(__name__)
 
@@ -211,19 +212,6 @@ class Applied:
     halted_reason: str = ""
 
 
-def retry_delay(attempt: int, retry_after: float, *, jitter: bool = True) -> float:
-    """Exponential backoff with full jitter on the upper half, capped, never below Retry-After.
-    Without `jitter`: the shortest delay it can give."""
-    base = settings.CAMPAIGN_RETRY_BASE_S * (2 ** max(attempt - 1, 0))
-    capped = min(base, settings.CAMPAIGN_RETRY_MAX_S)
-    jittered = capped / 2 + (random.uniform(0, capped / 2) if jitter else 0.0)
-    return min(max(jittered, retry_after), max(settings.CAMPAIGN_RETRY_MAX_S, retry_after))
-
-
-def min_retry_delay(attempt: int, retry_after: float) -> float:
-    return retry_delay(attempt, retry_after, jitter=False)
-
-
 def apply_shard_run(
     shard: Shard,
     results: ShardResults,
@@ -294,11 +282,12 @@ def apply_shard_run(
         expires_at = datetime.fromtimestamp(results.deadline, tz=UTC) if results.deadline else None
         follow_ups: list[tuple[Shard, float | None]] = []
         for floor, ids in results.retry_groups().items():
-            delay = _before(retry_delay(shard.attempt + 1, floor), floor, results.deadline)
+            delay = before_deadline(retry_delay(shard.attempt + 1, floor), floor, results.deadline)
             follow_ups.append((_child(shard, ids, shard.attempt + 1, now, delay, expires_at), delay))
         if results.retry_outage:
             # The breaker paces these; no growing backoff.
-            delay = _before(retry_delay(1, results.retry_after), results.retry_after, results.deadline)
+            floor = results.retry_after
+            delay = before_deadline(retry_delay(1, floor), floor, results.deadline)
             follow_ups.append(
                 (_child(shard, results.retry_outage, shard.attempt, now, delay, expires_at), delay)
             )
@@ -374,14 +363,6 @@ def apply_shard_run(
     return applied
 
 
-def _before(delay: float, floor: float, deadline: int | None) -> float:
-    """The jittered delay, cut to leave the retry a second before the deadline when that still
-    honours the device's floor (ShardResults.add expired the devices whose floor did not fit)."""
-    if deadline is None:
-        return delay
-    return max(min(delay, deadline - time.time() - 1.0), floor)
-
-
 def _child(
     parent: Shard,
     device_ids: list[int],
@@ -415,7 +396,7 @@ def _deactivate(
     """The shard's invalid tokens, deactivated and audited in one statement (tokens/invalidation.py)."""
     if not invalid:
         return 0
-    provider = PROVIDER_BY_PLATFORM.get(platform, platform)
+    provider = provider_name(platform)
     items = [
         Invalidation(
             device_id=pk,

@@ -1,0 +1,34 @@
+"""One declaration per provider: its platform, name (metric label, audit rows), Celery queue,
+the credential it needs and its adapter. Lists of platforms, queues and adapters elsewhere
+(settings, the registry, the ledger) are derived from `SPECS`; adding a provider is an adapter
+module and one line here. Plain data, importable by settings before Django is set up.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderSpec:
+    platform: str  # tokens.models.Platform value
+    name: str  # metric label and the `provider` of audit rows
+    queue: str  # Celery queue of its send tasks (the adapter's `queue`)
+    credential: str  # the App field holding its secret (tokens.models.App.SECRET_FIELDS)
+    adapter: str  # "module:Class", imported on first use (delivery/providers/registry.py)
+
+
+_PROVIDERS = "delivery.providers"
+SPECS: tuple[ProviderSpec, ...] = (
+    ProviderSpec("ios", "apns", "apns", "apns_key_p8", f"{_PROVIDERS}.apns:ApnsProvider"),
+    ProviderSpec("android", "fcm", "fcm", "fcm_service_account", f"{_PROVIDERS}.fcm:FcmProvider"),
+    ProviderSpec("huawei", "hms", "hms", "hms_client_secret", f"{_PROVIDERS}.hms:HmsProvider"),
+    ProviderSpec("web", "webpush", "webpush", "vapid_private_key", f"{_PROVIDERS}.webpush:WebPushProvider"),
+)
+BY_PLATFORM: dict[str, ProviderSpec] = {spec.platform: spec for spec in SPECS}
+
+
+def provider_name(platform: str) -> str:
+    """The provider's name for a platform (metrics, audit rows); the platform itself if unknown."""
+    spec = BY_PLATFORM.get(platform)
+    return spec.name if spec else platform
