@@ -1,6 +1,6 @@
 """A campaign's stored per-interval series (the campaign page's chart) and per-version answers.
 
-Written once per shard run, after the run's transaction (pushsvc/metrics.py `record_shard`):
+Written once per shard run, in the run's transaction (campaigns/sending/ledger.py `apply_shard_run`):
 
 - one upsert into the run's `SAMPLE_BASE_S` (10 s) interval row of `CampaignSample`
   (`... ON CONFLICT (campaign, start) DO UPDATE SET delivered = delivered + EXCLUDED.delivered`),

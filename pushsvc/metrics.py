@@ -118,18 +118,12 @@ def _client() -> redis.Redis:
 
 
 # --- worker side ---------------------------------------------------------------------------------
-def record_shard(app_id: int, platform: str, results: ShardResults, campaign_id: int | None = None) -> None:
+def record_shard(app_id: int, platform: str, results: ShardResults) -> None:
     """Count one recorded shard run (called by campaigns/sending/ledger.py after its transaction).
 
     Inside a send task the figures wait for the task's end and leave with its duration in one
-    pipeline; anywhere else (a test, a shell) they are written at once. With `campaign_id`, the
-    run is also added to the campaign's stored chart series and per-version answers
-    (campaigns/series.py: two upserts, in the database because they outlive Redis' counters).
+    pipeline; anywhere else (a test, a shell) they are written at once.
     """
-    if campaign_id is not None:
-        from campaigns import series
-
-        series.record_run(campaign_id, platform, results)
     provider = PROVIDER_OF.get(platform, platform)
     sends: Counter[str] = Counter()
     if results.delivered:

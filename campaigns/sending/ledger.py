@@ -44,6 +44,7 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
+from campaigns import series
 from campaigns.counts import add_counts
 from campaigns.models import Campaign, DirectResult, OutcomeTally, Shard
 from campaigns.sending.policy import before_deadline, min_retry_delay, retry_delay
@@ -340,6 +341,9 @@ def apply_shard_run(
             "invalid_kept",
             "halt_error_rate",
         )[0]
+        # The campaign page's chart and per-version answers, in this transaction: a page that
+        # reads "completed" must also read every run's figures (it stops polling then).
+        series.record_run(campaign_id, shard.platform, results)
         if state["status"] == Campaign.Status.RUNNING:
             if state["outstanding"] == 0:
                 applied.completed = bool(
@@ -357,7 +361,7 @@ def apply_shard_run(
             (s.pk, s.queue, delay) for s, delay in follow_ups if s.status == Shard.Status.PENDING
         ]
     try:
-        metrics.record_shard(app_id, shard.platform, results, campaign_id=campaign_id)  # + the chart series
+        metrics.record_shard(app_id, shard.platform, results)
     except redis.RedisError:
         logger.warning("shard %s: metrics not recorded (Redis unreachable)", shard.pk)
     return applied
