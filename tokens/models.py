@@ -22,6 +22,11 @@ class ApnsEnvironment(models.TextChoices):
     PRODUCTION = "production", "Production"
 
 
+class ApnsAuth(models.TextChoices):
+    TOKEN = "token", "Token (.p8 key)"
+    CERTIFICATE = "certificate", "Certificate (.p12 / PEM)"
+
+
 class App(models.Model):
     """One mobile or web app: the tenant every token, key and campaign belongs to.
 
@@ -38,9 +43,25 @@ class App(models.Model):
     apns_environment = models.CharField(
         max_length=16, choices=ApnsEnvironment.choices, default=ApnsEnvironment.PRODUCTION
     )
+    apns_auth = models.CharField(
+        max_length=16,
+        choices=ApnsAuth.choices,
+        default=ApnsAuth.TOKEN,
+        help_text="How pushsvc authenticates to APNs: a .p8 signing key, or a provider certificate (TLS).",
+    )
     apns_key_p8 = models.TextField(blank=True, help_text="PEM of the .p8 signing key (secret)")
     apns_key_id = models.CharField(max_length=32, blank=True)
     apns_team_id = models.CharField(max_length=32, blank=True)
+    # Certificate authentication (tokens/credentials.py parse_apns_certificate checks it on save).
+    apns_cert_pem = models.TextField(blank=True, help_text="PEM of the APNs provider certificate")
+    apns_cert_key_pem = models.TextField(
+        blank=True, help_text="PEM of the certificate's private key (secret)"
+    )
+    apns_cert_expires_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="When the APNs certificate expires (every APNs send fails from then on)",
+    )
 
     fcm_service_account = models.TextField(blank=True, help_text="Service-account JSON (secret)")
 
@@ -51,7 +72,13 @@ class App(models.Model):
     vapid_public_key = models.CharField(max_length=128, blank=True, help_text="base64url, uncompressed point")
     vapid_subject = models.CharField(max_length=255, blank=True, help_text="mailto: or https: contact")
 
-    SECRET_FIELDS = ("apns_key_p8", "fcm_service_account", "hms_client_secret", "vapid_private_key")
+    SECRET_FIELDS = (
+        "apns_key_p8",
+        "apns_cert_key_pem",
+        "fcm_service_account",
+        "hms_client_secret",
+        "vapid_private_key",
+    )
 
     class Meta:
         ordering = ("id",)
