@@ -16,9 +16,10 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.functional import cached_property
 
-from . import credentials
+from . import credentials, webhooks
 from .auth import forget_cached_keys
-from .models import ApiKey, ApnsAuth, App, DeviceToken
+from .models import ApiKey, ApnsAuth, App, DeviceToken, WebhookAttempt, WebhookEvent
+from .validation import validate_webhook_url
 
 # --- App: credentials are write-only -------------------------------------------------------------
 
@@ -29,6 +30,7 @@ SECRET_INPUTS = {
     "new_fcm_service_account": ("fcm_service_account", "FCM service-account JSON"),
     "new_hms_client_secret": ("hms_client_secret", "HMS client secret"),
     "new_vapid_private_key": ("vapid_private_key", "VAPID private key (PEM)"),
+    "new_webhook_secret": ("webhook_secret", "Webhook signing secret"),
 }
 
 
@@ -44,6 +46,7 @@ class AppAdminForm(forms.ModelForm):
     new_fcm_service_account = forms.CharField(required=False, widget=WriteOnlyTextarea(attrs={"rows": 4}))
     new_hms_client_secret = forms.CharField(required=False, widget=forms.PasswordInput(render_value=False))
     new_vapid_private_key = forms.CharField(required=False, widget=WriteOnlyTextarea(attrs={"rows": 4}))
+    new_webhook_secret = forms.CharField(required=False, widget=forms.PasswordInput(render_value=False))
     clear_secrets = forms.MultipleChoiceField(
         required=False,
         widget=forms.CheckboxSelectMultiple,
@@ -111,6 +114,15 @@ class AppAdminForm(forms.ModelForm):
                 raise forms.ValidationError(str(exc)) from None
         return subject
 
+    def clean_webhook_url(self) -> str:
+        url = (self.cleaned_data.get("webhook_url") or "").strip()
+        if url:
+            try:
+                validate_webhook_url(url, resolve=False)  # resolved again before every delivery
+            except ValueError as exc:
+                raise forms.ValidationError(str(exc)) from None
+        return url
+
     def _checked(self, name: str, check: Any) -> str:
         value = (self.cleaned_data.get(name) or "").strip()
         if value:
@@ -142,6 +154,12 @@ class AppAdminForm(forms.ModelForm):
             self._certificate = cert
         clearing = "apns_cert_key_pem" in (data.get("clear_secrets") or ())
         has_cert = self._certificate is not None or (bool(self.instance.apns_cert_key_pem) and not clearing)
+        clears_secret = "webhook_secret" in (data.get("clear_secrets") or ())
+        has_secret = bool(data.get("new_webhook_secret")) or (
+            bool(self.instance.webhook_secret) and not clears_secret
+        )
+        if data.get("webhook_url") and not has_secret:
+            self.add_error("new_webhook_secret", "A webhook URL needs a signing secret.")
         if data.get("apns_auth") == ApnsAuth.CERTIFICATE and not has_cert:
             self.add_error("apns_auth", "Certificate authentication needs an APNs certificate: upload one.")
         return data
@@ -205,6 +223,7 @@ class AppAdmin(admin.ModelAdmin):
             "Web Push",
             {"fields": ("vapid_subject", "vapid_public_key", "new_vapid_private_key", "generate_vapid")},
         ),
+        ("Webhooks", {"fields": ("webhook_url", "new_webhook_secret")}),
         ("Remove credentials", {"classes": ("collapse",), "fields": ("clear_secrets",)}),
     )
 
@@ -363,3 +382,64 @@ class DeviceTokenAdmin(admin.ModelAdmin):
         if len(term) >= 8:
             condition |= Q(token__startswith=term)
         return queryset.filter(condition), False
+
+
+# --- Webhook events: the outbox and every delivery attempt, read-only ----------------------------
+
+
+class WebhookAttemptInline(admin.TabularInline):
+    model = WebhookAttempt
+    extra = 0
+    can_delete = False
+    fields = ("attempt", "attempted_at", "url", "status_code", "error", "duration_ms")
+    readonly_fields = fields
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(WebhookEvent)
+class WebhookEventAdmin(admin.ModelAdmin):
+    list_display = (
+        "created_at",
+        "app",
+        "type",
+        "status",
+        "attempts",
+        "next_attempt_at",
+        "delivered_at",
+        "last_error",
+    )
+    list_filter = ("status", "type", "app")
+    list_select_related = ("app",)
+    search_fields = ("=id",)
+    date_hierarchy = "created_at"
+    fields = (
+        "id",
+        "app",
+        "type",
+        "status",
+        "attempts",
+        "created_at",
+        "next_attempt_at",
+        "delivered_at",
+        "last_error",
+        "payload",
+    )
+    readonly_fields = fields
+    inlines = (WebhookAttemptInline,)
+    actions = ("deliver_again",)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    @admin.action(description="Deliver the selected events again now")
+    def deliver_again(self, request: HttpRequest, queryset: QuerySet) -> None:
+        ids = [str(pk) for pk in queryset.values_list("pk", flat=True)]
+        queryset.update(status=WebhookEvent.Status.PENDING, next_attempt_at=timezone.now(), leased_until=None)
+        for event_id in ids:
+            webhooks.publish(event_id)
+        self.message_user(request, f"{len(ids)} events queued for delivery.")

@@ -12,7 +12,7 @@ from typing import Any
 
 from celery import shared_task
 
-from . import hygiene
+from . import hygiene, webhooks
 
 
 def _summary(report: hygiene.JobReport) -> dict[str, Any]:
@@ -34,3 +34,16 @@ def prune_inactive() -> dict[str, Any]:
 def sweep_stale() -> dict[str, Any]:
     """Daily: deactivate tokens not seen for HYGIENE_STALE_AFTER_DAYS."""
     return _summary(hygiene.sweep_stale())
+
+
+@shared_task(name="tokens.deliver_webhook")
+def deliver_webhook(event_id: str) -> str:
+    """One delivery attempt of a webhook event (tokens/webhooks.py); re-publishes itself with a
+    countdown when the attempt fails and attempts remain."""
+    return webhooks.deliver(event_id)
+
+
+@shared_task(name="tokens.flush_webhooks")
+def flush_webhooks() -> int:
+    """Beat: publish due webhook events nobody is delivering (the outbox's safety net)."""
+    return webhooks.flush_due()

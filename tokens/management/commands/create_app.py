@@ -12,8 +12,9 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import transaction
 
-from tokens import credentials
+from tokens import credentials, webhooks
 from tokens.models import ApnsAuth, ApnsEnvironment, App
+from tokens.validation import validate_webhook_url
 
 
 class Command(BaseCommand):
@@ -47,6 +48,15 @@ class Command(BaseCommand):
         hms = parser.add_argument_group("Huawei Push Kit")
         hms.add_argument("--hms-app-id")
         hms.add_argument("--hms-client-secret-file", help="file holding the app's client secret")
+        hooks = parser.add_argument_group("Webhooks (signed events to your backend)")
+        hooks.add_argument("--webhook-url", help="https URL receiving the app's events ('' removes it)")
+        secret = hooks.add_mutually_exclusive_group()
+        secret.add_argument("--webhook-secret-file", help="file holding the signing secret")
+        secret.add_argument(
+            "--webhook-generate-secret",
+            action="store_true",
+            help="generate a signing secret and print it once",
+        )
         web = parser.add_argument_group("Web Push (VAPID)")
         vapid = web.add_mutually_exclusive_group()
         vapid.add_argument("--vapid-generate", action="store_true", help="generate a new VAPID key pair")
@@ -108,6 +118,19 @@ class Command(BaseCommand):
             pem = _read(o["vapid_private_key_file"])
             app.vapid_public_key = credentials.check_vapid_key(pem)
             app.vapid_private_key = pem
+        if o["webhook_url"] is not None:
+            if o["webhook_url"]:
+                validate_webhook_url(o["webhook_url"], resolve=False)
+            app.webhook_url = o["webhook_url"]
+        self.new_webhook_secret = ""
+        if o["webhook_secret_file"]:
+            app.webhook_secret = _read(o["webhook_secret_file"]).strip()
+        elif o["webhook_generate_secret"]:
+            app.webhook_secret = self.new_webhook_secret = webhooks.generate_secret()
+        if app.webhook_url and not app.webhook_secret:
+            raise ValueError(
+                "A webhook URL needs a signing secret: --webhook-secret-file or --webhook-generate-secret."
+            )
         if o["vapid_subject"] is not None:
             credentials.check_vapid_subject(o["vapid_subject"])
             app.vapid_subject = o["vapid_subject"]
@@ -138,6 +161,10 @@ class Command(BaseCommand):
             f"  HMS:      app id {app.hms_app_id or '-'}, client secret {secret('hms_client_secret')}",
             f"  Web Push: private key {secret('vapid_private_key')}, subject {app.vapid_subject or '-'}",
         ]
+        lines.append(f"  Webhooks: {app.webhook_url or '-'}, secret {secret('webhook_secret')}")
+        if getattr(self, "new_webhook_secret", ""):
+            # Shown once, like an API key: the receiver needs it to verify signatures.
+            lines.append(f"  Webhook signing secret (shown once, store it now): {self.new_webhook_secret}")
         if app.vapid_public_key:
             lines.append(f"  VAPID public key (applicationServerKey for the browser): {app.vapid_public_key}")
         self.stdout.write("\n".join(lines))
