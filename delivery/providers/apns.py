@@ -299,15 +299,19 @@ class _CertificateValidity:
         return None
 
 
-# libcurl's wording (OpenSSL) of a TLS alert the server sent about our certificate: "alert bad
-# certificate", "alert unknown ca", "alert certificate expired / revoked / unknown", and TLS 1.3's
-# "alert certificate required".
-_CERTIFICATE_ALERTS = ("certificate", "unknown ca")
+# The certificate engine speaks TLS 1.2 (delivery/engine/curl.py), where the server reads the
+# client certificate inside the handshake. A handshake the server ends there is a refusal of the
+# certificate: APNs sends an alert ("bad certificate", "unknown ca", "certificate expired /
+# revoked"), other stacks (the simulator's asyncio front) just close. libcurl reports both as
+# CURLE_SSL_CONNECT_ERROR (35); a connection that could not be made at all is another code
+# (7 refused, 28 timeout, 6 resolve) and stays a transient retry.
+_HANDSHAKE_FAILED = "curl error 35:"
+_CERTIFICATE_ALERTS = ("alert bad certificate", "alert unknown ca", "alert certificate")
 
 
 def _certificate_refused(message: str) -> bool:
     lowered = message.lower()
-    return "alert" in lowered and any(word in lowered for word in _CERTIFICATE_ALERTS)
+    return lowered.startswith(_HANDSHAKE_FAILED) or any(alert in lowered for alert in _CERTIFICATE_ALERTS)
 
 
 def _error_body(body: bytes) -> tuple[str, int | None]:
