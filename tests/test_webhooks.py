@@ -278,3 +278,64 @@ def test_admin_shows_attempts_and_never_the_secret(receiver, settings) -> None:
         },
     )
     assert response.status_code == 200 and "non-public address" in response.content.decode()
+
+
+def test_a_campaign_against_the_simulator_reports_dead_tokens_and_completion(
+    receiver, simulator_fast, settings
+) -> None:
+    """End to end in-process: a shard run against the simulator deactivates the 410s, the
+    campaign completes, and both events reach the receiver, signed."""
+    import hashlib
+
+    from campaigns import fanout
+    from campaigns.models import Shard
+    from campaigns.testing import make_token, simulator_app, simulator_env
+
+    for name, value in simulator_env(simulator_fast).items():
+        setattr(settings, name, value == "true" if value in ("true", "false") else value)
+    app = simulator_app(simulator_fast, webhook_url=receiver.url, webhook_secret=SECRET)
+    old = timezone.now() - timedelta(days=2)
+    tokens = [make_token("ios", fault) for fault in ("01", "01", None, None)]
+    devices = DeviceToken.objects.bulk_create(
+        DeviceToken(
+            app=app,
+            device_id=uuid.uuid4(),
+            platform="ios",
+            token=token,
+            token_hash=hashlib.sha256(token.encode()).hexdigest(),
+            user_id=f"u{i}",
+        )
+        for i, token in enumerate(tokens)
+    )
+    DeviceToken.objects.filter(app=app).update(updated_at=old, created_at=old)  # before Apple's 410
+    campaign = Campaign.objects.create(
+        app=app,
+        message={"title": "hi"},
+        status="running",
+        started_at=timezone.now(),
+        planned=True,
+        outstanding=1,
+        targeted=4,
+    )
+    fanout._arm(campaign.pk)
+    shard = Shard.objects.create(
+        campaign=campaign,
+        platform="ios",
+        queue=fanout.queue_for(campaign, "ios"),
+        device_ids=[d.pk for d in devices],
+        planned=4,
+    )
+    fanout.run_shard(shard.pk)
+    campaign.refresh_from_db()
+    assert campaign.status == "completed" and campaign.invalidated == 2
+    events = {e.type: e for e in WebhookEvent.objects.filter(app=app)}
+    assert set(events) == {"token.invalidated", "campaign.completed"}
+    dead = {d["device_id"] for d in events["token.invalidated"].payload["devices"]}
+    assert dead == {str(d.device_id) for d in devices[:2]}
+    assert events["campaign.completed"].payload["campaign"]["counters"]["invalidated"] == 2
+    for event in events.values():
+        assert webhooks.deliver(str(event.id)).startswith("delivered")
+    assert {h["pushsvc-event-type"] for h, _ in receiver.requests} == set(events)
+    assert all(
+        webhooks.verify_signature(SECRET, h["pushsvc-signature"], body) for h, body in receiver.requests
+    )
