@@ -315,7 +315,7 @@ class CurlEngine(Engine):
             # TLS 1.2 only, for certificate authentication: in TLS 1.3 the client's handshake ends
             # before the server has judged the certificate, so a refusal arrives as a broken pipe
             # under the first request (looks like a dropped connection, "may have reached"). In
-            # 1.2 it is an alert inside the handshake: nothing was sent, and the error says why.
+            # 1.2 the refusal ends the handshake itself (CURLE_SSL_CONNECT_ERROR): nothing was sent.
             curl.setopt(pycurl.SSLVERSION, pycurl.SSLVERSION_TLSv1_2 | pycurl.SSLVERSION_MAX_TLSv1_2)
         # A provider's answer is a few hundred bytes; a runaway body must not grow a worker.
         curl.setopt(pycurl.MAXFILESIZE_LARGE, _MAX_RESPONSE_BYTES)
