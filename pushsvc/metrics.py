@@ -503,9 +503,9 @@ def _credential_families() -> Iterable[Any]:
         labels=["app", "provider"],
     )
     now = time.time()
-    for slug, expires_at in App.objects.filter(apns_cert_expires_at__isnull=False).values_list(
-        "slug", "apns_cert_expires_at"
-    ):
+    # Only certificates in use: a stored one the app does not send with must not page anyone.
+    in_use = App.objects.filter(apns_auth="certificate", apns_cert_expires_at__isnull=False)
+    for slug, expires_at in in_use.values_list("slug", "apns_cert_expires_at"):
         family.add_metric([slug, "apns"], round(expires_at.timestamp() - now))
     yield family
 

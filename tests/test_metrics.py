@@ -133,7 +133,9 @@ def test_live_campaign_progress_and_protection(redis_client) -> None:
 def _record_examples() -> None:
     """Real calls of the worker-side recorder (outside a task: written at once)."""
     # An APNs certificate 10 days from expiry (ApnsCertificateExpiringSoon selects on it).
-    app = App.objects.create(slug="alerts", apns_cert_expires_at=timezone.now() + timedelta(days=10))
+    app = App.objects.create(
+        slug="alerts", apns_auth="certificate", apns_cert_expires_at=timezone.now() + timedelta(days=10)
+    )
     results = ShardResults(attempt=0, max_attempts=5)
     results.delivered = [1, 2, 3]
     results.retry = [4]

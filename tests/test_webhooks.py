@@ -339,3 +339,14 @@ def test_a_campaign_against_the_simulator_reports_dead_tokens_and_completion(
     assert all(
         webhooks.verify_signature(SECRET, h["pushsvc-signature"], body) for h, body in receiver.requests
     )
+
+
+def test_finished_events_are_pruned_with_the_audit_retention(receiver) -> None:
+    app = hooked_app(receiver.url)
+    invalidate(app, count=1)
+    invalidate(app, count=1)
+    done, pending = WebhookEvent.objects.filter(app=app)
+    webhooks.deliver(str(done.id))
+    WebhookEvent.objects.filter(app=app).update(created_at=timezone.now() - timedelta(days=200))
+    assert webhooks.prune(180) == 2  # the delivered event and its attempt row
+    assert list(WebhookEvent.objects.filter(app=app)) == [pending]

@@ -11,6 +11,7 @@ from dataclasses import asdict
 from typing import Any
 
 from celery import shared_task
+from django.conf import settings
 
 from . import hygiene, webhooks
 
@@ -27,6 +28,8 @@ def prune_inactive() -> dict[str, Any]:
     older than HYGIENE_AUDIT_RETENTION_DAYS."""
     summary = _summary(hygiene.prune_inactive())
     summary["audit_rows_deleted"] = hygiene.prune_audit()
+    # Finished webhook events are kept as long as the audit, for the admin's delivery history.
+    summary["webhook_rows_deleted"] = webhooks.prune(settings.HYGIENE_AUDIT_RETENTION_DAYS)
     return summary
 
 

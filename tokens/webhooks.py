@@ -284,3 +284,12 @@ def flush_due(limit: int = 1000) -> int:
     for event_id in due:
         publish(str(event_id))
     return len(due)
+
+
+def prune(older_than_days: int) -> int:
+    """Delete delivered and failed events (with their attempts) older than this; pending ones stay."""
+    cutoff = timezone.now() - timedelta(days=older_than_days)
+    deleted, _ = WebhookEvent.objects.filter(
+        created_at__lt=cutoff, status__in=(WebhookEvent.Status.DELIVERED, WebhookEvent.Status.FAILED)
+    ).delete()
+    return deleted
