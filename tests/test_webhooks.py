@@ -21,6 +21,7 @@ from django.utils import timezone
 
 from campaigns import control
 from campaigns.models import Campaign
+from campaigns.pytest_fixtures import *  # noqa: F403  (start_worker and the simulator it needs)
 from tokens import webhooks
 from tokens.invalidation import Invalidation, apply_invalidations
 from tokens.models import DeviceToken, WebhookAttempt, WebhookEvent
@@ -350,3 +351,33 @@ def test_finished_events_are_pruned_with_the_audit_retention(receiver) -> None:
     WebhookEvent.objects.filter(app=app).update(created_at=timezone.now() - timedelta(days=200))
     assert webhooks.prune(180) == 2  # the delivered event and its attempt row
     assert list(WebhookEvent.objects.filter(app=app)) == [pending]
+
+
+def test_a_real_worker_delivers_and_retries(receiver, start_worker) -> None:
+    """The tokens.deliver_webhook task in a real Celery worker on the webhooks queue: the commit
+    publishes it, a 500 is retried after its backoff, the 200 marks it delivered."""
+    from campaigns.testing import wait_for
+
+    start_worker(
+        queues=("webhooks",),
+        concurrency=1,
+        env={
+            "WEBHOOK_ALLOW_PRIVATE": "true",
+            "WEBHOOK_ALLOW_HTTP": "true",
+            "WEBHOOK_RETRY_BASE_S": "0.2",
+        },
+    )
+    app = hooked_app(receiver.url)
+    receiver.statuses = [500]
+    invalidate(app, count=2)
+    event = WebhookEvent.objects.get(app=app)
+    wait_for(
+        lambda: WebhookEvent.objects.filter(pk=event.pk, status="delivered").exists(),
+        60,
+        what="the event delivered by the worker",
+    )
+    assert [h["pushsvc-event-id"] for h, _ in receiver.requests] == [str(event.id)] * 2
+    assert list(WebhookAttempt.objects.filter(event=event).values_list("status_code", flat=True)) == [
+        500,
+        200,
+    ]
