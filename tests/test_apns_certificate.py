@@ -251,3 +251,49 @@ def test_expiry_is_exported_and_shown_in_the_admin(sim, settings, admin_client):
     for page_text in (page, listing, text):
         assert "PRIVATE KEY" not in page_text
     metrics._churn_cache = (0.0, [])
+
+
+def test_admin_upload_checks_the_certificate_and_never_echoes_it(sim, admin_client):
+    from django.core.files.uploadedfile import SimpleUploadedFile
+
+    cert, key = apns_client_certificate(client_ca(sim), TOPIC, environments=("sandbox",))
+    app = App.objects.create(slug="adm", name="adm")
+    form = {
+        "name": "adm",
+        "slug": "adm",
+        "is_active": "on",
+        "apns_auth": "certificate",
+        "apns_topic": "",
+        "apns_environment": "production",
+        "new_apns_certificate_password": "wrong",
+    }
+    url = f"/admin/tokens/app/{app.pk}/change/"
+    refused = admin_client.post(
+        url, {**form, "new_apns_certificate": SimpleUploadedFile("p.p12", p12(cert, key, "pw"))}
+    )
+    assert refused.status_code == 200 and "wrong password" in refused.content.decode()
+    assert 'value="wrong"' not in refused.content.decode()  # the password is not rendered back
+    app.refresh_from_db()
+    assert app.apns_auth == "token" and not app.apns_cert_key_pem  # nothing stored
+
+    # Certificate authentication without a certificate is refused too.
+    missing = admin_client.post(url, {**form, "new_apns_certificate_password": ""})
+    assert missing.status_code == 200 and "needs an APNs certificate" in missing.content.decode()
+
+    saved = admin_client.post(
+        url,
+        {
+            **form,
+            "new_apns_certificate_password": "pw",
+            "new_apns_certificate": SimpleUploadedFile("p.p12", p12(cert, key, "pw")),
+        },
+    )
+    assert saved.status_code == 302, saved.content.decode()[:3000]
+    app.refresh_from_db()
+    assert (app.apns_auth, app.apns_topic, app.apns_environment) == ("certificate", TOPIC, "sandbox")
+    assert app.apns_cert_expires_at is not None and app.apns_cert_key_pem.startswith(
+        "-----BEGIN PRIVATE KEY-----"
+    )
+    page = admin_client.get(url).content.decode()
+    body_line = app.apns_cert_key_pem.splitlines()[1]
+    assert body_line not in page and f"set · {app.secret_fingerprint('apns_cert_key_pem')}" in page
