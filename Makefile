@@ -58,7 +58,7 @@ web: venv
 	$(VENV)/bin/granian --interface wsgi pushsvc.wsgi:application --workers 2 --blocking-threads 2 --host 127.0.0.1 --port 8000
 
 worker: venv
-	$(VENV)/bin/celery -A pushsvc worker -E -Q default,priority,apns,fcm,hms,webpush -O fair
+	$(VENV)/bin/celery -A pushsvc worker -E -Q default,priority,apns,fcm,hms,webpush,webhooks -O fair
 
 beat: venv
 	$(VENV)/bin/celery -A pushsvc beat

@@ -20,6 +20,7 @@ from django.utils import timezone
 from campaigns import publish
 from campaigns.models import Campaign, Shard
 from campaigns.sending.guard import guard_keys
+from campaigns.webhook_events import campaign_changed
 from delivery import breaker, idempotency
 from tokens.models import Platform
 
@@ -55,7 +56,12 @@ def current_state(client: redis.Redis, campaign_id: int) -> str:
 
 def pause(client: redis.Redis, campaign_id: int, reason: str = "", *, to: str = PAUSED) -> bool:
     """Pause (or halt, with `to=HALTED`) a running campaign; False when it was not running."""
-    changed = Campaign.objects.filter(pk=campaign_id, status=RUNNING).update(status=to, status_reason=reason)
+    with transaction.atomic():
+        changed = Campaign.objects.filter(pk=campaign_id, status=RUNNING).update(
+            status=to, status_reason=reason
+        )
+        if changed:
+            campaign_changed(campaign_id, to)  # the webhook event, in the same transaction
     if changed:
         set_flag(client, campaign_id, to)
         logger.warning("campaign %s %s: %s", campaign_id, to, reason or "by request")
@@ -150,9 +156,12 @@ def start(campaign_id: int) -> bool:
 
 def complete_if_done(client: redis.Redis, campaign_id: int) -> bool:
     """running with nothing outstanding -> completed; True only for the one caller that did it."""
-    done = Campaign.objects.filter(pk=campaign_id, status=RUNNING, outstanding=0).update(
-        status=Campaign.Status.COMPLETED, finished_at=timezone.now()
-    )
+    with transaction.atomic():
+        done = Campaign.objects.filter(pk=campaign_id, status=RUNNING, outstanding=0).update(
+            status=Campaign.Status.COMPLETED, finished_at=timezone.now()
+        )
+        if done:
+            campaign_changed(campaign_id, Campaign.Status.COMPLETED)
     if done:
         set_flag(client, campaign_id, Campaign.Status.COMPLETED)
         idempotency.expire(client, campaign_id)

@@ -379,6 +379,7 @@ class RedisCollector:
 
         yield from _campaign_families(Campaign, slugs)
         yield from _churn_families()
+        yield from _credential_families()
 
 
 def _version_family(client: redis.Redis, raw: dict[bytes, bytes], slugs: dict[str, str]) -> Any:
@@ -482,6 +483,25 @@ def _campaign_families(campaign_model: Any, slugs: dict[str, str]) -> Iterable[A
     counts = Counter(row["status"] for row in rows)
     for status in live:
         family.add_metric([str(status)], counts.get(status, 0))
+    yield family
+
+
+def _credential_families() -> Iterable[Any]:
+    """Seconds until each expiring credential expires (negative once expired): today the APNs
+    provider certificates. An expired certificate fails every APNs send of its app, so
+    ops/alerts.yml warns 30 days ahead. Read at scrape time: one indexed query on apps."""
+    from tokens.models import App
+
+    family = GaugeMetricFamily(
+        "pushsvc_credential_expiry_seconds",
+        "Seconds until the credential expires (APNs provider certificates); negative: expired.",
+        labels=["app", "provider"],
+    )
+    now = time.time()
+    # Only certificates in use: a stored one the app does not send with must not page anyone.
+    in_use = App.objects.filter(apns_auth="certificate", apns_cert_expires_at__isnull=False)
+    for slug, expires_at in in_use.values_list("slug", "apns_cert_expires_at"):
+        family.add_metric([slug, "apns"], round(expires_at.timestamp() - now))
     yield family
 
 

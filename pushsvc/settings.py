@@ -237,10 +237,16 @@ CELERY_TASK_DEFAULT_QUEUE = "default"
 # One queue per provider so that a slow or paused provider never blocks another; `priority`
 # carries direct (transactional) sends so they never wait behind a broadcast.
 PUSH_QUEUES = tuple(spec.queue for spec in PROVIDER_SPECS)
-CELERY_TASK_QUEUES = tuple(Queue(name) for name in ("default", "priority", *PUSH_QUEUES))
+# Webhook deliveries wait on app backends (up to WEBHOOK_TIMEOUT_S each): a queue of their own
+# keeps a slow backend from delaying planning or sends.
+WEBHOOK_QUEUE = "webhooks"
+CELERY_TASK_QUEUES = tuple(Queue(name) for name in ("default", "priority", *PUSH_QUEUES, WEBHOOK_QUEUE))
 # Task routes, in one place. Send tasks choose their provider queue per call (queue=...), see
 # campaigns/targeting.py queue_for; the entries below are the defaults for everything else.
-CELERY_TASK_ROUTES: dict[str, dict[str, str]] = {}
+CELERY_TASK_ROUTES: dict[str, dict[str, str]] = {
+    "tokens.deliver_webhook": {"queue": WEBHOOK_QUEUE},
+    "tokens.flush_webhooks": {"queue": WEBHOOK_QUEUE},
+}
 # Beat schedule: filled by the hygiene and campaign modules' entries below.
 CELERY_BEAT_SCHEDULE: dict[str, dict] = {}
 
@@ -292,6 +298,28 @@ CELERY_BEAT_SCHEDULE.update(
         },
     }
 )
+
+# --- Webhooks (tokens/webhooks.py) ----------------------------------------------------------------
+# Events are written to an outbox in the transaction of the change and delivered by the
+# tokens.deliver_webhook task: WEBHOOK_TIMEOUT_S per request, at most WEBHOOK_MAX_ATTEMPTS
+# attempts, the n-th retry after WEBHOOK_RETRY_BASE_S * 2^(n-1) capped at WEBHOOK_RETRY_MAX_S
+# (the upper half of that range at random, so failed deliveries do not return in lockstep).
+# Beat re-publishes due events every WEBHOOK_SWEEP_INTERVAL_S (a process that died between the
+# commit and the publish, a broker that lost its messages). WEBHOOK_ALLOW_PRIVATE accepts URLs
+# that resolve to private, loopback or link-local addresses; WEBHOOK_ALLOW_HTTP plain http.
+WEBHOOK_TIMEOUT_S = _env_float("WEBHOOK_TIMEOUT_S", 10.0)
+WEBHOOK_MAX_ATTEMPTS = _env_int("WEBHOOK_MAX_ATTEMPTS", 12)
+WEBHOOK_RETRY_BASE_S = _env_float("WEBHOOK_RETRY_BASE_S", 10.0)
+WEBHOOK_RETRY_MAX_S = _env_float("WEBHOOK_RETRY_MAX_S", 3600.0)
+WEBHOOK_SWEEP_INTERVAL_S = _env_float("WEBHOOK_SWEEP_INTERVAL_S", 30.0)
+WEBHOOK_BATCH_MAX = _env_int("WEBHOOK_BATCH_MAX", 1000)
+WEBHOOK_ALLOW_PRIVATE = _env_bool("WEBHOOK_ALLOW_PRIVATE", False)
+WEBHOOK_ALLOW_HTTP = _env_bool("WEBHOOK_ALLOW_HTTP", False)
+CELERY_BEAT_SCHEDULE["tokens-flush-webhooks"] = {
+    "task": "tokens.flush_webhooks",
+    "schedule": WEBHOOK_SWEEP_INTERVAL_S,
+    "options": {"queue": WEBHOOK_QUEUE},
+}
 
 # --- Campaigns and fan-out (campaigns/planning.py, campaigns/sending/, campaigns/tasks.py) -------
 # CAMPAIGN_SHARD_SIZE: active devices per shard (one send task). CAMPAIGN_CHUNK_SIZE: devices sent

@@ -90,7 +90,7 @@ def test_bad_rows_are_reported_by_line_and_skipped(tmp_path, batched):
     assert isinstance(error, CommandError) and "6 bad rows" in str(error)
     for line, field in [(3, "device_id"), (4, "platform"), (5, "token"), (7, "token"), (8, "user_id")]:
         assert f"line {line}: {field}:" in err
-    assert "line 6: expected 4 to 8 columns, got 2" in err
+    assert "line 6: expected 4 to 10 columns, got 2" in err
     assert "imported 1 rows" in out and "rejected 6" in out
     assert list(DeviceToken.objects.filter(app=app).values_list("device_id", flat=True)) == [
         uuid.UUID(good[0])

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 import yaml
 from django.conf import settings
 from django.test import Client, override_settings
+from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
 
 from campaigns.models import Campaign
@@ -130,7 +132,10 @@ def test_live_campaign_progress_and_protection(redis_client) -> None:
 
 def _record_examples() -> None:
     """Real calls of the worker-side recorder (outside a task: written at once)."""
-    app = App.objects.create(slug="alerts")
+    # An APNs certificate 10 days from expiry (ApnsCertificateExpiringSoon selects on it).
+    app = App.objects.create(
+        slug="alerts", apns_auth="certificate", apns_cert_expires_at=timezone.now() + timedelta(days=10)
+    )
     results = ShardResults(attempt=0, max_attempts=5)
     results.delivered = [1, 2, 3]
     results.retry = [4]
@@ -163,6 +168,7 @@ def test_alert_rules_parse_and_name_only_exported_metrics(redis_client) -> None:
         "PushUnregisteredSpike",
         "ApnsAuthErrors",
         "PushQueueBacklogGrowing",
+        "ApnsCertificateExpiringSoon",
     }
     promql_words = {"sum", "by", "rate", "increase", "deriv", "and", "or", "unless", "without", "on", "le"}
     for alert in alerts:
@@ -186,6 +192,8 @@ def test_alert_rules_parse_and_name_only_exported_metrics(redis_client) -> None:
     # The recorded examples are visible with the labels the rules select on.
     samples = _samples(text)
     assert _sum(samples, "pushsvc_sends_total", provider="apns", outcome="auth_failure", app="alerts") == 1
+    expiry = _sum(samples, "pushsvc_credential_expiry_seconds", provider="apns", app="alerts")
+    assert 9 * 86400 < expiry <= 10 * 86400
     assert _sum(samples, "pushsvc_sends_total", provider="apns", outcome="delivered", app="alerts") == 3
     assert _sum(samples, "pushsvc_provider_chunk_seconds_bucket", provider="apns", le="0.025") == 0
     assert _sum(samples, "pushsvc_provider_breaker_trips_total", provider="apns", app="alerts") == 1

@@ -21,6 +21,7 @@ def test_one_spec_per_platform_and_the_adapter_agrees() -> None:
 
 def test_settings_and_registry_are_derived_from_the_specs() -> None:
     assert tuple(spec.queue for spec in SPECS) == settings.PUSH_QUEUES
-    assert {q.name for q in settings.CELERY_TASK_QUEUES} == {"default", "priority", *settings.PUSH_QUEUES}
+    queues = {q.name for q in settings.CELERY_TASK_QUEUES}
+    assert queues == {"default", "priority", *settings.PUSH_QUEUES, settings.WEBHOOK_QUEUE}
     assert dict(ADAPTERS) == {spec.platform: spec.adapter for spec in SPECS}
     assert provider_name("unknown") == "unknown"

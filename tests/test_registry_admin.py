@@ -85,6 +85,7 @@ def form_data(app: App, **changes) -> dict:
         "name": app.name,
         "slug": app.slug,
         "is_active": "on",
+        "apns_auth": app.apns_auth,
         "apns_topic": app.apns_topic,
         "apns_environment": app.apns_environment,
         "apns_key_id": app.apns_key_id,

@@ -16,9 +16,10 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.functional import cached_property
 
-from . import credentials
+from . import credentials, webhooks
 from .auth import forget_cached_keys
-from .models import ApiKey, App, DeviceToken
+from .models import ApiKey, ApnsAuth, App, DeviceToken, WebhookAttempt, WebhookEvent
+from .validation import validate_webhook_url
 
 # --- App: credentials are write-only -------------------------------------------------------------
 
@@ -29,6 +30,7 @@ SECRET_INPUTS = {
     "new_fcm_service_account": ("fcm_service_account", "FCM service-account JSON"),
     "new_hms_client_secret": ("hms_client_secret", "HMS client secret"),
     "new_vapid_private_key": ("vapid_private_key", "VAPID private key (PEM)"),
+    "new_webhook_secret": ("webhook_secret", "Webhook signing secret"),
 }
 
 
@@ -44,17 +46,35 @@ class AppAdminForm(forms.ModelForm):
     new_fcm_service_account = forms.CharField(required=False, widget=WriteOnlyTextarea(attrs={"rows": 4}))
     new_hms_client_secret = forms.CharField(required=False, widget=forms.PasswordInput(render_value=False))
     new_vapid_private_key = forms.CharField(required=False, widget=WriteOnlyTextarea(attrs={"rows": 4}))
+    new_webhook_secret = forms.CharField(required=False, widget=forms.PasswordInput(render_value=False))
     clear_secrets = forms.MultipleChoiceField(
         required=False,
         widget=forms.CheckboxSelectMultiple,
-        choices=[(model_field, label) for model_field, label in SECRET_INPUTS.values()],
+        choices=[
+            *((model_field, label) for model_field, label in SECRET_INPUTS.values()),
+            ("apns_cert_key_pem", "APNs certificate"),
+        ],
         help_text="Remove these stored credentials.",
     )
     generate_vapid = forms.BooleanField(required=False, label="Generate a new VAPID key pair")
+    new_apns_certificate = forms.FileField(
+        required=False,
+        label="APNs certificate (.p12 or PEM)",
+        help_text="Sets the topic from the certificate's UID and the environment from its extensions.",
+    )
+    new_apns_certificate_password = forms.CharField(
+        required=False, label=".p12 password", widget=forms.PasswordInput(render_value=False)
+    )
+    new_apns_certificate_key = forms.CharField(
+        required=False,
+        label="Certificate's private key (PEM)",
+        help_text="Only for a PEM certificate whose key is in a separate file.",
+        widget=WriteOnlyTextarea(attrs={"rows": 3}),
+    )
 
     class Meta:
         model = App
-        exclude = (*App.SECRET_FIELDS, "vapid_public_key")
+        exclude = (*App.SECRET_FIELDS, "vapid_public_key", "apns_cert_pem", "apns_cert_expires_at")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -63,6 +83,18 @@ class AppAdminForm(forms.ModelForm):
             state = f"set · {fingerprint}" if fingerprint else "not set"
             self.fields[form_field].label = label
             self.fields[form_field].help_text = f"Currently: {state}. Empty keeps it; paste to replace."
+        self._certificate: credentials.ApnsCertificate | None = None
+        app = self.instance
+        if app.pk and app.apns_cert_key_pem:
+            expires = f"{app.apns_cert_expires_at:%Y-%m-%d %H:%M} UTC" if app.apns_cert_expires_at else "?"
+            self.fields["new_apns_certificate"].help_text = (
+                f"Currently: set · {app.secret_fingerprint('apns_cert_key_pem')}, expires {expires}. "
+                "Empty keeps it; upload to replace (the topic and environment follow the certificate)."
+            )
+        else:
+            self.fields["new_apns_certificate"].help_text = "Currently: not set. " + (
+                self.fields["new_apns_certificate"].help_text or ""
+            )
 
     def clean_new_apns_key_p8(self) -> str:
         return self._checked("new_apns_key_p8", credentials.check_apns_key)
@@ -82,6 +114,15 @@ class AppAdminForm(forms.ModelForm):
                 raise forms.ValidationError(str(exc)) from None
         return subject
 
+    def clean_webhook_url(self) -> str:
+        url = (self.cleaned_data.get("webhook_url") or "").strip()
+        if url:
+            try:
+                validate_webhook_url(url, resolve=False)  # resolved again before every delivery
+            except ValueError as exc:
+                raise forms.ValidationError(str(exc)) from None
+        return url
+
     def _checked(self, name: str, check: Any) -> str:
         value = (self.cleaned_data.get(name) or "").strip()
         if value:
@@ -95,6 +136,32 @@ class AppAdminForm(forms.ModelForm):
         data = super().clean()
         if data.get("generate_vapid") and data.get("new_vapid_private_key"):
             raise forms.ValidationError("Either paste a VAPID key or generate one, not both.")
+        upload = data.get("new_apns_certificate")
+        if upload:
+            if upload.size > 64 * 1024:
+                self.add_error("new_apns_certificate", "Larger than 64 KiB: not a certificate file.")
+                return data
+            try:
+                cert = credentials.parse_apns_certificate(
+                    upload.read(),
+                    password=data.get("new_apns_certificate_password") or "",
+                    key_pem=data.get("new_apns_certificate_key") or "",
+                )
+                credentials.check_certificate_topic(cert, data.get("apns_topic") or "")
+            except ValueError as exc:
+                self.add_error("new_apns_certificate", str(exc))
+                return data
+            self._certificate = cert
+        clearing = "apns_cert_key_pem" in (data.get("clear_secrets") or ())
+        has_cert = self._certificate is not None or (bool(self.instance.apns_cert_key_pem) and not clearing)
+        clears_secret = "webhook_secret" in (data.get("clear_secrets") or ())
+        has_secret = bool(data.get("new_webhook_secret")) or (
+            bool(self.instance.webhook_secret) and not clears_secret
+        )
+        if data.get("webhook_url") and not has_secret:
+            self.add_error("new_webhook_secret", "A webhook URL needs a signing secret.")
+        if data.get("apns_auth") == ApnsAuth.CERTIFICATE and not has_cert:
+            self.add_error("apns_auth", "Certificate authentication needs an APNs certificate: upload one.")
         return data
 
     def save(self, commit: bool = True) -> App:
@@ -103,6 +170,14 @@ class AppAdminForm(forms.ModelForm):
             setattr(app, model_field, "")
             if model_field == "vapid_private_key":
                 app.vapid_public_key = ""
+            if model_field == "apns_cert_key_pem":
+                app.apns_cert_pem, app.apns_cert_expires_at = "", None
+        cert = self._certificate
+        if cert is not None:
+            app.apns_cert_pem, app.apns_cert_key_pem = cert.cert_pem, cert.key_pem
+            app.apns_cert_expires_at = cert.not_after
+            app.apns_topic = app.apns_topic or cert.topic
+            app.apns_environment = cert.environment_for(app.apns_environment)
         for form_field, (model_field, _label) in SECRET_INPUTS.items():
             value = self.cleaned_data.get(form_field)
             if value:  # empty input keeps the stored secret
@@ -119,15 +194,28 @@ class AppAdminForm(forms.ModelForm):
 @admin.register(App)
 class AppAdmin(admin.ModelAdmin):
     form = AppAdminForm
-    list_display = ("slug", "name", "is_active", "apns_topic", "configured", "created_at")
+    list_display = ("slug", "name", "is_active", "apns_topic", "configured", "apns_certificate", "created_at")
     search_fields = ("slug", "name")
-    readonly_fields = ("vapid_public_key", "created_at")
+    readonly_fields = ("vapid_public_key", "created_at", "apns_cert_expires_at")
     actions = ()  # campaigns/admin.py adds "send test push" (a direct send: tokens/ knows nothing of it)
     fieldsets = (
         (None, {"fields": ("name", "slug", "is_active", "created_at")}),
         (
             "APNs",
-            {"fields": ("apns_topic", "apns_environment", "apns_key_id", "apns_team_id", "new_apns_key_p8")},
+            {
+                "fields": (
+                    "apns_auth",
+                    "apns_topic",
+                    "apns_environment",
+                    "apns_key_id",
+                    "apns_team_id",
+                    "new_apns_key_p8",
+                    "new_apns_certificate",
+                    "new_apns_certificate_password",
+                    "new_apns_certificate_key",
+                    "apns_cert_expires_at",
+                )
+            },
         ),
         ("FCM", {"fields": ("new_fcm_service_account",)}),
         ("Huawei Push Kit", {"fields": ("hms_app_id", "new_hms_client_secret")}),
@@ -135,12 +223,20 @@ class AppAdmin(admin.ModelAdmin):
             "Web Push",
             {"fields": ("vapid_subject", "vapid_public_key", "new_vapid_private_key", "generate_vapid")},
         ),
+        ("Webhooks", {"fields": ("webhook_url", "new_webhook_secret")}),
         ("Remove credentials", {"classes": ("collapse",), "fields": ("clear_secrets",)}),
     )
+
+    @admin.display(description="APNs certificate", ordering="apns_cert_expires_at")
+    def apns_certificate(self, app: App) -> str:
+        if app.apns_cert_expires_at is None:
+            return "-"
+        return f"certificate expires {app.apns_cert_expires_at:%Y-%m-%d}"
 
     @admin.display(description="credentials")
     def configured(self, app: App) -> str:
         names = {"apns_key_p8": "APNs", "fcm_service_account": "FCM", "hms_client_secret": "HMS"}
+        names["apns_cert_key_pem"] = "APNs cert"
         names["vapid_private_key"] = "Web"
         return ", ".join(label for field, label in names.items() if getattr(app, field)) or "-"
 
@@ -286,3 +382,64 @@ class DeviceTokenAdmin(admin.ModelAdmin):
         if len(term) >= 8:
             condition |= Q(token__startswith=term)
         return queryset.filter(condition), False
+
+
+# --- Webhook events: the outbox and every delivery attempt, read-only ----------------------------
+
+
+class WebhookAttemptInline(admin.TabularInline):
+    model = WebhookAttempt
+    extra = 0
+    can_delete = False
+    fields = ("attempt", "attempted_at", "url", "status_code", "error", "duration_ms")
+    readonly_fields = fields
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(WebhookEvent)
+class WebhookEventAdmin(admin.ModelAdmin):
+    list_display = (
+        "created_at",
+        "app",
+        "type",
+        "status",
+        "attempts",
+        "next_attempt_at",
+        "delivered_at",
+        "last_error",
+    )
+    list_filter = ("status", "type", "app")
+    list_select_related = ("app",)
+    search_fields = ("=id",)
+    date_hierarchy = "created_at"
+    fields = (
+        "id",
+        "app",
+        "type",
+        "status",
+        "attempts",
+        "created_at",
+        "next_attempt_at",
+        "delivered_at",
+        "last_error",
+        "payload",
+    )
+    readonly_fields = fields
+    inlines = (WebhookAttemptInline,)
+    actions = ("deliver_again",)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    @admin.action(description="Deliver the selected events again now")
+    def deliver_again(self, request: HttpRequest, queryset: QuerySet) -> None:
+        ids = [str(pk) for pk in queryset.values_list("pk", flat=True)]
+        queryset.update(status=WebhookEvent.Status.PENDING, next_attempt_at=timezone.now(), leased_until=None)
+        for event_id in ids:
+            webhooks.publish(event_id)
+        self.message_user(request, f"{len(ids)} events queued for delivery.")

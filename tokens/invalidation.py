@@ -24,6 +24,7 @@ import orjson
 from django.db import connection, transaction
 from django.utils import timezone
 
+from . import webhooks
 from .models import DeviceToken
 
 AUDIT_TABLE = "tokens_deactivation_audit"
@@ -90,7 +91,7 @@ upd AS (
        AND d.token_hash = v.token_hash
        AND d.is_active
        AND d.updated_at <= COALESCE(v.provider_ts, v.observed_at)
- RETURNING d.id
+ RETURNING d.id, d.app_id, d.device_id, d.user_id, d.platform, v.reason
 ),
 ins AS (
     INSERT INTO {AUDIT_TABLE} (stream_id, device_id, token_hash, app_id, provider, reason,
@@ -100,11 +101,18 @@ ins AS (
       FROM v LEFT JOIN upd ON upd.id = v.device_id
  RETURNING 1
 )
-SELECT (SELECT count(*) FROM upd), (SELECT count(*) FROM ins)
+SELECT (SELECT count(*) FROM upd), (SELECT count(*) FROM ins),
+       {{devices}}
 """
+# What the token.invalidated webhook reports of each deactivated device; only built when one of
+# the batch's apps has a webhook (tokens/webhooks.py).
+_PG_DEVICES = "(SELECT json_agg(json_build_array(app_id, device_id, user_id, platform, reason)) FROM upd)"
 
 
-def _apply_postgresql(rows: list[_Row], now: datetime) -> tuple[int, int]:
+Deactivated = list[tuple[int, str, str, str, str]]  # (app_id, device_id, user_id, platform, reason)
+
+
+def _apply_postgresql(rows: list[_Row], now: datetime, report: bool) -> tuple[int, int, Deactivated]:
     # Id order: the nested loop then walks the table and its indexes in order (far fewer page
     # reads on a big table), and concurrent shards lock rows in the same order (no deadlocks).
     document = [
@@ -122,21 +130,29 @@ def _apply_postgresql(rows: list[_Row], now: datetime) -> tuple[int, int]:
         }
         for row in sorted(rows, key=lambda r: r.item.device_id)
     ]
+    sql = _PG_APPLY.replace("{devices}", _PG_DEVICES if report else "NULL")
     with transaction.atomic(), connection.cursor() as cursor:
-        cursor.execute(_PG_APPLY, [orjson.dumps(document).decode(), now, now])
-        deactivated, audited = cursor.fetchone()
-    return int(deactivated), int(audited)
+        cursor.execute(sql, [orjson.dumps(document).decode(), now, now])
+        deactivated, audited, devices = cursor.fetchone()
+    if isinstance(devices, str):  # psycopg2 decodes json; a driver that does not gives text
+        devices = orjson.loads(devices)
+    return int(deactivated), int(audited), [tuple(d) for d in devices or ()]
 
 
-def _apply_portable(rows: list[_Row], now: datetime) -> tuple[int, int]:
+def _apply_portable(rows: list[_Row], now: datetime, report: bool) -> tuple[int, int, Deactivated]:
     """SQLite (the demo): same rules, a few statements; IMMEDIATE transactions serialize writers."""
     with transaction.atomic():
+        found_rows = DeviceToken.objects.filter(id__in={r.item.device_id for r in rows}).values_list(
+            "id", "token_hash", "is_active", "updated_at", "device_id", "user_id", "platform"
+        )
         current = {
             pk: (token_hash, is_active, updated_at)
-            for pk, token_hash, is_active, updated_at in DeviceToken.objects.filter(
-                id__in={r.item.device_id for r in rows}
-            ).values_list("id", "token_hash", "is_active", "updated_at")
+            for pk, token_hash, is_active, updated_at, *_ in found_rows
         }
+        described = {
+            pk: (str(device_id), user_id, platform) for pk, *_, device_id, user_id, platform in found_rows
+        }
+        devices: Deactivated = []
         applied: set[str] = set()
         by_reason: dict[str, list[int]] = {}
         for row in rows:
@@ -151,6 +167,8 @@ def _apply_portable(rows: list[_Row], now: datetime) -> tuple[int, int]:
             ):
                 applied.add(row.audit_id)
                 by_reason.setdefault(item.reason, []).append(item.device_id)
+                if report:
+                    devices.append((item.app_id, *described[item.device_id], item.reason))
         deactivated = 0
         for reason, ids in by_reason.items():
             deactivated += DeviceToken.objects.filter(id__in=ids, is_active=True).update(
@@ -179,7 +197,7 @@ def _apply_portable(rows: list[_Row], now: datetime) -> tuple[int, int]:
                     ],
                 )
                 audited += cursor.rowcount
-    return deactivated, audited
+    return deactivated, audited, devices
 
 
 def apply_invalidations(items: Sequence[Invalidation], *, now: datetime | None = None) -> tuple[int, int]:
@@ -205,6 +223,29 @@ def apply_invalidations(items: Sequence[Invalidation], *, now: datetime | None =
         for item in items
     ]
     _mark_kept(rows)
-    if connection.vendor == "postgresql":
-        return _apply_postgresql(rows, now)
-    return _apply_portable(rows, now)
+    # Apps with a webhook hear of their deactivated devices, in this same transaction (the outbox).
+    hooked = webhooks.apps_with_webhooks(item.app_id for item in items)
+    apply = _apply_postgresql if connection.vendor == "postgresql" else _apply_portable
+    with transaction.atomic():
+        deactivated, audited, devices = apply(rows, now, bool(hooked))
+        if hooked and devices:
+            _emit(hooked, devices, now)
+    return deactivated, audited
+
+
+def _emit(hooked: set[int], devices: Deactivated, now: datetime) -> None:
+    if devices:
+        by_app: dict[int, list[dict[str, str]]] = {}
+        for app_id, device_id, user_id, platform, reason in devices:
+            if app_id in hooked:
+                by_app.setdefault(app_id, []).append(
+                    {
+                        "device_id": str(device_id),
+                        "user_id": user_id,
+                        "platform": platform,
+                        "reason": reason,
+                        "deactivated_at": now.isoformat(),
+                    }
+                )
+        for app_id, described in by_app.items():
+            webhooks.emit_token_invalidated(app_id, described)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import uuid
 
 from django.db import models
 from django.utils import timezone
@@ -20,6 +21,11 @@ class Platform(models.TextChoices):
 class ApnsEnvironment(models.TextChoices):
     SANDBOX = "sandbox", "Sandbox"
     PRODUCTION = "production", "Production"
+
+
+class ApnsAuth(models.TextChoices):
+    TOKEN = "token", "Token (.p8 key)"
+    CERTIFICATE = "certificate", "Certificate (.p12 / PEM)"
 
 
 class App(models.Model):
@@ -38,9 +44,25 @@ class App(models.Model):
     apns_environment = models.CharField(
         max_length=16, choices=ApnsEnvironment.choices, default=ApnsEnvironment.PRODUCTION
     )
+    apns_auth = models.CharField(
+        max_length=16,
+        choices=ApnsAuth.choices,
+        default=ApnsAuth.TOKEN,
+        help_text="How pushsvc authenticates to APNs: a .p8 signing key, or a provider certificate (TLS).",
+    )
     apns_key_p8 = models.TextField(blank=True, help_text="PEM of the .p8 signing key (secret)")
     apns_key_id = models.CharField(max_length=32, blank=True)
     apns_team_id = models.CharField(max_length=32, blank=True)
+    # Certificate authentication (tokens/credentials.py parse_apns_certificate checks it on save).
+    apns_cert_pem = models.TextField(blank=True, help_text="PEM of the APNs provider certificate")
+    apns_cert_key_pem = models.TextField(
+        blank=True, help_text="PEM of the certificate's private key (secret)"
+    )
+    apns_cert_expires_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="When the APNs certificate expires (every APNs send fails from then on)",
+    )
 
     fcm_service_account = models.TextField(blank=True, help_text="Service-account JSON (secret)")
 
@@ -51,7 +73,22 @@ class App(models.Model):
     vapid_public_key = models.CharField(max_length=128, blank=True, help_text="base64url, uncompressed point")
     vapid_subject = models.CharField(max_length=255, blank=True, help_text="mailto: or https: contact")
 
-    SECRET_FIELDS = ("apns_key_p8", "fcm_service_account", "hms_client_secret", "vapid_private_key")
+    # Signed webhooks to the app's backend (tokens/webhooks.py).
+    webhook_url = models.CharField(
+        max_length=2048, blank=True, help_text="https URL receiving the app's events (empty: none sent)"
+    )
+    webhook_secret = models.CharField(
+        max_length=128, blank=True, help_text="HMAC-SHA256 signing secret (secret)"
+    )
+
+    SECRET_FIELDS = (
+        "apns_key_p8",
+        "apns_cert_key_pem",
+        "fcm_service_account",
+        "hms_client_secret",
+        "vapid_private_key",
+        "webhook_secret",
+    )
 
     class Meta:
         ordering = ("id",)
@@ -192,3 +229,60 @@ class DeviceToken(models.Model):
     def save(self, *args, **kwargs) -> None:
         self.token_hash = self.hash_token(self.token)
         super().save(*args, **kwargs)
+
+
+class WebhookEvent(models.Model):
+    """The outbox: one event for the app's backend, written in the transaction of the change that
+    causes it, so a committed change always has its event and a rolled-back one never does.
+    Delivered at least once by tokens.deliver_webhook; `id` is the event id receivers dedupe on."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending"
+        DELIVERED = "delivered"
+        FAILED = "failed"  # gave up after WEBHOOK_MAX_ATTEMPTS, or the app's URL was removed
+
+    id = models.UUIDField(primary_key=True, default=uuid.uuid4, editable=False)
+    app = models.ForeignKey(App, on_delete=models.CASCADE, related_name="webhook_events")
+    type = models.CharField(max_length=64)
+    payload = models.JSONField()
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    created_at = models.DateTimeField(default=timezone.now)
+    next_attempt_at = models.DateTimeField(default=timezone.now)
+    # Set by the delivering task for the length of one attempt: a second copy of the task (the
+    # beat sweep, a redelivered message) finds the event leased and leaves it alone.
+    leased_until = models.DateTimeField(null=True, blank=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+    last_error = models.CharField(max_length=300, blank=True, default="")
+
+    class Meta:
+        ordering = ("-created_at",)
+        indexes = [
+            models.Index(
+                fields=["next_attempt_at"],
+                name="webhook_event_due_idx",
+                condition=models.Q(status="pending"),
+            ),
+            models.Index(fields=["app", "-created_at"], name="webhook_event_app_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.type} {self.id}"
+
+
+class WebhookAttempt(models.Model):
+    """One delivery attempt of an event: what the backend answered, or why there was no answer."""
+
+    event = models.ForeignKey(WebhookEvent, on_delete=models.CASCADE, related_name="attempt_log")
+    attempt = models.PositiveIntegerField()
+    attempted_at = models.DateTimeField(default=timezone.now)
+    url = models.CharField(max_length=2048)
+    status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    error = models.CharField(max_length=300, blank=True, default="")
+    duration_ms = models.PositiveIntegerField(default=0)
+
+    class Meta:
+        ordering = ("attempt",)
+
+    def __str__(self) -> str:
+        return f"attempt {self.attempt} of {self.event_id}: {self.status_code or self.error}"

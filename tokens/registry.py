@@ -174,9 +174,15 @@ def upsert_device(app: App | int, reg: Registration, *, now: datetime | None = N
 
 
 def _statement_params(
-    app_id: int, reg: Registration, device_db: object, now_db: object
+    app_id: int,
+    reg: Registration,
+    device_db: object,
+    now_db: object,
+    seen_db: object = None,
+    updated_db: object = None,
 ) -> tuple[tuple[object, ...], tuple[object, ...]]:
-    """Parameters of _DELETE_MOVED and _UPSERT for one registration (now = created, seen, updated)."""
+    """Parameters of _DELETE_MOVED and _UPSERT for one registration (now = created, seen, updated;
+    an import may carry the device's own last-seen and registration times instead)."""
     token_hash = reg.token_hash  # a property that hashes: once
     delete_params = (app_id, reg.platform, token_hash, device_db)
     upsert_params = (
@@ -190,9 +196,9 @@ def _statement_params(
         reg.user_id,
         reg.app_version,
         reg.locale,
+        now_db if seen_db is None else seen_db,
         now_db,
-        now_db,
-        now_db,
+        now_db if updated_db is None else updated_db,
     )
     return delete_params, upsert_params
 
@@ -226,15 +232,30 @@ def _retryable(exc: DatabaseError) -> bool:
     return pgcode in _RETRYABLE_PG
 
 
-def upsert_many(app_id: int, regs: list[Registration], *, now: datetime) -> int:
+def upsert_many(
+    app_id: int,
+    regs: list[Registration],
+    *,
+    now: datetime,
+    dates: list[tuple[datetime | None, datetime | None]] | None = None,
+) -> int:
     """Apply a batch of registrations in one transaction (import_tokens on SQLite); return the
-    number applied. The batch must hold each device and each (platform, token) at most once."""
+    number applied. The batch must hold each device and each (platform, token) at most once.
+    `dates`, per registration: (last_seen, registered_at) from the imported file, None = now."""
     now_db = _datetime_field.get_db_prep_value(now, connection)
     deletes = []
     upserts = []
-    for reg in regs:
+    for index, reg in enumerate(regs):
         device_db = _device_field.get_db_prep_value(reg.device_id, connection)
-        delete_params, upsert_params = _statement_params(app_id, reg, device_db, now_db)
+        seen, registered = dates[index] if dates is not None else (None, None)
+        delete_params, upsert_params = _statement_params(
+            app_id,
+            reg,
+            device_db,
+            now_db,
+            None if seen is None else _datetime_field.get_db_prep_value(seen, connection),
+            None if registered is None else _datetime_field.get_db_prep_value(registered, connection),
+        )
         deletes.append(delete_params)
         upserts.append(upsert_params)
     with transaction.atomic(), connection.cursor() as cursor:

@@ -11,8 +11,9 @@ from dataclasses import asdict
 from typing import Any
 
 from celery import shared_task
+from django.conf import settings
 
-from . import hygiene
+from . import hygiene, webhooks
 
 
 def _summary(report: hygiene.JobReport) -> dict[str, Any]:
@@ -27,6 +28,8 @@ def prune_inactive() -> dict[str, Any]:
     older than HYGIENE_AUDIT_RETENTION_DAYS."""
     summary = _summary(hygiene.prune_inactive())
     summary["audit_rows_deleted"] = hygiene.prune_audit()
+    # Finished webhook events are kept as long as the audit, for the admin's delivery history.
+    summary["webhook_rows_deleted"] = webhooks.prune(settings.HYGIENE_AUDIT_RETENTION_DAYS)
     return summary
 
 
@@ -34,3 +37,16 @@ def prune_inactive() -> dict[str, Any]:
 def sweep_stale() -> dict[str, Any]:
     """Daily: deactivate tokens not seen for HYGIENE_STALE_AFTER_DAYS."""
     return _summary(hygiene.sweep_stale())
+
+
+@shared_task(name="tokens.deliver_webhook")
+def deliver_webhook(event_id: str) -> str:
+    """One delivery attempt of a webhook event (tokens/webhooks.py); re-publishes itself with a
+    countdown when the attempt fails and attempts remain."""
+    return webhooks.deliver(event_id)
+
+
+@shared_task(name="tokens.flush_webhooks")
+def flush_webhooks() -> int:
+    """Beat: publish due webhook events nobody is delivering (the outbox's safety net)."""
+    return webhooks.flush_due()

@@ -220,18 +220,59 @@ def validate_push_endpoint(url: str, *, resolve: bool) -> tuple[str, ...]:
         raise ValueError("The endpoint must use the https port, 443.")
     if not resolve:
         return ()
+    return public_addresses(host, 443, "endpoint")
+
+
+def public_addresses(host: str, port: int, what: str, *, allow_private: bool = False) -> tuple[str, ...]:
+    """The addresses `host` resolves to, all of them public (not private, loopback, link-local,
+    multicast or reserved) unless `allow_private`; ValueError otherwise. The caller connects to
+    these and only these: a second lookup is what DNS rebinding would answer differently."""
     try:
-        infos = socket.getaddrinfo(host, 443, type=socket.SOCK_STREAM)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except OSError as exc:
-        raise ValueError(f"The endpoint host {host!r} does not resolve: {exc}.") from None
+        raise ValueError(f"The {what} host {host!r} does not resolve: {exc}.") from None
     addresses: list[str] = []
     for info in infos:
         address = _ip(info[4][0])
-        if address is None or not address.is_global or address.is_multicast:
-            raise ValueError(f"The endpoint host {host!r} resolves to a non-public address.")
+        if address is None or (not allow_private and (not address.is_global or address.is_multicast)):
+            raise ValueError(f"The {what} host {host!r} resolves to a non-public address.")
         if str(address) not in addresses:
             addresses.append(str(address))
     return tuple(addresses)
+
+
+def validate_webhook_url(url: str, *, resolve: bool) -> tuple[str, ...]:
+    """Refuse a webhook URL the gateway must not POST to: the Web Push SSRF rules above without
+    the push-service allow-list (a backend lives anywhere) and without the fixed port. https,
+    no credentials, a DNS name or a public IP literal; with `resolve=True` every address the name
+    resolves to must be public, and those addresses are returned for the sender to connect to.
+    `WEBHOOK_ALLOW_PRIVATE` lifts the address rule (a backend on the same private network) and
+    `WEBHOOK_ALLOW_HTTP` accepts plain http; both off by default."""
+    if not isinstance(url, str) or not url or any(ch.isspace() or not ch.isprintable() for ch in url):
+        raise ValueError("The webhook URL must be a URL without spaces or control characters.")
+    if len(url) > WEB_ENDPOINT_MAX:
+        raise ValueError(f"The webhook URL is longer than {WEB_ENDPOINT_MAX} characters.")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"The webhook URL is not valid: {exc}.") from None
+    host = (parts.hostname or "").rstrip(".")
+    allowed_schemes = ("https", "http") if settings.WEBHOOK_ALLOW_HTTP else ("https",)
+    if parts.scheme not in allowed_schemes or not host:
+        raise ValueError("The webhook URL must be an absolute https:// URL.")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("The webhook URL must not carry credentials.")
+    literal = _ip(host)
+    if literal is None and not _valid_hostname(host):
+        raise ValueError("The webhook host must be a DNS name of letters, digits, hyphens and dots.")
+    allow_private = settings.WEBHOOK_ALLOW_PRIVATE
+    if literal is not None and not allow_private and (not literal.is_global or literal.is_multicast):
+        raise ValueError("The webhook URL names a non-public address (WEBHOOK_ALLOW_PRIVATE is off).")
+    if not resolve:
+        return ()
+    port = port or (443 if parts.scheme == "https" else 80)
+    return public_addresses(host, port, "webhook", allow_private=allow_private)
 
 
 _LABEL_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")

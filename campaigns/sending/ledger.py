@@ -48,6 +48,7 @@ from campaigns import series
 from campaigns.counts import add_counts
 from campaigns.models import Campaign, DirectResult, OutcomeTally, Shard
 from campaigns.sending.policy import before_deadline, min_retry_delay, retry_delay
+from campaigns.webhook_events import campaign_changed
 from delivery.models import DeadLetter
 from delivery.providers.base import Outcome, Result
 from delivery.providers.specs import provider_name
@@ -351,12 +352,14 @@ def apply_shard_run(
                         status=Campaign.Status.COMPLETED, finished_at=now
                     )
                 )
+                if applied.completed:
+                    campaign_changed(campaign_id, Campaign.Status.COMPLETED)  # webhook outbox
             else:
                 applied.halted_reason = _error_rate_breach(state, results)
-                if applied.halted_reason:
-                    Campaign.objects.filter(pk=campaign_id, status=Campaign.Status.RUNNING).update(
-                        status=Campaign.Status.HALTED, status_reason=applied.halted_reason
-                    )
+                if applied.halted_reason and Campaign.objects.filter(
+                    pk=campaign_id, status=Campaign.Status.RUNNING
+                ).update(status=Campaign.Status.HALTED, status_reason=applied.halted_reason):
+                    campaign_changed(campaign_id, Campaign.Status.HALTED)  # webhook outbox
         applied.follow_ups = [
             (s.pk, s.queue, delay) for s, delay in follow_ups if s.status == Shard.Status.PENDING
         ]

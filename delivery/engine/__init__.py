@@ -20,6 +20,7 @@ def create_engine(
     timeout: float = 15.0,
     h2c: bool = False,
     resolve: Callable[[str, int], Sequence[str] | None] | None = None,
+    client_cert: tuple[bytes, bytes] | None = None,
 ) -> Engine:
     """An engine for one provider endpoint (scheme://host[:port]); requests may use paths.
 
@@ -28,6 +29,7 @@ def create_engine(
     cleartext HTTP/2 with prior knowledge (local simulator only). `timeout` applies per request
     unless the request carries its own. `resolve` (httpx only): (host, port) -> the addresses to
     connect to instead of resolving the host (None: resolve as usual; empty: refuse to connect).
+    `client_cert` (curl only): (certificate PEM, key PEM) presented for TLS client authentication.
     """
     if kind == "curl":
         if resolve is not None:
@@ -35,8 +37,15 @@ def create_engine(
         from delivery.engine.curl import CurlEngine
 
         return CurlEngine(
-            base_url, ca_file=ca_file, max_connections=max_connections, timeout=timeout, h2c=h2c
+            base_url,
+            ca_file=ca_file,
+            max_connections=max_connections,
+            timeout=timeout,
+            h2c=h2c,
+            client_cert=client_cert,
         )
+    if client_cert is not None:
+        raise ValueError("TLS client certificates are implemented by the curl engine only")
     if kind == "httpx":
         from delivery.engine.httpx_engine import HttpxEngine
 

@@ -139,6 +139,7 @@ class CurlEngine(Engine):
         max_connections: int = 2,
         timeout: float = 15.0,
         h2c: bool = False,
+        client_cert: tuple[bytes, bytes] | None = None,
     ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
@@ -164,6 +165,9 @@ class CurlEngine(Engine):
         self._failed_ports: dict[int, float] = {}
         self._closed = False
         self._stats = EngineStats()
+        # (certificate PEM, key PEM) for TLS client authentication (APNs certificate auth); held in
+        # memory and handed to libcurl as blobs, never written to a file.
+        self._client_cert = client_cert
 
     # --- public interface ------------------------------------------------------------------
     async def request(self, req: HttpRequest) -> HttpResponse:
@@ -303,6 +307,16 @@ class CurlEngine(Engine):
         )
         if self._ca_file:
             curl.setopt(pycurl.CAINFO, self._ca_file)
+        if self._client_cert is not None:
+            curl.setopt(pycurl.SSLCERT_BLOB, self._client_cert[0])
+            curl.setopt(pycurl.SSLCERTTYPE, "PEM")
+            curl.setopt(pycurl.SSLKEY_BLOB, self._client_cert[1])
+            curl.setopt(pycurl.SSLKEYTYPE, "PEM")
+            # TLS 1.2 only, for certificate authentication: in TLS 1.3 the client's handshake ends
+            # before the server has judged the certificate, so a refusal arrives as a broken pipe
+            # under the first request (looks like a dropped connection, "may have reached"). In
+            # 1.2 the refusal ends the handshake itself (CURLE_SSL_CONNECT_ERROR): nothing was sent.
+            curl.setopt(pycurl.SSLVERSION, pycurl.SSLVERSION_TLSv1_2 | pycurl.SSLVERSION_MAX_TLSv1_2)
         # A provider's answer is a few hundred bytes; a runaway body must not grow a worker.
         curl.setopt(pycurl.MAXFILESIZE_LARGE, _MAX_RESPONSE_BYTES)
         curl.setopt(pycurl.POST, 1)

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 from django.conf import settings
 
-from delivery.credentials import ApnsTokens, Clock, CredentialError, shared_cache
+from delivery.credentials import ApnsTokens, Clock, CredentialError, IssuedToken, shared_cache
 from delivery.engine.base import Engine, HttpRequest, TransportError
 from delivery.payload import PushMessage, fit_message
 from delivery.providers import mapping as m
@@ -136,6 +136,7 @@ class ApnsProvider(Provider):
         auth: AuthToken,
         *,
         clock: Clock = time.time,
+        certificate: bool = False,
     ) -> None:
         self._engine = engine
         self._path = "/3/device/"  # the engine is bound to the endpoint; requests carry paths
@@ -144,13 +145,16 @@ class ApnsProvider(Provider):
         self._clock = clock
         self._renders: dict[str, _Rendered] = {}
         self._headers_cache: tuple[_Rendered, str, int, dict[str, str]] | None = None
+        self._certificate = certificate  # TLS client authentication instead of a provider token
 
     @classmethod
     def from_app(cls, app: App) -> ApnsProvider:
-        from tokens.models import ApnsEnvironment
+        from tokens.models import ApnsAuth, ApnsEnvironment
 
         sandbox = app.apns_environment == ApnsEnvironment.SANDBOX
         base_url = settings.APNS_ENDPOINT_SANDBOX if sandbox else settings.APNS_ENDPOINT_PRODUCTION
+        if app.apns_auth == ApnsAuth.CERTIFICATE:
+            return cls._with_certificate(app, base_url)
         engine = provider_engine(base_url, kind="curl")
         missing = [
             f for f in ("apns_key_p8", "apns_key_id", "apns_team_id", "apns_topic") if not getattr(app, f)
@@ -160,6 +164,21 @@ class ApnsProvider(Provider):
         else:
             auth = AuthToken(ApnsTokens(shared_cache(), app.apns_team_id, app.apns_key_id, app.apns_key_p8))
         return cls(engine, app.apns_topic, auth)
+
+    @classmethod
+    def _with_certificate(cls, app: App, base_url: str) -> ApnsProvider:
+        """Certificate authentication: the certificate authenticates each connection at the TLS
+        handshake, so the adapter gets an engine of its own presenting it, and requests carry no
+        provider token."""
+        missing = [f for f in ("apns_cert_pem", "apns_cert_key_pem", "apns_topic") if not getattr(app, f)]
+        client_cert = None if missing else (app.apns_cert_pem.encode(), app.apns_cert_key_pem.encode())
+        engine = provider_engine(base_url, kind="curl", client_cert=client_cert)
+        if missing:
+            auth = AuthToken(None, config_error=f"app {app.slug} lacks {', '.join(missing)}")
+        else:
+            expires = app.apns_cert_expires_at.timestamp() if app.apns_cert_expires_at else float("inf")
+            auth = AuthToken(_CertificateValidity(app.slug, expires))
+        return cls(engine, app.apns_topic, auth, certificate=True)
 
     @classmethod
     def payload_size(cls, message: PushMessage) -> int:
@@ -210,7 +229,8 @@ class ApnsProvider(Provider):
         if cached is not None and cached[0] is rendered and cached[1] is jwt and cached[2] == second:
             return cached[3]
         headers = rendered.headers.copy()
-        headers["authorization"] = "bearer " + jwt
+        if jwt:  # certificate authentication sends none
+            headers["authorization"] = "bearer " + jwt
         if rendered.ttl == 0:
             headers["apns-expiration"] = "0"
         elif deadline is not None:
@@ -227,6 +247,10 @@ class ApnsProvider(Provider):
                 HttpRequest("POST", self._path + target.token, headers, rendered.body)
             )
         except TransportError as exc:
+            if self._certificate and _certificate_refused(str(exc)):
+                # APNs refuses a certificate it does not accept (revoked, expired, not Apple's) in
+                # the TLS handshake: nothing was processed, and retrying cannot help.
+                return Result(target, Outcome.AUTH_FAILURE, reason=f"BadCertificate: {exc}"), None
             return m.transport_result(target, exc), None
         if resp.status == 200:
             apns_id_ = resp.headers.get("apns-id", "")
@@ -250,6 +274,44 @@ class ApnsProvider(Provider):
 
     async def aclose(self) -> None:
         await self._engine.aclose()
+
+
+class _CertificateValidity:
+    """The token source of certificate authentication: no token to mint, but the certificate's
+    expiry. From then on every send fails at once as a credential failure (the campaign pauses
+    with the reason) instead of each connection attempt failing its handshake."""
+
+    def __init__(self, slug: str, expires_at: float, clock: Clock = time.time) -> None:
+        self._slug = slug
+        self._expires_at = expires_at
+        self._clock = clock
+
+    def get(self) -> IssuedToken:
+        if self._clock() >= self._expires_at:
+            when = datetime.fromtimestamp(self._expires_at, tz=UTC)
+            raise CredentialError(
+                f"the APNs certificate of app {self._slug} expired on {when:%Y-%m-%d %H:%M} UTC",
+                transient=False,
+            )
+        return IssuedToken("", 0.0, self._expires_at, self._expires_at)
+
+    def refresh(self, rejected: IssuedToken) -> IssuedToken | None:
+        return None
+
+
+# The certificate engine speaks TLS 1.2 (delivery/engine/curl.py), where the server reads the
+# client certificate inside the handshake. A handshake the server ends there is a refusal of the
+# certificate: APNs sends an alert ("bad certificate", "unknown ca", "certificate expired /
+# revoked"), other stacks (the simulator's asyncio front) just close. libcurl reports both as
+# CURLE_SSL_CONNECT_ERROR (35); a connection that could not be made at all is another code
+# (7 refused, 28 timeout, 6 resolve) and stays a transient retry.
+_HANDSHAKE_FAILED = "curl error 35:"
+_CERTIFICATE_ALERTS = ("alert bad certificate", "alert unknown ca", "alert certificate")
+
+
+def _certificate_refused(message: str) -> bool:
+    lowered = message.lower()
+    return lowered.startswith(_HANDSHAKE_FAILED) or any(alert in lowered for alert in _CERTIFICATE_ALERTS)
 
 
 def _error_body(body: bytes) -> tuple[str, int | None]:

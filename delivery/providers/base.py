@@ -87,9 +87,17 @@ class Provider(abc.ABC):
         return None
 
 
-def provider_engine(base_url: str, *, kind: str, max_connections: int | None = None) -> Engine:
+def provider_engine(
+    base_url: str,
+    *,
+    kind: str,
+    max_connections: int | None = None,
+    client_cert: tuple[bytes, bytes] | None = None,
+) -> Engine:
     """An engine for one provider endpoint, configured from settings (trust store, pool size,
-    timeout). A cleartext URL can only be a local stand-in, which speaks h2c by prior knowledge."""
+    timeout). A cleartext URL can only be a local stand-in, which speaks h2c by prior knowledge.
+    `client_cert`: (certificate PEM, key PEM) for TLS client authentication; the engine is then
+    that credential's own pool (connections authenticate once, at the handshake)."""
     from django.conf import settings
 
     from delivery.engine import create_engine
@@ -101,6 +109,7 @@ def provider_engine(base_url: str, *, kind: str, max_connections: int | None = N
         max_connections=max_connections or settings.PUSH_CONNECTIONS_PER_POOL,
         timeout=settings.PUSH_REQUEST_TIMEOUT,
         h2c=base_url.startswith("http://"),
+        client_cert=client_cert,
     )
 
 

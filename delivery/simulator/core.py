@@ -119,6 +119,9 @@ class Knobs:
     # without changing the announced expires_in: how a client meets 401 / 80200003 and must refresh.
     oauth_token_lifetime_s: float = 0.0
     seed: int = 0
+    # The APNs front plays api.sandbox.push.apple.com instead of api.push.apple.com: a client
+    # certificate without Apple's development extension answers 403 BadCertificateEnvironment.
+    apns_sandbox: bool = False
 
 
 KNOB_TYPES: dict[str, tuple[type, ...]] = {
@@ -142,6 +145,29 @@ def fault_of(token: str) -> str:
     if len(token) >= 8 and token[:6].lower() == FAULT_PREFIX:
         return token[6:8]
     return ""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientCert:
+    """What the APNs front reads from a TLS client certificate the handshake verified."""
+
+    topic: str  # the subject's UID: the app's bundle id
+    environments: frozenset[str]  # "sandbox" (development extension), "production"
+
+    @classmethod
+    def from_der(cls, der: bytes) -> ClientCert:
+        from cryptography import x509
+        from cryptography.x509.oid import NameOID
+
+        from delivery.simulator.credentials import APNS_DEVELOPMENT_OID, APNS_PRODUCTION_OID
+
+        cert = x509.load_der_x509_certificate(der)
+        uids = cert.subject.get_attributes_for_oid(NameOID.USER_ID)
+        oids = {ext.oid for ext in cert.extensions}
+        environments = {"sandbox"} if APNS_DEVELOPMENT_OID in oids else set()
+        if APNS_PRODUCTION_OID in oids:
+            environments.add("production")
+        return cls(str(uids[0].value) if uids else "", frozenset(environments))
 
 
 @dataclass(slots=True)
@@ -317,10 +343,20 @@ class Simulator:
 
     # ---- dispatch ----------------------------------------------------------------------------
     def handle(
-        self, method: str, path: str, query: str, headers: Headers, body: bytes, scheme: str, authority: str
+        self,
+        method: str,
+        path: str,
+        query: str,
+        headers: Headers,
+        body: bytes,
+        scheme: str,
+        authority: str,
+        client_cert: ClientCert | None = None,
     ) -> SimResponse:
         if path.startswith("/3/device/"):
             self.requests += 1
+            if client_cert is not None and not headers.get("authorization"):
+                return self._apns_certificate(method, path[10:], headers, body, client_cert)
             return self._apns(method, path[10:], headers, body)
         if path.startswith("/v1/"):
             self.requests += 1
@@ -445,7 +481,26 @@ class Simulator:
         resp.authenticated = True
         return resp
 
-    def _apns_checked(self, token: str, headers: Headers, body: bytes) -> SimResponse:
+    def _apns_certificate(
+        self, method: str, token: str, headers: Headers, body: bytes, cert: ClientCert
+    ) -> SimResponse:
+        """Certificate authentication: the TLS handshake verified the certificate against the client
+        CA (a foreign one never gets this far: the handshake fails, as with Apple). The request needs
+        no authorization header and may omit apns-topic (the certificate's topic is then used)."""
+        if method != "POST":
+            return self._apns_error(405, "MethodNotAllowed")
+        environment = "sandbox" if self.knobs.apns_sandbox else "production"
+        if environment not in cert.environments:
+            return self._apns_error(403, "BadCertificateEnvironment")
+        if not headers.get("apns-topic"):
+            headers = {**dict(headers.items()), "apns-topic": cert.topic}  # type: ignore[attr-defined]
+        resp = self._apns_checked(token, headers, body, allowed=(cert.topic,))
+        resp.authenticated = True
+        return resp
+
+    def _apns_checked(
+        self, token: str, headers: Headers, body: bytes, allowed: tuple[str, ...] = ()
+    ) -> SimResponse:
         if not token:
             return self._apns_error(400, "MissingDeviceToken")
         if len(token) % 2 or not 16 <= len(token) <= 400 or not _HEX.issuperset(token):
@@ -458,7 +513,7 @@ class Simulator:
             if topic.endswith(suffix):
                 base = topic[: -len(suffix)]
                 break
-        allowed = self.knobs.apns_topics or (self.creds.apns_topic,)
+        allowed = allowed or self.knobs.apns_topics or (self.creds.apns_topic,)
         if base not in allowed:
             return self._apns_error(400, "TopicDisallowed")
         push_type = headers.get("apns-push-type")

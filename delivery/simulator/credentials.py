@@ -46,6 +46,9 @@ class SimCredentials:
     vapid_private_key: str
     vapid_public_key: str
     vapid_subject: str
+    # The CA whose client certificates the APNs front accepts (certificate authentication), as
+    # Apple's WWDR CA signs real provider certificates; `apns_client_certificate` issues them.
+    apns_client_ca_file: str = ""
 
     @property
     def fcm_project_id(self) -> str:
@@ -172,6 +175,10 @@ def ensure_credentials(workdir: str | os.PathLike[str], base_url: str) -> SimCre
         vapid_pem = _write_once(
             wd / "vapid_key.pem", lambda: _pem_private(ec.generate_private_key(ec.SECP256R1()))
         )
+        if not (wd / "apns_client_ca.pem").exists():
+            ca_cert, ca_key = new_ca("pushsvc simulator APNs client CA")
+            _write_once(wd / "apns_client_ca.key", lambda: _pem_private(ca_key))
+            _write_once(wd / "apns_client_ca.pem", lambda: ca_cert.public_bytes(serialization.Encoding.PEM))
     vapid_key = serialization.load_pem_private_key(vapid_pem, password=None)
     vapid_point = vapid_key.public_key().public_bytes(
         serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
@@ -202,4 +209,78 @@ def ensure_credentials(workdir: str | os.PathLike[str], base_url: str) -> SimCre
         vapid_private_key=vapid_pem.decode(),
         vapid_public_key=base64.urlsafe_b64encode(vapid_point).rstrip(b"=").decode(),
         vapid_subject=VAPID_SUBJECT,
+        apns_client_ca_file=str(wd / "apns_client_ca.pem"),
     )
+
+
+# --- APNs provider certificates (certificate authentication) ---------------------------------------
+
+# Apple's extensions on provider certificates: development (sandbox) and production environment.
+APNS_DEVELOPMENT_OID = x509.ObjectIdentifier("1.2.840.113635.100.6.3.1")
+APNS_PRODUCTION_OID = x509.ObjectIdentifier("1.2.840.113635.100.6.3.2")
+
+
+def new_ca(name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """A self-signed CA (the simulator's client CA, or, in tests, one APNs does not trust)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=3650))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return cert, key
+
+
+def load_ca(cert_file: str | os.PathLike[str]) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """The CA certificate and its key (stored next to it as .key)."""
+    cert_path = Path(cert_file)
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    key = serialization.load_pem_private_key(cert_path.with_suffix(".key").read_bytes(), password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    return cert, key
+
+
+def apns_client_certificate(
+    ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
+    topic: str,
+    *,
+    environments: tuple[str, ...] = ("sandbox", "production"),
+    not_before: dt.datetime | None = None,
+    not_after: dt.datetime | None = None,
+) -> tuple[str, str]:
+    """(certificate PEM, key PEM) shaped like Apple's: the bundle id as the subject's UID, the
+    environments as Apple's extensions, signed by `ca` (RSA 2048, as Apple issues them)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.USER_ID, topic),
+                    x509.NameAttribute(NameOID.COMMON_NAME, f"Apple Push Services: {topic}"),
+                ]
+            )
+        )
+        .issuer_name(ca[0].subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before or now - dt.timedelta(days=1))
+        .not_valid_after(not_after or now + dt.timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+    )
+    for environment, oid in (("sandbox", APNS_DEVELOPMENT_OID), ("production", APNS_PRODUCTION_OID)):
+        if environment in environments:
+            builder = builder.add_extension(x509.UnrecognizedExtension(oid, b"\x05\x00"), critical=False)
+    cert = builder.sign(ca[1], hashes.SHA256())
+    return cert.public_bytes(serialization.Encoding.PEM).decode(), _pem_private(key).decode()

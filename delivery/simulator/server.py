@@ -40,6 +40,7 @@ async def run(
     ready_file: str | None = None,
     fast_options: dict[str, Any] | None = None,
     exit_with_parent: bool = False,
+    apns_client_ca: str | None = None,
 ) -> None:
     if front not in FRONTS:
         raise ValueError(f"front must be one of {FRONTS}, got {front!r}")
@@ -82,7 +83,10 @@ async def run(
     if front == "strict":
         from delivery.simulator import strict
 
-        ctx = strict.ssl_context(creds.server_cert_file, creds.server_key_file) if tls else None
+        # APNs certificate authentication: client certificates must chain to this CA (the
+        # generated one unless --apns-client-ca names another). The fast front does not check them.
+        client_ca = apns_client_ca or creds.apns_client_ca_file
+        ctx = strict.ssl_context(creds.server_cert_file, creds.server_key_file, client_ca) if tls else None
         server = await strict.serve(sim, sock, ctx)
         announce()
         await stop.wait()

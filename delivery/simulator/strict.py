@@ -34,7 +34,7 @@ import h2.exceptions
 import h2.settings
 from hyperframe.frame import GoAwayFrame
 
-from delivery.simulator.core import Knobs, SimResponse, Simulator
+from delivery.simulator.core import ClientCert, Knobs, SimResponse, Simulator
 
 log = logging.getLogger("delivery.simulator.strict")
 
@@ -130,12 +130,15 @@ class _Connection(asyncio.Protocol):
         # HTTP/1.1 state
         self.h1_busy = False
         self.h1_in_flight = False
+        self.client_cert: ClientCert | None = None  # verified in the TLS handshake (APNs cert auth)
 
     # ---- transport events --------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]  # uvloop's transports are not asyncio.Transport
         self.front.connections.add(self)
         sslobj = transport.get_extra_info("ssl_object")
+        der = sslobj.getpeercert(binary_form=True) if sslobj is not None else None
+        self.client_cert = ClientCert.from_der(der) if der else None
         if sslobj is not None:
             alpn = sslobj.selected_alpn_protocol()
             if alpn:  # without ALPN (e.g. http.client) the first bytes tell, as in cleartext
@@ -326,6 +329,7 @@ class _Connection(asyncio.Protocol):
             bytes(stream.body),
             scheme or self.front.scheme,
             authority or headers.get("host", ""),
+            self.client_cert,
         )
         self.handled += 1
         every = self.sim.knobs.goaway_every
@@ -532,10 +536,15 @@ def _reason(status: int) -> str:
         return "Unknown"
 
 
-def ssl_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+def ssl_context(cert_file: str, key_file: str, client_ca: str | None = None) -> ssl.SSLContext:
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.load_cert_chain(cert_file, key_file)
+    if client_ca:
+        # As APNs: a client certificate is optional (token authentication sends none), but one that
+        # does not chain to the CA (or has expired) fails the TLS handshake.
+        ctx.verify_mode = ssl.CERT_OPTIONAL
+        ctx.load_verify_locations(client_ca)
     ctx.set_alpn_protocols(["h2", "http/1.1"])
     return ctx
 

@@ -26,6 +26,12 @@ class Command(BaseCommand):
         parser.add_argument(
             "--exit-with-parent", action="store_true", help="stop when the parent process dies"
         )
+        parser.add_argument(
+            "--apns-client-ca",
+            default="",
+            help="PEM CA whose client certificates the APNs front accepts (strict front; default: "
+            "the generated apns_client_ca.pem in the workdir)",
+        )
         # Tuning of the fast front, for measuring alternatives (bench/simulator_ceiling.py).
         parser.add_argument("--fast-threads", type=int, default=1, help="granian runtime threads")
         parser.add_argument("--fast-task-impl", choices=("asyncio", "rust"), default="asyncio")
@@ -47,6 +53,7 @@ class Command(BaseCommand):
             knobs=knobs,
             ready_file=opts["ready_file"] or None,
             exit_with_parent=opts["exit_with_parent"],
+            apns_client_ca=opts["apns_client_ca"] or None,
             fast_options={
                 "runtime_threads": opts["fast_threads"],
                 "task_impl": opts["fast_task_impl"],

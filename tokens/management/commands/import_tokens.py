@@ -1,12 +1,16 @@
 """Bulk-load device tokens from CSV with the registration API's validation and upsert semantics.
 
     python manage.py import_tokens FILE.csv --app SLUG
+    python manage.py import_tokens --from-django-push-notifications DATABASE_URL --app SLUG
 
-Columns: device_id,platform,token,user_id[,app_version,locale,p256dh,auth] (a header line with
-these names is optional; for `web` rows `token` is the subscription endpoint and p256dh/auth
-its keys). Every row goes through `tokens.validation`; a bad row is reported with its line
-number and skipped, the good ones are loaded. Within the file the last row for a device (and for
-a token) wins, like consecutive registrations would.
+Columns: device_id,platform,token,user_id[,app_version,locale,p256dh,auth,last_seen,registered_at]
+(positional, or in any order under a header line naming them; for `web` rows `token` is the
+subscription endpoint and p256dh/auth its keys; last_seen and registered_at are ISO 8601, empty =
+the time of the import). The second form reads django-push-notifications' APNSDevice and GCMDevice
+tables instead (tokens/dpn.py) and reports every device it skips, with the reason. Every row goes
+through `tokens.validation`; a bad row is reported with its line number and skipped, the good ones
+are loaded. Within the file the last row for a device (and for a token) wins, like consecutive
+registrations would.
 
 PostgreSQL: rows stream into a temporary table with COPY while they are validated (PostgreSQL
 ingests in parallel; `tokens.importer` checks the common rows without building a registration),
@@ -18,6 +22,7 @@ transaction. SQLite (the demo): batched executemany.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import os
@@ -32,7 +37,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import IntegrityError, connection, transaction
 from django.utils import timezone
 
-from tokens import importer, registry
+from tokens import dpn, importer, registry
 from tokens.models import App, DeviceToken
 from tokens.validation import PLATFORMS, Registration
 
@@ -66,7 +71,14 @@ class Command(BaseCommand):
     help = "Bulk-load device tokens from a CSV file (validated like the API; bad rows reported)."
 
     def add_arguments(self, parser: CommandParser) -> None:
-        parser.add_argument("file", help="CSV file, or - for standard input")
+        parser.add_argument("file", nargs="?", help="CSV file, or - for standard input")
+        parser.add_argument(
+            "--from-django-push-notifications",
+            dest="dpn_url",
+            metavar="DATABASE_URL",
+            help="read django-push-notifications' device tables from this database "
+            "(postgres://... or sqlite:///path) instead of a CSV file",
+        )
         parser.add_argument("--app", required=True, help="slug of the App the tokens belong to")
         parser.add_argument(
             "--max-reported", type=int, default=100, help="print at most this many bad rows (default 100)"
@@ -77,7 +89,25 @@ class Command(BaseCommand):
         if app is None:
             raise CommandError(f"No app with slug {options['app']!r} (create it with create_app).")
         source = options["file"]
-        if source == "-":
+        self.labels: dict[int, str] = {}
+        if options["dpn_url"]:
+            if source:
+                raise CommandError("Give either a CSV file or --from-django-push-notifications, not both.")
+            try:
+                export = dpn.read_devices(options["dpn_url"])
+            except dpn.SourceError as exc:
+                raise CommandError(str(exc)) from None
+            self.labels = export.labels
+            for label, reason in export.skipped:
+                self.stderr.write(f"skipped {label}: {reason}")
+            stream: Any = contextlib.nullcontext()
+            rows: Any = export.reader()
+            skipped_at_source = len(export.skipped)
+        elif not source:
+            raise CommandError(
+                "Give a CSV file (or - for standard input), or --from-django-push-notifications."
+            )
+        elif source == "-":
             stream = io.TextIOWrapper(
                 sys.stdin.buffer, encoding="utf-8", errors="surrogateescape", newline=""
             )
@@ -86,17 +116,23 @@ class Command(BaseCommand):
             if not path.is_file():
                 raise CommandError(f"{source}: no such file.")
             stream = path.open(encoding="utf-8", errors="surrogateescape", newline="")
+        if not options["dpn_url"]:
+            rows = None
+            skipped_at_source = 0
         self.bad = 0
         self.verbosity = options["verbosity"]
         self.max_reported = options["max_reported"]
         started = time.perf_counter()
         now = timezone.now()
         with stream:
-            reader = csv.reader(stream)
-            if self._uses_copy():
-                good = self._load_postgresql(app.pk, importer.copy_chunks(reader, self._reject), now)
-            else:
-                good = self._load_batched(app.pk, importer.registrations(reader, self._reject), now)
+            try:
+                reader = importer.Rows(rows if rows is not None else csv.reader(stream))
+                if self._uses_copy():
+                    good = self._load_postgresql(app.pk, importer.copy_chunks(reader, self._reject, now), now)
+                else:
+                    good = self._load_batched(app.pk, importer.registrations(reader, self._reject, now), now)
+            except importer.HeaderError as exc:
+                raise CommandError(f"{source}: {exc}") from None
         # Every row this run inserted carries its `now` as created_at; updates keep theirs.
         created = DeviceToken.objects.filter(app=app, created_at=now).count()
         seconds = time.perf_counter() - started
@@ -105,6 +141,8 @@ class Command(BaseCommand):
             f"imported {good} rows into {app.slug} ({created} new devices, {good - created} updated), "
             f"rejected {self.bad}, in {seconds:.1f} s = {rate:,.0f} rows/s"
         )
+        if skipped_at_source:
+            self.stdout.write(f"skipped {skipped_at_source} django-push-notifications devices (see above)")
         if self.bad:
             raise CommandError(f"{self.bad} bad rows were skipped (see above); the other rows are loaded.")
 
@@ -114,7 +152,7 @@ class Command(BaseCommand):
     def _reject(self, line: int, message: str) -> None:
         self.bad += 1
         if self.bad <= self.max_reported:
-            self.stderr.write(f"line {line}: {message}")
+            self.stderr.write(f"{self.labels.get(line) or f'line {line}'}: {message}")
         elif self.bad == self.max_reported + 1:
             self.stderr.write("(more bad rows: not shown)")
 
@@ -128,7 +166,8 @@ class Command(BaseCommand):
             cursor.execute(
                 "CREATE TEMP TABLE import_stage (line integer, device_id uuid, platform varchar(16), "
                 "token text, token_hash varchar(64), web_p256dh varchar(128), web_auth varchar(64), "
-                "user_id varchar(255), app_version varchar(32), locale varchar(35)) ON COMMIT DROP"
+                "user_id varchar(255), app_version varchar(32), locale varchar(35), "
+                "last_seen timestamptz, registered_at timestamptz) ON COMMIT DROP"
             )
             raw = cursor.cursor  # psycopg2's own cursor: COPY is not part of Django's API
             raw.copy_expert(
@@ -178,9 +217,12 @@ class Command(BaseCommand):
             "AND d.platform = s.platform AND d.token_hash = s.token_hash AND d.device_id <> s.device_id",
             [app_id],
         )
+        # The file's registration time is the row's `updated_at` (the APNs 410 rule compares it
+        # with Apple's timestamp); created_at stays the time pushsvc first stored the device.
         select = f"""
             SELECT %s, device_id, platform, token, token_hash, web_p256dh, web_auth, user_id,
-                   app_version, locale, %s, NULL, TRUE, NULL, '', %s, %s
+                   app_version, locale, COALESCE(last_seen, %s), NULL, TRUE, NULL, '', %s,
+                   COALESCE(registered_at, %s)
             FROM {source} s {{}}
             ORDER BY {_TOKEN_ORDER}"""
         params = [app_id, now, now, now]
@@ -224,24 +266,29 @@ class Command(BaseCommand):
 
     # --- SQLite (and any other database): batched executemany --------------------------------
 
-    def _load_batched(self, app_id: int, rows: Iterator[tuple[int, Registration]], now: datetime) -> int:
+    def _load_batched(
+        self, app_id: int, rows: Iterator[tuple[int, Registration, importer.Dates]], now: datetime
+    ) -> int:
         good = 0
-        batch: list[Registration] = []
+        batch: list[tuple[Registration, importer.Dates]] = []
 
         def flush() -> None:
             nonlocal good
             # Last row wins per device and per token inside the batch; earlier batches are
             # committed, so the moved-token DELETE sees them.
-            by_device: dict[Any, Registration] = {}
-            for reg in batch:
+            by_device: dict[Any, tuple[Registration, importer.Dates]] = {}
+            for reg, dates in batch:
                 by_device.pop(reg.device_id, None)  # re-insert: dict order = order of last rows
-                by_device[reg.device_id] = reg
-            by_token = {(reg.platform, reg.token_hash): reg for reg in by_device.values()}
-            good += registry.upsert_many(app_id, list(by_token.values()), now=now)
+                by_device[reg.device_id] = (reg, dates)
+            by_token = {(reg.platform, reg.token_hash): (reg, dates) for reg, dates in by_device.values()}
+            kept = list(by_token.values())
+            good += registry.upsert_many(
+                app_id, [reg for reg, _ in kept], now=now, dates=[dates for _, dates in kept]
+            )
             batch.clear()
 
-        for _line, reg in rows:
-            batch.append(reg)
+        for _line, reg, dates in rows:
+            batch.append((reg, dates))
             if len(batch) >= SQLITE_BATCH:
                 flush()
         if batch:
