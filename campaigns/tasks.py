@@ -25,7 +25,7 @@ from celery import shared_task
 from celery.signals import worker_ready
 from django.db import DatabaseError, InterfaceError
 
-from campaigns import fanout, publish, recovery
+from campaigns import fanout, idempotent, publish, recovery
 from delivery import runtime
 from delivery.engine.base import TransportError
 
@@ -86,6 +86,13 @@ def launch_due_campaigns() -> int:
     launched = len(fanout.launch_due())
     recovery.sweep(runtime.redis_client())
     return launched
+
+
+@shared_task(name="campaigns.expire_idempotency_keys", ignore_result=True)
+def expire_idempotency_keys() -> int:
+    """Beat (settings.CELERY_BEAT_SCHEDULE): delete Idempotency-Keys past IDEMPOTENCY_TTL_S.
+    Declared here, not with the token hygiene jobs: tokens/ knows nothing of campaigns' tables."""
+    return idempotent.expire_keys()
 
 
 @worker_ready.connect
