@@ -214,5 +214,3 @@ def test_the_expiry_job_is_on_the_beat_schedule_and_registered() -> None:
     app.loader.import_default_modules()
     assert entry["task"] in app.tasks
     assert entry["schedule"] == django_settings.IDEMPOTENCY_EXPIRE_INTERVAL_S
-
-
