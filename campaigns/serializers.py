@@ -36,6 +36,19 @@ HEADER_TEXT = r"^[\x20-\x7e]*$"
 NO_CONTROLS = r"^[^\x00-\x1f\x7f-\x9f]*$"
 
 
+class LocalizationSerializer(serializers.Serializer):
+    """One language's text (schema only): what it sets replaces the default title or body."""
+
+    title = serializers.RegexField(SINGLE_LINE, max_length=payload.TITLE_MAX, required=False, allow_null=True)
+    body = serializers.CharField(
+        max_length=payload.BODY_MAX_BYTES,
+        required=False,
+        allow_blank=True,
+        allow_null=True,
+        help_text=f"at most {payload.BODY_MAX_BYTES} bytes of UTF-8; may hold newlines",
+    )
+
+
 class PushMessageSerializer(serializers.Serializer):
     """The message, as PushMessage.from_dict accepts it (schema only: validate_message validates). Rules
     a schema cannot state: a visible message needs a title, body, badge or sound; a silent one has
@@ -108,6 +121,16 @@ class PushMessageSerializer(serializers.Serializer):
         required=False,
         allow_null=True,
         help_text="sent to the app in data.pushsvc_message_id; generated when absent",
+    )
+    localizations = serializers.DictField(
+        child=LocalizationSerializer(),
+        required=False,
+        validators=[MaxLengthValidator(payload.LOCALIZATIONS_MAX)],
+        help_text=(
+            'language tag ("fr", "pt-BR") -> its title and/or body, chosen per device by its locale '
+            "with language fallback (pt-BR, then pt, then the default text); each language is checked "
+            "like the default text, sizes included. Not for topic sends."
+        ),
     )
 
 

@@ -40,6 +40,7 @@ class Target:
     kind: str = "token"
     p256dh: str = ""  # Web Push subscription keys (base64url)
     auth: str = ""
+    locale: str = ""  # the device's locale ("pt-BR"): which of a message's localizations it gets
 
 
 @dataclass(slots=True)
@@ -105,7 +106,9 @@ def provider_engine(base_url: str, *, kind: str, max_connections: int | None = N
 
 
 _R = TypeVar("_R")
-RENDERED_MESSAGES_KEPT = 64
+# Renderings kept per adapter: messages, and each message's language variants (at most
+# payload.LOCALIZATIONS_MAX), so a chunk mixing many languages renders each once.
+RENDERED_MESSAGES_KEPT = 256
 
 
 def remember_render(cache: dict[str, _R], message_id: str, rendered: _R) -> _R:

@@ -169,11 +169,12 @@ class FcmProvider(Provider):
         fitted = fit_message(message, self.payload_size, self.payload_limit, self.platform)
         rest = orjson.dumps(render_message(fitted))  # b'{...}', never empty: data is always present
         rendered = _Rendered(message, b"," + rest[1:] + b"}")
-        remember_render(self._renders, message.message_id, rendered)
+        remember_render(self._renders, message.render_key, rendered)
         return rendered
 
     async def send(self, target: Target, message: PushMessage) -> Result:
-        rendered = self._renders.get(message.message_id)
+        message = message.localized(target.locale)  # the device's language; cached on the message
+        rendered = self._renders.get(message.render_key)
         if rendered is None or (rendered.message is not message and rendered.message != message):
             rendered = self._render(message)
         body = b"".join((_PREFIX, orjson.dumps(target.token), rendered.suffix))
