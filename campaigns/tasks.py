@@ -25,7 +25,7 @@ from celery import shared_task
 from celery.signals import worker_ready
 from django.db import DatabaseError, InterfaceError
 
-from campaigns import fanout, idempotent, publish, recovery
+from campaigns import fanout, idempotent, publish, recovery, topics
 from delivery import runtime
 from delivery.engine.base import TransportError
 
@@ -86,6 +86,15 @@ def launch_due_campaigns() -> int:
     launched = len(fanout.launch_due())
     recovery.sweep(runtime.redis_client())
     return launched
+
+
+@shared_task(name=publish.TOPIC_TASK, **TASK_RETRY_POLICY)
+def send_topic(campaign_id: int, platform: str, attempt: int = 0, deadline: int | None = None) -> None:
+    try:
+        topics.run(campaign_id, platform, attempt, deadline)
+    except (redis.RedisError, ConnectionError):
+        wait_for_redis()
+        raise
 
 
 @shared_task(name="campaigns.expire_idempotency_keys", ignore_result=True)

@@ -16,7 +16,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from campaigns import control, fanout, idempotent
+from campaigns import control, fanout, idempotent, topics
 from campaigns.models import Campaign, DirectResult
 from campaigns.serializers import (
     CampaignCreateSerializer,
@@ -271,8 +271,11 @@ class DirectSendView(APIView):
         summary="Send one message now to listed users or devices (a direct campaign, priority queue)",
         description=(
             "Give exactly one of `user_ids` and `device_ids` (at most DIRECT_SEND_MAX_RECIPIENTS, "
-            "10,000 by default). The devices are planned in the request; the answer is the "
-            "direct campaign, to follow with GET /api/v1/campaigns/{id}/."
+            "10,000 by default), `topic` or `condition`. The devices are planned in the request; the "
+            "answer is the direct campaign, to follow with GET /api/v1/campaigns/{id}/. A topic or "
+            "condition is sent once per provider in `platforms` (FCM by default, HMS), which fans it "
+            "out to the subscribers; each provider's answer and message id is a row of "
+            "GET /api/v1/campaigns/{id}/results/."
         ),
         request=DirectSendSerializer,
         parameters=[IDEMPOTENCY_KEY],
@@ -285,6 +288,9 @@ class DirectSendView(APIView):
         serializer = DirectSendSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
+        if topics.is_topic_send(data):
+            campaign = topics.start(request.auth.app, data, claim)
+            return Response(represent(campaign), status=status.HTTP_202_ACCEPTED)
         target = {"user_ids": data["user_ids"]} if data.get("user_ids") else {}
         if data.get("device_ids"):
             target["device_ids"] = [str(d) for d in data["device_ids"]]

@@ -27,6 +27,13 @@ class Outcome(enum.StrEnum):
     AUTH_FAILURE = "auth_failure"  # credentials: pause the adapter, never touch tokens
 
 
+# Target kinds that are not a device: the provider fans the message out to a topic's subscribers,
+# or to a condition over topics (delivery/topics.py). FCM and HMS only (`Provider.topics`).
+TOPIC = "topic"
+CONDITION = "condition"
+TOPIC_KINDS = frozenset({TOPIC, CONDITION})
+
+
 @dataclass(slots=True, frozen=True)
 class Target:
     """Where one push goes: a DeviceToken row, reduced to what a provider call needs.
@@ -65,6 +72,7 @@ class Provider(abc.ABC):
     platform: ClassVar[str]  # tokens.models.Platform value
     queue: ClassVar[str]  # Celery queue for this provider's send tasks
     payload_limit: ClassVar[int] = 4096  # bytes of what `payload_size` measures
+    topics: ClassVar[bool] = False  # sends to a Target of kind topic / condition (FCM, HMS)
 
     @classmethod
     def payload_size(cls, message: PushMessage) -> int:

@@ -29,6 +29,7 @@ from delivery.payload import PushMessage, fit_message
 from delivery.providers import mapping as m
 from delivery.providers.auth import AuthToken
 from delivery.providers.base import (
+    TOPIC_KINDS,
     Outcome,
     Provider,
     Result,
@@ -107,6 +108,7 @@ class HmsProvider(Provider):
     platform = "huawei"
     queue = "hms"
     payload_limit = MAX_REQUEST_BYTES
+    topics = True
 
     def __init__(self, engine: Engine, app_id: str, auth: AuthToken) -> None:
         self._engine = engine
@@ -142,6 +144,11 @@ class HmsProvider(Provider):
         return rendered
 
     async def send(self, target: Target, message: PushMessage) -> Result:
+        if target.kind in TOPIC_KINDS:
+            # `{"message": {"topic" | "condition": ..., ...}}` in place of the token list.
+            rendered = self._render(message)
+            head = b'{"validate_only":false,"message":{' + orjson.dumps(target.kind) + b":"
+            return (await self._send_batch([target], rendered, head + orjson.dumps(target.token)))[0]
         return (await self.send_many([target], message))[0]
 
     async def send_many(self, targets: list[Target], message: PushMessage) -> list[Result]:
@@ -167,8 +174,12 @@ class HmsProvider(Provider):
         by_target = {id(r.target): r for r in answers}
         return [by_target[id(t)] for t in targets]
 
-    async def _send_batch(self, targets: list[Target], rendered: _Rendered) -> list[Result]:
-        body = b"".join((_PREFIX, orjson.dumps([t.token for t in targets]), rendered.suffix))
+    async def _send_batch(
+        self, targets: list[Target], rendered: _Rendered, recipient: bytes | None = None
+    ) -> list[Result]:
+        if recipient is None:
+            recipient = _PREFIX + orjson.dumps([t.token for t in targets])
+        body = recipient + rendered.suffix
         try:
             token = await self._auth.current()
         except CredentialError as exc:
