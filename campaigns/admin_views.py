@@ -107,6 +107,9 @@ def apply_action(action: str, campaign: Campaign, options: dict[str, Any] | None
 
 def duplicate(campaign: Campaign) -> Campaign:
     """A new draft with the same app, message, target and rollout; counters and state start fresh."""
+    if campaign.target.get("topic") or campaign.target.get("condition"):
+        # As a broadcast draft its target would be every device of its platforms.
+        raise control.TransitionError("A topic or condition send cannot be duplicated as a broadcast.")
     return Campaign.objects.create(
         app_id=campaign.app_id,
         name=(f"Copy of {campaign.name}" if campaign.name else f"Copy of campaign {campaign.pk}")[:200],

@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 PLATFORMS = ("android", "huawei")  # FCM and HMS: the providers with topics
 DEFAULT_PLATFORMS = ["android"]
 LEASE_S = 60  # > PUSH_REQUEST_TIMEOUT: one provider request and its recording
+PAUSED_RECHECK_S = 5.0
 
 
 def is_topic_send(data: dict[str, Any]) -> bool:
@@ -87,10 +88,14 @@ def start(app: Any, data: dict[str, Any], claim: Any) -> Campaign:
 def run(campaign_id: int, platform: str, attempt: int = 0, deadline: int | None = None) -> None:
     """Send the campaign's topic message to one provider and record its answer (the task body)."""
     campaign = Campaign.objects.select_related("app").filter(pk=campaign_id).first()
-    if campaign is None or campaign.status != Campaign.Status.RUNNING:
+    if campaign is None or campaign.status in Campaign.FINAL_STATUSES:
         return
     client = runtime.redis_client()
     if control.current_state(client, campaign_id) != control.RUNNING:
+        if campaign.status != Campaign.Status.CANCELLED:
+            # Paused or halted: a resume publishes no task for a send without shards, so this one
+            # looks again later instead of being dropped.
+            publish.topic(campaign_id, platform, attempt, deadline, countdown=PAUSED_RECHECK_S)
         return
     key = f"pushsvc:topic-lease:{campaign_id}:{platform}"
     owner = uuid.uuid4().hex

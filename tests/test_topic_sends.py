@@ -154,3 +154,32 @@ def test_topic_names_and_conditions() -> None:
     for bad in ("", "true", "('a' in topics", "'a' in topics 'b' in topics", "!" * 30 + "'a' in topics"):
         with pytest.raises(TopicError):
             condition_topics(bad)
+
+
+def test_a_paused_topic_send_waits_and_goes_after_resume(sim, redis_client) -> None:
+    app = simulator_app(sim)
+    client = api_client(app)
+    campaign_id = client.post(NOTIFY, {"message": MESSAGE, "topic": "later"}, format="json").json()["id"]
+    assert client.post(f"/api/v1/campaigns/{campaign_id}/pause/").json()["status"] == "paused"
+    queued = redis_client.llen("priority")
+    topics.run(campaign_id, "android")
+    key = topic_key("fcm", "topic", "later")
+    assert sim.counts([key]) == {key: 0}
+    assert redis_client.llen("priority") == queued + 1, "the task looks again later"
+    assert client.post(f"/api/v1/campaigns/{campaign_id}/resume/").json()["status"] == "running"
+    topics.run(campaign_id, "android")
+    assert sim.counts([key]) == {key: 1}
+    assert Campaign.objects.get(pk=campaign_id).status == "completed"
+
+
+def test_a_topic_send_is_not_duplicated_as_a_broadcast(db) -> None:
+    from campaigns import admin_views, control
+
+    campaign = Campaign.objects.create(
+        app=make_app(),
+        kind=Campaign.Kind.DIRECT,
+        message=MESSAGE,
+        target={"topic": "x", "platforms": ["android"]},
+    )
+    with pytest.raises(control.TransitionError):
+        admin_views.duplicate(campaign)
