@@ -79,7 +79,10 @@ class Claim:
     def attach(self, campaign: Campaign) -> None:
         """Tie the campaign to the key. Call it in the transaction that creates the campaign, so a
         retry after a crash finds the campaign instead of creating a second one."""
-        IdempotencyKey.objects.filter(pk=self.row_id, owner=self.owner).update(campaign=campaign)
+        if not IdempotencyKey.objects.filter(pk=self.row_id, owner=self.owner).update(campaign=campaign):
+            # This request ran past IDEMPOTENCY_LOCK_S and a retry took the key over: that retry
+            # sends; raising here rolls this request's campaign back.
+            raise KeyInProgress(f"A retry with this {HEADER} took over this request; it sends instead.")
 
 
 class NoClaim:
