@@ -8,12 +8,13 @@ Concurrent duplicates are real threads, each on its own database connection.
 from __future__ import annotations
 
 import threading
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 
 import pytest
 from django.conf import settings as django_settings
-from django.db import connection
+from django.db import connection, transaction
 from django.utils import timezone
 
 from campaigns import fanout, idempotent
@@ -214,3 +215,14 @@ def test_the_expiry_job_is_on_the_beat_schedule_and_registered() -> None:
     app.loader.import_default_modules()
     assert entry["task"] in app.tasks
     assert entry["schedule"] == django_settings.IDEMPOTENCY_EXPIRE_INTERVAL_S
+
+
+def test_a_request_overtaken_by_a_retry_creates_nothing(db) -> None:
+    """A request that ran past IDEMPOTENCY_LOCK_S before creating its campaign finds its claim taken
+    over by a retry (a new owner): its campaign is rolled back, the retry is the one that sends."""
+    app = make_app()
+    claim = idempotent._claim(app.pk, "slowpoke", "digest")
+    IdempotencyKey.objects.filter(pk=claim.row_id).update(owner=uuid.uuid4())
+    with pytest.raises(idempotent.KeyInProgress), transaction.atomic():
+        claim.attach(Campaign.objects.create(app=app, message={"title": "x"}))
+    assert not Campaign.objects.exists()
