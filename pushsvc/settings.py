@@ -440,6 +440,12 @@ SPECTACULAR_SETTINGS = {
     "SERVE_AUTHENTICATION": [],
     # swagger-ui from drf-spectacular-sidecar's static files, not a CDN's @latest.
     "SWAGGER_UI_DIST": "SIDECAR",
+    # A topic send's `platforms` (FCM, HMS) is a subset of the devices' platforms: both sets named,
+    # so that two `platforms` fields with different choices do not collide (drf_spectacular.W001).
+    "ENUM_NAME_OVERRIDES": {
+        "PlatformEnum": ["ios", "android", "huawei", "web"],  # tokens.models.Platform
+        "TopicPlatformEnum": ["android", "huawei"],
+    },
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
 }

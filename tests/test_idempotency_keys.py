@@ -21,12 +21,21 @@ from campaigns import fanout, idempotent
 from campaigns.models import Campaign, IdempotencyKey, Shard
 from campaigns.pytest_fixtures import api_client
 from campaigns.testing import build_population, load_devices, simulator_app, simulator_env
+from pushsvc import logging as log_context
 from tokens.testing import make_app
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 NOTIFY = "/api/v1/notifications/"
 CAMPAIGNS = "/api/v1/campaigns/"
+
+
+@pytest.fixture(autouse=True)
+def _unbind_log_context():
+    yield
+    # fanout.run_shard binds the shard's log context for the rest of the task, as in a worker;
+    # here the "task" is the test, so later tests must not inherit it.
+    log_context.unbind()
 
 
 @pytest.fixture

@@ -18,6 +18,7 @@ from delivery import runtime
 from delivery.payload import PayloadError, PayloadTooLarge, PushMessage, fit_message, match_locale
 from delivery.providers.base import Target
 from delivery.providers.fcm import FcmProvider
+from pushsvc import logging as log_context
 from tokens.models import DeviceToken
 from tokens.testing import make_app
 
@@ -40,6 +41,14 @@ EXPECTED = {
     "de": ("Sale", "Everything must go"),
     "": ("Sale", "Everything must go"),
 }
+
+
+@pytest.fixture(autouse=True)
+def _unbind_log_context():
+    yield
+    # fanout.run_shard binds the shard's log context for the rest of the task, as in a worker;
+    # here the "task" is the test, so later tests must not inherit it.
+    log_context.unbind()
 
 
 @pytest.fixture
