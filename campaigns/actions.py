@@ -7,8 +7,10 @@ through planning, which itself uses control's transitions (control -> planning w
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
+
+from django.db import transaction
 
 from campaigns import control, planning
 from campaigns.models import Campaign
@@ -70,6 +72,9 @@ def act(
 
 def duplicate(campaign: Campaign) -> Campaign:
     """A new draft with the same app, message, target and rollout; counters and state start fresh."""
+    if campaign.target.get("topic") or campaign.target.get("condition"):
+        # As a broadcast draft its target would be every device of its platforms.
+        raise control.TransitionError("A topic or condition send cannot be duplicated as a broadcast.")
     return Campaign.objects.create(
         app_id=campaign.app_id,
         name=(f"Copy of {campaign.name}" if campaign.name else f"Copy of campaign {campaign.pk}")[:200],
@@ -83,17 +88,28 @@ def duplicate(campaign: Campaign) -> Campaign:
     )
 
 
-def send_direct(app: App, message: dict[str, Any], target: dict[str, Any], *, name: str = "") -> Campaign:
+def send_direct(
+    app: App,
+    message: dict[str, Any],
+    target: dict[str, Any],
+    *,
+    name: str = "",
+    attach: Callable[[Campaign], None] | None = None,
+) -> Campaign:
     """A direct send of a validated message (campaigns/serializers.py DirectSendSerializer) to
-    `target` (user_ids or device_ids), planned in the request onto the priority queue."""
-    campaign = Campaign.objects.create(
-        app=app,
-        kind=Campaign.Kind.DIRECT,
-        name=name,
-        message=message,
-        target=target,
-        status=Campaign.Status.RUNNING,
-    )
+    `target` (user_ids or device_ids), planned in the request onto the priority queue. `attach`
+    runs in the campaign's creating transaction (an idempotency key's claim)."""
+    with transaction.atomic():
+        campaign = Campaign.objects.create(
+            app=app,
+            kind=Campaign.Kind.DIRECT,
+            name=name,
+            message=message,
+            target=target,
+            status=Campaign.Status.RUNNING,
+        )
+        if attach is not None:
+            attach(campaign)
     planning.plan_direct(campaign)
     campaign.refresh_from_db()
     return campaign

@@ -237,3 +237,32 @@ class VersionTally(models.Model):
 
     def __str__(self) -> str:
         return f"{self.platform} {self.app_version or '?'} {self.outcome}: {self.count}"
+
+
+class IdempotencyKey(models.Model):
+    """One `Idempotency-Key` of an app's POST /api/v1/notifications/ or /campaigns/ (campaigns/
+    idempotent.py): the request's fingerprint and, once answered, the answer replayed to every
+    retry within IDEMPOTENCY_TTL_S. The unique (app, key) is what makes two concurrent duplicates
+    one send: the second INSERT finds the first's row and never runs the request."""
+
+    app = models.ForeignKey(App, on_delete=models.CASCADE, related_name="idempotency_keys")
+    key = models.CharField(max_length=255)
+    # sha256 of the endpoint and the canonical JSON body: the same key with another body is a 422.
+    fingerprint = models.CharField(max_length=64)
+    # The request that claimed the key; only it records the answer (a stale claim can be taken over).
+    owner = models.UUIDField()
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField()
+    # While in progress: after this a claim that created nothing is taken over by a retry, and one
+    # that created its campaign is answered from it.
+    locked_until = models.DateTimeField(null=True, blank=True)
+    campaign = models.ForeignKey(Campaign, on_delete=models.SET_NULL, null=True, blank=True, related_name="+")
+    status_code = models.PositiveSmallIntegerField(null=True, blank=True)  # null: in progress
+    response = models.JSONField(null=True, blank=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["app", "key"], name="uniq_idempotency_key_per_app")]
+        indexes = [models.Index(fields=["expires_at"], name="idempotency_expiry_idx")]
+
+    def __str__(self) -> str:
+        return f"app {self.app_id} key {self.key!r} ({self.status_code or 'in progress'})"

@@ -9,6 +9,8 @@ from celery import current_app
 PLAN_TASK = "delivery.tasks.plan_campaign"
 SEND_TASK = "delivery.tasks.send_shard"
 LAUNCH_DUE_TASK = "delivery.tasks.launch_due_campaigns"
+TOPIC_TASK = "campaigns.send_topic"
+PRIORITY_QUEUE = "priority"
 
 
 def shard(shard_id: int, queue: str, countdown: float | None = None) -> None:
@@ -17,3 +19,12 @@ def shard(shard_id: int, queue: str, countdown: float | None = None) -> None:
 
 def plan(campaign_id: int) -> None:
     current_app.send_task(PLAN_TASK, args=[campaign_id])
+
+
+def topic(
+    campaign_id: int, platform: str, attempt: int, deadline: int | None, countdown: float | None = None
+) -> None:
+    """A topic or condition send to one provider (campaigns/topics.py), on the priority queue."""
+    current_app.send_task(
+        TOPIC_TASK, args=[campaign_id, platform, attempt, deadline], queue=PRIORITY_QUEUE, countdown=countdown
+    )

@@ -21,7 +21,10 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from campaigns.models import Campaign
-from delivery import payload
+from campaigns.topics import DEFAULT_PLATFORMS as TOPIC_DEFAULT_PLATFORMS
+from campaigns.topics import PLATFORMS as TOPIC_PLATFORMS
+from campaigns.topics import check_fits as topic_check_fits
+from delivery import payload, topics
 from delivery.payload import PayloadError, PushMessage
 from tokens import hygiene
 from tokens.models import Platform
@@ -35,6 +38,19 @@ SINGLE_LINE = r"^[^\r\n]*$"
 # fields printable ASCII, identifiers without control characters, urls http(s).
 HEADER_TEXT = r"^[\x20-\x7e]*$"
 NO_CONTROLS = r"^[^\x00-\x1f\x7f-\x9f]*$"
+
+
+class LocalizationSerializer(serializers.Serializer):
+    """One language's text (schema only): what it sets replaces the default title or body."""
+
+    title = serializers.RegexField(SINGLE_LINE, max_length=payload.TITLE_MAX, required=False, allow_null=True)
+    body = serializers.CharField(
+        max_length=payload.BODY_MAX_BYTES,
+        required=False,
+        allow_blank=True,
+        allow_null=True,
+        help_text=f"at most {payload.BODY_MAX_BYTES} bytes of UTF-8; may hold newlines",
+    )
 
 
 class PushMessageSerializer(serializers.Serializer):
@@ -109,6 +125,16 @@ class PushMessageSerializer(serializers.Serializer):
         required=False,
         allow_null=True,
         help_text="sent to the app in data.pushsvc_message_id; generated when absent",
+    )
+    localizations = serializers.DictField(
+        child=LocalizationSerializer(),
+        required=False,
+        validators=[MaxLengthValidator(payload.LOCALIZATIONS_MAX)],
+        help_text=(
+            'language tag ("fr", "pt-BR") -> its title and/or body, chosen per device by its locale '
+            "with language fallback (pt-BR, then pt, then the default text); each language is checked "
+            "like the default text, sizes included. Not for topic sends."
+        ),
     )
 
 
@@ -248,24 +274,89 @@ class DirectSendSerializer(serializers.Serializer):
         help_text="these devices (the device_id they registered with); give this or user_ids",
     )
 
+    topic = serializers.CharField(
+        required=False,
+        max_length=len(topics.TOPIC_PREFIX) + topics.TOPIC_MAX,
+        help_text=(
+            "send to a topic's subscribers through the provider (FCM, HMS) instead of listed devices: "
+            "letters, digits and - _ . ~ %, the /topics/ prefix optional"
+        ),
+    )
+    condition = serializers.CharField(
+        required=False,
+        max_length=topics.CONDITION_MAX,
+        help_text=(
+            f"send to a condition over topics, e.g. \"'dogs' in topics && !('cats' in topics)\": "
+            f"&&, ||, ! and parentheses, at most {topics.CONDITION_MAX_TOPICS} topics"
+        ),
+    )
+    platforms = serializers.ListField(
+        child=serializers.ChoiceField(choices=list(TOPIC_PLATFORMS)),
+        required=False,
+        allow_empty=False,
+        min_length=1,
+        help_text="topic and condition sends only: android (FCM, the default) and/or huawei (HMS)",
+    )
+
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
-        users, devices = attrs.get("user_ids"), attrs.get("device_ids")
-        if bool(users) == bool(devices):
-            raise serializers.ValidationError("Give exactly one of user_ids or device_ids (non-empty).")
+        given = [name for name in ("user_ids", "device_ids", "topic", "condition") if attrs.get(name)]
+        if len(given) != 1:
+            raise serializers.ValidationError(
+                "Give exactly one of user_ids or device_ids (non-empty), or a topic or a condition."
+            )
+        if given[0] in ("topic", "condition"):
+            return self._validate_topic_send(attrs, given[0])
+        if attrs.get("platforms"):
+            raise serializers.ValidationError(
+                {"platforms": ["applies to topic and condition sends (devices have their own platform)"]}
+            )
         attrs["message"] = validate_message(attrs["message"], list(Platform.values))
+        return attrs
+
+    def _validate_topic_send(self, attrs: dict[str, Any], kind: str) -> dict[str, Any]:
+        try:
+            if kind == "topic":
+                attrs["topic"] = topics.normalize_topic(attrs["topic"])
+            else:
+                topics.condition_topics(attrs["condition"])
+        except topics.TopicError as exc:
+            raise serializers.ValidationError({kind: [str(exc)]}) from None
+        if isinstance(attrs["message"], dict) and attrs["message"].get("localizations"):
+            raise serializers.ValidationError(
+                {
+                    "localizations": [
+                        "a topic send has no device to choose a language for: send one topic per language"
+                    ]
+                }
+            )
+        platforms = list(dict.fromkeys(attrs.get("platforms") or TOPIC_DEFAULT_PLATFORMS))
+        attrs["platforms"] = platforms
+        attrs["message"] = validate_message(attrs["message"], platforms)
+        try:
+            topic_check_fits(attrs["message"], platforms)
+        except PayloadError as exc:
+            raise serializers.ValidationError({exc.field: [exc.message]}) from None
         return attrs
 
 
 class DirectSendSchema(OpenApiSerializerExtension):
     """Adds to DirectSendSerializer's schema the rule its validate() applies: exactly one of
-    user_ids and device_ids is given non-empty (drf-spectacular registers this on import)."""
+    user_ids, device_ids, topic and condition is given non-empty (drf-spectacular registers this
+    on import)."""
 
     target_class = DirectSendSerializer
 
     def map_serializer(self, auto_schema: Any, direction: Any) -> dict[str, Any]:
         schema = super().map_serializer(auto_schema, direction)
         schema["oneOf"] = [
-            {"required": [name], "properties": {name: {"minItems": 1}}} for name in ("user_ids", "device_ids")
+            *(
+                {"required": [name], "properties": {name: {"minItems": 1}}}
+                for name in ("user_ids", "device_ids")
+            ),
+            *(
+                {"required": [name], "properties": {name: {"minLength": 1}}}
+                for name in ("topic", "condition")
+            ),
         ]
         return schema
 
@@ -281,6 +372,8 @@ class ResumeSerializer(serializers.Serializer):
 
 class StoredTargetSerializer(TargetSerializer):
     device_ids = serializers.ListField(child=serializers.UUIDField(), required=False)
+    topic = serializers.CharField(required=False, help_text="a topic send's topic")
+    condition = serializers.CharField(required=False, help_text="a condition send's condition")
 
 
 class CountersSerializer(serializers.Serializer):

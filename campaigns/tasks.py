@@ -26,7 +26,7 @@ from celery import shared_task
 from celery.signals import worker_ready
 from django.db import DatabaseError, InterfaceError
 
-from campaigns import planning, publish, recovery
+from campaigns import idempotent, planning, publish, recovery, topics
 from campaigns.sending import run
 from delivery import runtime
 from delivery.engine.base import TransportError
@@ -88,6 +88,22 @@ def launch_due_campaigns() -> int:
     launched = len(planning.launch_due())
     recovery.sweep(runtime.redis_client())
     return launched
+
+
+@shared_task(name=publish.TOPIC_TASK, **TASK_RETRY_POLICY)
+def send_topic(campaign_id: int, platform: str, attempt: int = 0, deadline: int | None = None) -> None:
+    try:
+        topics.run(campaign_id, platform, attempt, deadline)
+    except (redis.RedisError, ConnectionError):
+        wait_for_redis()
+        raise
+
+
+@shared_task(name="campaigns.expire_idempotency_keys", ignore_result=True)
+def expire_idempotency_keys() -> int:
+    """Beat (settings.CELERY_BEAT_SCHEDULE): delete Idempotency-Keys past IDEMPOTENCY_TTL_S.
+    Declared here, not with the token hygiene jobs: tokens/ knows nothing of campaigns' tables."""
+    return idempotent.expire_keys()
 
 
 @worker_ready.connect

@@ -7,6 +7,7 @@ serializer_class for drf-spectacular to guess from.
 
 from __future__ import annotations
 
+from django.db import transaction
 from django.http import Http404
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema, extend_schema_view
 from rest_framework import serializers, status
@@ -15,7 +16,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
-from campaigns import actions, control
+from campaigns import actions, control, idempotent, topics
 from campaigns.models import Campaign, DirectResult
 from campaigns.serializers import (
     CampaignCreateSerializer,
@@ -41,6 +42,25 @@ def _errors(*codes: int) -> dict[int, OpenApiResponse]:
 # A JSON body is parsed (so can be refused with these) only by the operations that read one.
 _BODY_ERRORS = (400, 413, 415)
 
+# The two send operations take an Idempotency-Key (campaigns/idempotent.py): 409 while the key's
+# first request is still running, 422 for the key reused with another body.
+IDEMPOTENCY_KEY = OpenApiParameter(
+    idempotent.HEADER,
+    {
+        "type": "string",
+        "minLength": 1,
+        "maxLength": idempotent.KEY_MAX,
+        "pattern": rf"^{idempotent.KEY_PATTERN}$",
+    },
+    OpenApiParameter.HEADER,
+    description=(
+        "Makes a retry safe: the same key from the same app within IDEMPOTENCY_TTL_S (24 h) returns "
+        "the first answer (same status and body) and sends nothing more; the key with another body is "
+        "a 422, and while the first request runs a duplicate gets 409 with Retry-After."
+    ),
+)
+_IDEMPOTENT_ERRORS = (409, 422)
+
 
 def _campaign(request: Request, campaign_id: int) -> Campaign:
     campaign = Campaign.objects.filter(pk=campaign_id, app_id=request.auth.app_id).first()
@@ -61,12 +81,18 @@ class CampaignCollectionView(APIView):
             "planning and sending go on in the workers."
         ),
         request=CampaignCreateSerializer,
-        responses={201: CampaignSerializer, **_errors(*_BODY_ERRORS)},
+        parameters=[IDEMPOTENCY_KEY],
+        responses={201: CampaignSerializer, **_errors(*_BODY_ERRORS, *_IDEMPOTENT_ERRORS)},
     )
     def post(self, request: Request) -> Response:
+        return idempotent.respond(request, "campaigns", lambda claim: self._create(request, claim))
+
+    def _create(self, request: Request, claim: idempotent.Claim | idempotent.NoClaim) -> Response:
         serializer = CampaignCreateSerializer(data=request.data, context={"app": request.auth.app})
         serializer.is_valid(raise_exception=True)
-        campaign = serializer.save()
+        with transaction.atomic():
+            campaign = serializer.save()
+            claim.attach(campaign)
         if not serializer.validated_data["draft"]:
             actions.act("launch", campaign)
             campaign.refresh_from_db()
@@ -228,18 +254,28 @@ class DirectSendView(APIView):
         summary="Send one message now to listed users or devices (a direct campaign, priority queue)",
         description=(
             "Give exactly one of `user_ids` and `device_ids` (at most DIRECT_SEND_MAX_RECIPIENTS, "
-            "10,000 by default). The devices are planned in the request; the answer is the "
-            "direct campaign, to follow with GET /api/v1/campaigns/{id}/."
+            "10,000 by default), `topic` or `condition`. The devices are planned in the request; the "
+            "answer is the direct campaign, to follow with GET /api/v1/campaigns/{id}/. A topic or "
+            "condition is sent once per provider in `platforms` (FCM by default, HMS), which fans it "
+            "out to the subscribers; each provider's answer and message id is a row of "
+            "GET /api/v1/campaigns/{id}/results/."
         ),
         request=DirectSendSerializer,
-        responses={202: CampaignSerializer, **_errors(*_BODY_ERRORS)},
+        parameters=[IDEMPOTENCY_KEY],
+        responses={202: CampaignSerializer, **_errors(*_BODY_ERRORS, *_IDEMPOTENT_ERRORS)},
     )
     def post(self, request: Request) -> Response:
+        return idempotent.respond(request, "notifications", lambda claim: self._send(request, claim))
+
+    def _send(self, request: Request, claim: idempotent.Claim | idempotent.NoClaim) -> Response:
         serializer = DirectSendSerializer(data=request.data)
         serializer.is_valid(raise_exception=True)
         data = serializer.validated_data
+        if topics.is_topic_send(data):
+            campaign = topics.start(request.auth.app, data, claim)
+            return Response(represent(campaign), status=status.HTTP_202_ACCEPTED)
         target = {"user_ids": data["user_ids"]} if data.get("user_ids") else {}
         if data.get("device_ids"):
             target["device_ids"] = [str(d) for d in data["device_ids"]]
-        campaign = actions.send_direct(request.auth.app, data["message"], target)
+        campaign = actions.send_direct(request.auth.app, data["message"], target, attach=claim.attach)
         return Response(represent(campaign), status=status.HTTP_202_ACCEPTED)

@@ -2,7 +2,7 @@
 `campaign.halted`, `campaign.paused`.
 
 `campaign_changed` is called inside the transaction that moves the campaign (campaigns/control.py,
-campaigns/ledger.py), so the event is in the outbox exactly when the new state committed.
+campaigns/sending/ledger.py), so the event is in the outbox exactly when the new state committed.
 """
 
 from __future__ import annotations

@@ -10,6 +10,13 @@ message through `fit_message`, which shortens the body (on a character, hence UT
 "…") until the provider's rendering fits, and marks the data with `TRUNCATED_KEY` so the app knows to
 fetch the full text by `MESSAGE_ID_KEY`. `check_fits` lets the API refuse, with a 400, a message that
 would not fit even with an empty body, so nothing oversized is ever sent.
+
+Localized content: `localizations` maps language tags ("fr", "pt-BR") to a title and/or body that
+replace the default ones for devices of that locale. `localized(locale)` picks a device's variant
+with language fallback (pt-BR, then pt, then the default text) and returns it as a PushMessage of
+its own (same message id, `locale` set to the tag chosen), cached on the message: adapters render
+each variant once (their caches key on `render_key`), never once per device. Each variant is
+validated and size-checked like the default text.
 """
 
 from __future__ import annotations
@@ -36,6 +43,13 @@ DATA_MAX_KEYS = 100
 SHORT_TEXT_MAX = 256  # sound, category, thread_id, data keys
 TITLE_MAX = 512
 URL_MAX = 2048
+LOCALIZATIONS_MAX = 100  # languages per message
+LOCALE_TAG_MAX = 35  # DeviceToken.locale's length
+# BCP 47 as devices report it (the registry's rule, tokens/validation.py); "_" is accepted from
+# devices ("pt_BR") and matched as "-", but a message's own tags use "-".
+LOCALE_TAG_RE = re.compile(r"[A-Za-z]{1,8}(?:-[A-Za-z0-9]{1,8})*")
+LOCALIZED_FIELDS = ("title", "body")
+_VARIANTS_KEPT = 1024  # distinct device locale strings remembered per message
 MESSAGE_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 # Fields that end up in HTTP headers (collapse_key: apns-collapse-id, the Web Push Topic) must be
 # printable ASCII: h2/httpx encode header values as ASCII (a "café" raised UnicodeEncodeError inside
@@ -65,6 +79,7 @@ FIELDS = (
     "silent",
     "mutable_content",
     "message_id",
+    "localizations",
 )
 
 
@@ -96,6 +111,14 @@ def _new_message_id() -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class Localization:
+    """A language's text; a field left empty keeps the default message's."""
+
+    title: str = ""
+    body: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class PushMessage:
     """One notification, provider-neutral. Immutable: adapters cache renderings per message."""
 
@@ -117,11 +140,58 @@ class PushMessage:
     # Set by the sender, never by API input: the absolute deadline (UNIX seconds) of a message with
     # a TTL, fixed at its first send; `ttl` then holds the seconds that remain (a TTL is absolute).
     expires_at: int | None = None
+    localizations: Mapping[str, Localization] = field(default_factory=dict)
+    # Set by `localized`, never by API input: the tag of `localizations` this variant carries
+    # ("" for the default text). Part of `render_key`, so variants never share a rendering.
+    locale: str = ""
+    # Device locale string -> variant, filled by `localized`: one variant object per language and
+    # message object, so adapters find their rendering by identity.
+    _variants: dict[str, PushMessage] = field(default_factory=dict, init=False, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         # A read-only view, so that a rendering cached by message id cannot go stale by mutation.
         if not isinstance(self.data, MappingProxyType):
             object.__setattr__(self, "data", MappingProxyType(dict(self.data)))
+        if not isinstance(self.localizations, MappingProxyType):
+            object.__setattr__(self, "localizations", MappingProxyType(dict(self.localizations)))
+
+    @property
+    def render_key(self) -> str:
+        """What adapters cache a rendering under: the message id, and the language of a variant."""
+        return f"{self.message_id}/{self.locale}" if self.locale else self.message_id
+
+    def localized(self, locale: str) -> PushMessage:
+        """The variant for a device whose locale is `locale` ("pt-BR", "pt_br", "" for unknown):
+        the exact tag, else its language (pt), else the default text. Cached per locale string."""
+        if not self.localizations or not locale:
+            return self
+        variant = self._variants.get(locale)
+        if variant is None:
+            tag = match_locale(locale, self.localizations)
+            variant = self._variant(tag) if tag else self
+            if len(self._variants) < _VARIANTS_KEPT:
+                self._variants[locale] = variant
+        return variant
+
+    def _variant(self, tag: str) -> PushMessage:
+        # Devices that say "pt-BR" and "pt_br" get the same object (cached under the tag too).
+        key = "\x00" + tag
+        variant = self._variants.get(key)
+        if variant is None:
+            text = self.localizations[tag]
+            variant = dataclasses.replace(
+                self,
+                title=text.title or self.title,
+                body=text.body or self.body,
+                localizations={},
+                locale=tag,
+            )
+            self._variants[key] = variant
+        return variant
+
+    def variants(self) -> list[PushMessage]:
+        """The default text and every language's: what the size checks apply to."""
+        return [self, *(self._variant(tag) for tag in self.localizations)]
 
     def __hash__(self) -> int:
         return hash(self.message_id)
@@ -162,6 +232,7 @@ class PushMessage:
         elif not isinstance(message_id, str) or not MESSAGE_ID_RE.fullmatch(message_id):
             raise PayloadError("message_id", "must be 1 to 64 characters of A-Z, a-z, 0-9, '_' or '-'")
         kw["message_id"] = message_id
+        kw["localizations"] = _localizations(d.get("localizations"))
         _check_combination(kw)
         return cls(**kw)
 
@@ -169,6 +240,13 @@ class PushMessage:
         """A JSON-ready dict that `from_dict` turns back into an equal message."""
         out = {name: getattr(self, name) for name in FIELDS}
         out["data"] = dict(self.data)
+        if self.localizations:
+            out["localizations"] = {
+                tag: {name: getattr(text, name) for name in LOCALIZED_FIELDS if getattr(text, name)}
+                for tag, text in self.localizations.items()
+            }
+        else:
+            del out["localizations"]  # stored messages without languages keep their old shape
         return out
 
     def rendered_data(self) -> dict[str, str]:
@@ -187,7 +265,26 @@ class PushMessage:
 
         for platform in platforms:
             cls = provider_class(platform)
-            fit_message(self, cls.payload_size, cls.payload_limit, platform)
+            for variant in self.variants():
+                try:
+                    fit_message(variant, cls.payload_size, cls.payload_limit, platform)
+                except PayloadTooLarge as exc:
+                    if variant.locale:
+                        exc.field = f"localizations.{variant.locale}"
+                        exc.message = f"{exc.message} ({variant.locale} text)"
+                    raise
+
+
+def match_locale(locale: str, localizations: Mapping[str, Any]) -> str:
+    """The tag of `localizations` for a device locale, with language fallback: "pt_BR" matches
+    "pt-BR", else "pt"; "zh-Hant-TW" tries zh-Hant-TW, zh-Hant, zh. "" when none matches."""
+    wanted = locale.replace("_", "-").lower()
+    by_lower = {tag.lower(): tag for tag in localizations}
+    while wanted:
+        if wanted in by_lower:
+            return by_lower[wanted]
+        wanted = wanted.rpartition("-")[0]
+    return ""
 
 
 def fit_message(
@@ -220,20 +317,27 @@ def fit_message(
 
 
 def _text(
-    d: Mapping[str, Any], name: str, limit: int, *, count_bytes: bool = False, allow_newlines: bool = False
+    d: Mapping[str, Any],
+    name: str,
+    limit: int,
+    *,
+    count_bytes: bool = False,
+    allow_newlines: bool = False,
+    field: str = "",
 ) -> str:
     value = d.get(name)
+    field = field or name
     if value is None:
         return ""
     if not isinstance(value, str):
-        raise PayloadError(name, f"must be a string, got {type(value).__name__}")
-    _check_unicode(name, value)
+        raise PayloadError(field, f"must be a string, got {type(value).__name__}")
+    _check_unicode(field, value)
     size = len(value.encode()) if count_bytes else len(value)
     if size > limit:
         unit = "bytes (UTF-8)" if count_bytes else "characters"
-        raise PayloadError(name, f"must be at most {limit} {unit}, got {size}")
+        raise PayloadError(field, f"must be at most {limit} {unit}, got {size}")
     if "\x00" in value or (not allow_newlines and ("\n" in value or "\r" in value)):
-        raise PayloadError(name, "must not contain control characters")
+        raise PayloadError(field, "must not contain control characters")
     return value
 
 
@@ -327,7 +431,47 @@ def _data(value: Any, kw: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
+def _localizations(value: Any) -> dict[str, Localization]:
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise PayloadError("localizations", 'must be an object of language tags to {"title", "body"}')
+    if len(value) > LOCALIZATIONS_MAX:
+        raise PayloadError(
+            "localizations", f"must have at most {LOCALIZATIONS_MAX} languages, got {len(value)}"
+        )
+    out: dict[str, Localization] = {}
+    seen: dict[str, str] = {}
+    for tag, text in value.items():
+        where = f"localizations.{tag}"
+        if not isinstance(tag, str) or len(tag) > LOCALE_TAG_MAX or not LOCALE_TAG_RE.fullmatch(tag):
+            raise PayloadError(
+                where,
+                f"must be a language tag such as fr or pt-BR (letters, digits and '-', "
+                f"at most {LOCALE_TAG_MAX} characters)",
+            )
+        if tag.lower() in seen:
+            raise PayloadError(where, f"the same language as {seen[tag.lower()]} (tags are case-insensitive)")
+        seen[tag.lower()] = tag
+        if not isinstance(text, Mapping):
+            raise PayloadError(where, 'must be an object with "title" and/or "body"')
+        unknown = sorted(set(text) - set(LOCALIZED_FIELDS))
+        if unknown:
+            raise PayloadError(f"{where}.{unknown[0]}", "unknown field (a language sets title and body only)")
+        # The same rules as the default title and body, under this language's name.
+        title = _text(text, "title", TITLE_MAX, field=f"{where}.title")
+        body = _text(
+            text, "body", BODY_MAX_BYTES, count_bytes=True, allow_newlines=True, field=f"{where}.body"
+        )
+        if not (title or body):
+            raise PayloadError(where, "sets neither title nor body")
+        out[tag] = Localization(title=title, body=body)
+    return out
+
+
 def _check_combination(kw: Mapping[str, Any]) -> None:
+    if kw["silent"] and kw.get("localizations"):
+        raise PayloadError("localizations", "a silent (background) push has no text to translate")
     if kw["silent"]:
         # Apple: a background notification's aps holds only content-available; anything the user would
         # see or hear makes it an alert, which APNs then throttles or drops as a background push.

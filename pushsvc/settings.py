@@ -390,6 +390,23 @@ CELERY_BEAT_SCHEDULE["launch-due-campaigns"] = {
     "schedule": CAMPAIGN_SCHEDULER_INTERVAL_S,
 }
 
+# --- Idempotent requests (campaigns/idempotent.py) -------------------------------------------
+# An Idempotency-Key on POST /api/v1/notifications/ or /campaigns/ is kept IDEMPOTENCY_TTL_S
+# (24 h): a retry with the same key and body gets the first answer and sends nothing. A request
+# still running holds its key IDEMPOTENCY_LOCK_S; a duplicate meanwhile answers 409. Past that, a
+# claim that created no campaign (its request died) is taken over by the next retry, and one that
+# did is answered from its campaign. Expired keys are deleted by beat every
+# IDEMPOTENCY_EXPIRE_INTERVAL_S (an expired key is already free before that).
+IDEMPOTENCY_TTL_S = _env_int("IDEMPOTENCY_TTL_S", 24 * 3600)
+IDEMPOTENCY_LOCK_S = _env_int("IDEMPOTENCY_LOCK_S", 60)
+IDEMPOTENCY_EXPIRE_INTERVAL_S = _env_float("IDEMPOTENCY_EXPIRE_INTERVAL_S", 3600.0)
+CELERY_TASK_ROUTES["campaigns.expire_idempotency_keys"] = {"queue": "default"}
+CELERY_BEAT_SCHEDULE["campaigns-expire-idempotency-keys"] = {
+    "task": "campaigns.expire_idempotency_keys",
+    "schedule": IDEMPOTENCY_EXPIRE_INTERVAL_S,
+    "options": {"queue": "default"},
+}
+
 # --- Provider endpoints and trust --------------------------------------------------------------
 # Production values by default; tests and the demo point them at the simulator.
 APNS_ENDPOINT_PRODUCTION = _env("APNS_ENDPOINT_PRODUCTION", "https://api.push.apple.com")
@@ -457,6 +474,12 @@ SPECTACULAR_SETTINGS = {
     "SERVE_AUTHENTICATION": [],
     # swagger-ui from drf-spectacular-sidecar's static files, not a CDN's @latest.
     "SWAGGER_UI_DIST": "SIDECAR",
+    # A topic send's `platforms` (FCM, HMS) is a subset of the devices' platforms: both sets named,
+    # so that two `platforms` fields with different choices do not collide (drf_spectacular.W001).
+    "ENUM_NAME_OVERRIDES": {
+        "PlatformEnum": ["ios", "android", "huawei", "web"],  # tokens.models.Platform
+        "TopicPlatformEnum": ["android", "huawei"],
+    },
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
 }

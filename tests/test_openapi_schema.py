@@ -19,7 +19,7 @@ from werkzeug.test import Client as WsgiClient
 from werkzeug.test import TestResponse
 
 from campaigns.models import Campaign, OutcomeTally
-from delivery import payload
+from delivery import payload, topics
 from pushsvc.wsgi import application
 from tokens import hygiene
 from tokens.models import Platform
@@ -35,6 +35,7 @@ NOTIFY = "/api/v1/notifications/"
 ACTIONS = ("launch", "pause", "resume", "cancel")
 AUTH_ERRORS = {"401", "403", "429"}
 BODY_ERRORS = {"400", "413", "415"}
+IDEMPOTENT_ERRORS = {"409", "422"}  # Idempotency-Key: in progress, reused with another body
 MESSAGE = {"title": "Sale", "body": "Everything must go"}
 
 
@@ -81,11 +82,11 @@ def prop(spec: dict[str, Any], obj: dict[str, Any], name: str) -> dict[str, Any]
 @pytest.mark.parametrize(
     ("method", "path", "success", "errors"),
     [
-        ("post", CAMPAIGNS, "201", BODY_ERRORS),
+        ("post", CAMPAIGNS, "201", BODY_ERRORS | IDEMPOTENT_ERRORS),
         ("get", DETAIL, "200", {"404"}),
         *(("post", f"{DETAIL}{a}/", "200", {"404", "409"}) for a in ("launch", "pause", "cancel")),
         ("post", f"{DETAIL}resume/", "200", {"404", "409"} | BODY_ERRORS),
-        ("post", NOTIFY, "202", BODY_ERRORS),
+        ("post", NOTIFY, "202", BODY_ERRORS | IDEMPOTENT_ERRORS),
     ],
 )
 def test_every_answer_is_declared_with_its_shape(spec, method, path, success, errors) -> None:
@@ -130,8 +131,29 @@ def test_notification_body_has_the_recipients_and_their_limit(spec) -> None:
     assert users["maxItems"] == devices["maxItems"] == django_settings.DIRECT_SEND_MAX_RECIPIENTS
     assert devices["items"]["format"] == "uuid"
     assert (users["items"]["minLength"], users["items"]["maxLength"]) == (1, 255)
-    # Exactly one of the two, non-empty (DirectSendSerializer.validate).
-    assert [alt["required"] for alt in body["oneOf"]] == [["user_ids"], ["device_ids"]]
+    # Exactly one of them, non-empty (DirectSendSerializer.validate).
+    assert [alt["required"] for alt in body["oneOf"]] == [
+        ["user_ids"],
+        ["device_ids"],
+        ["topic"],
+        ["condition"],
+    ]
+    assert prop(spec, body, "condition")["maxLength"] == topics.CONDITION_MAX
+    platforms = prop(spec, body, "platforms")
+    assert resolve(spec, platforms["items"])["enum"] == ["android", "huawei"]
+
+
+def test_localizations_and_the_idempotency_key_are_described(spec) -> None:
+    for path in (CAMPAIGNS, NOTIFY):
+        message = prop(spec, request_body(spec, "post", path), "message")
+        languages = prop(spec, message, "localizations")
+        assert languages["maxProperties"] == payload.LOCALIZATIONS_MAX
+        text = resolve(spec, languages["additionalProperties"])
+        assert set(text["properties"]) == {"title", "body"}
+        assert text["properties"]["title"]["maxLength"] == payload.TITLE_MAX
+        [header] = [p for p in operation(spec, "post", path)["parameters"] if p["in"] == "header"]
+        assert header["name"] == "Idempotency-Key" and not header.get("required")
+        assert header["schema"]["maxLength"] == 255
 
 
 def test_resume_takes_an_optional_body_and_the_other_actions_none(spec) -> None:
@@ -277,6 +299,20 @@ def test_direct_send_and_refusals_match_the_schema(api) -> None:
     big = {"message": {"title": "t", "body": "x" * django_settings.DATA_UPLOAD_MAX_MEMORY_SIZE}}
     assert api.post(CAMPAIGNS, big).status_code == 413
     assert Campaign.objects.count() == before
+
+    topic = api.post(NOTIFY, {"message": MESSAGE, "condition": "'a' in topics", "platforms": ["huawei"]})
+    assert topic.status_code == 202 and topic.json["target"]["condition"] == "'a' in topics"
+    before = Campaign.objects.count()
+
+    keyed = dict(api.headers)
+    api.headers = {**keyed, "Idempotency-Key": "schema-1"}
+    first = api.post(CAMPAIGNS, {"message": MESSAGE, "draft": True})
+    replay = api.post(CAMPAIGNS, {"message": MESSAGE, "draft": True})
+    assert (first.status_code, replay.status_code) == (201, 201) and replay.json == first.json
+    assert api.post(CAMPAIGNS, {"message": MESSAGE}).status_code == 422
+    api.headers = keyed
+    assert Campaign.objects.count() == before + 1
+    before += 1
 
     anonymous, devices_only = Api(None), Api(make_key(make_app(), ("devices",)))
     assert anonymous.post(NOTIFY, {"message": MESSAGE, "user_ids": ["u7"]}).status_code == 401

@@ -72,6 +72,7 @@ class Device:
     auth: str
     device_id: object  # UUID
     app_version: str = ""  # per-version figures (pushsvc/metrics.py, campaigns/series.py)
+    locale: str = ""  # picks the message's localization (delivery/payload.py localized)
 
 
 @dataclass

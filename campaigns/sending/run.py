@@ -395,6 +395,7 @@ class _Sender:
                         token=d.token,
                         p256dh=d.p256dh if web else "",
                         auth=d.auth if web else "",
+                        locale=d.locale,
                     )
                     for d in chunk
                 ]
@@ -566,7 +567,9 @@ def _load(shard: Shard, campaign: Campaign) -> list[Device]:
         qs = DeviceToken.objects.filter(
             app_id=campaign.app_id, platform=shard.platform, is_active=True, id__in=shard.device_ids
         )
-    rows = qs.order_by("id").values_list("id", "token", "web_p256dh", "web_auth", "device_id", "app_version")
+    rows = qs.order_by("id").values_list(
+        "id", "token", "web_p256dh", "web_auth", "device_id", "app_version", "locale"
+    )
     return [Device(*row) for row in rows]
 
 

@@ -198,14 +198,15 @@ class ApnsProvider(Provider):
         if message.collapse_key:
             headers["apns-collapse-id"] = message.collapse_key
         rendered = _Rendered(message, render_payload(fitted), headers, message.ttl)
-        remember_render(self._renders, message.message_id, rendered)
+        remember_render(self._renders, message.render_key, rendered)
         return rendered
 
     async def send(self, target: Target, message: PushMessage) -> Result:
         if not target.token.isalnum():
             # The registry only stores hex tokens; anything else must never be spliced into the path.
             return Result(target, Outcome.REJECTED, reason="not a hex APNs device token")
-        rendered = self._renders.get(message.message_id)
+        message = message.localized(target.locale)  # the device's language; cached on the message
+        rendered = self._renders.get(message.render_key)
         if rendered is None or (rendered.message is not message and rendered.message != message):
             rendered = self._render(message)
         try:

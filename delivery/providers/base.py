@@ -27,6 +27,13 @@ class Outcome(enum.StrEnum):
     AUTH_FAILURE = "auth_failure"  # credentials: pause the adapter, never touch tokens
 
 
+# Target kinds that are not a device: the provider fans the message out to a topic's subscribers,
+# or to a condition over topics (delivery/topics.py). FCM and HMS only (`Provider.topics`).
+TOPIC = "topic"
+CONDITION = "condition"
+TOPIC_KINDS = frozenset({TOPIC, CONDITION})
+
+
 @dataclass(slots=True, frozen=True)
 class Target:
     """Where one push goes: a DeviceToken row, reduced to what a provider call needs.
@@ -40,6 +47,7 @@ class Target:
     kind: str = "token"
     p256dh: str = ""  # Web Push subscription keys (base64url)
     auth: str = ""
+    locale: str = ""  # the device's locale ("pt-BR"): which of a message's localizations it gets
 
 
 @dataclass(slots=True)
@@ -64,6 +72,7 @@ class Provider(abc.ABC):
     platform: ClassVar[str]  # tokens.models.Platform value
     queue: ClassVar[str]  # Celery queue for this provider's send tasks
     payload_limit: ClassVar[int] = 4096  # bytes of what `payload_size` measures
+    topics: ClassVar[bool] = False  # sends to a Target of kind topic / condition (FCM, HMS)
 
     @classmethod
     def payload_size(cls, message: PushMessage) -> int:
@@ -114,7 +123,9 @@ def provider_engine(
 
 
 _R = TypeVar("_R")
-RENDERED_MESSAGES_KEPT = 64
+# Renderings kept per adapter: messages, and each message's language variants (at most
+# payload.LOCALIZATIONS_MAX), so a chunk mixing many languages renders each once.
+RENDERED_MESSAGES_KEPT = 256
 
 
 def remember_render(cache: dict[str, _R], message_id: str, rendered: _R) -> _R:

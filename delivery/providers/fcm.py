@@ -31,6 +31,7 @@ from delivery.payload import PushMessage, fit_message
 from delivery.providers import mapping as m
 from delivery.providers.auth import AuthToken
 from delivery.providers.base import (
+    TOPIC_KINDS,
     Outcome,
     Provider,
     Result,
@@ -38,6 +39,7 @@ from delivery.providers.base import (
     provider_engine,
     remember_render,
 )
+from delivery.topics import FCM_TOPIC_PAYLOAD_LIMIT
 
 if TYPE_CHECKING:
     from tokens.models import App
@@ -141,6 +143,7 @@ class FcmProvider(Provider):
     platform = "android"
     queue = "fcm"
     payload_limit = 4096
+    topics = True
 
     def __init__(self, engine: Engine, project_id: str, auth: AuthToken) -> None:
         self._engine = engine
@@ -169,14 +172,18 @@ class FcmProvider(Provider):
         fitted = fit_message(message, self.payload_size, self.payload_limit, self.platform)
         rest = orjson.dumps(render_message(fitted))  # b'{...}', never empty: data is always present
         rendered = _Rendered(message, b"," + rest[1:] + b"}")
-        remember_render(self._renders, message.message_id, rendered)
+        remember_render(self._renders, message.render_key, rendered)
         return rendered
 
     async def send(self, target: Target, message: PushMessage) -> Result:
-        rendered = self._renders.get(message.message_id)
-        if rendered is None or (rendered.message is not message and rendered.message != message):
-            rendered = self._render(message)
-        body = b"".join((_PREFIX, orjson.dumps(target.token), rendered.suffix))
+        if target.kind in TOPIC_KINDS:
+            body = self._topic_body(target, message)
+        else:
+            message = message.localized(target.locale)  # the device's language; cached on the message
+            rendered = self._renders.get(message.render_key)
+            if rendered is None or (rendered.message is not message and rendered.message != message):
+                rendered = self._render(message)
+            body = b"".join((_PREFIX, orjson.dumps(target.token), rendered.suffix))
         try:
             token = await self._auth.current()
         except CredentialError as exc:
@@ -190,6 +197,14 @@ class FcmProvider(Provider):
             if newer is not None:
                 result, _ = await self._attempt(target, body, newer)
         return result
+
+    def _topic_body(self, target: Target, message: PushMessage) -> bytes:
+        """`{"message": {"topic" | "condition": ..., ...}}`: one request per topic send, so it is
+        rendered per send, fitted to FCM's smaller limit for topic messages."""
+        fitted = fit_message(message, self.payload_size, FCM_TOPIC_PAYLOAD_LIMIT, self.platform)
+        rest = orjson.dumps(render_message(fitted))
+        head = b'{"message":{' + orjson.dumps(target.kind) + b":" + orjson.dumps(target.token) + b","
+        return head + rest[1:] + b"}"
 
     async def _attempt(self, target: Target, body: bytes, token: IssuedToken) -> tuple[Result, str | None]:
         if self._headers_for is not token:

@@ -29,6 +29,7 @@ from delivery.payload import PushMessage, fit_message
 from delivery.providers import mapping as m
 from delivery.providers.auth import AuthToken
 from delivery.providers.base import (
+    TOPIC_KINDS,
     Outcome,
     Provider,
     Result,
@@ -107,6 +108,7 @@ class HmsProvider(Provider):
     platform = "huawei"
     queue = "hms"
     payload_limit = MAX_REQUEST_BYTES
+    topics = True
 
     def __init__(self, engine: Engine, app_id: str, auth: AuthToken) -> None:
         self._engine = engine
@@ -132,28 +134,52 @@ class HmsProvider(Provider):
         return len(_PREFIX) + TOKEN_RESERVE + 4 + rest + 1  # ["…"], then "," + rest[1:] + "}"
 
     def _render(self, message: PushMessage) -> _Rendered:
-        rendered = self._renders.get(message.message_id)
+        rendered = self._renders.get(message.render_key)
         if rendered is not None and (rendered.message is message or rendered.message == message):
             return rendered
         fitted = fit_message(message, self.payload_size, self.payload_limit, self.platform)
         rest = orjson.dumps(render_message(fitted))
         rendered = _Rendered(message, b"," + rest[1:] + b"}")
-        remember_render(self._renders, message.message_id, rendered)
+        remember_render(self._renders, message.render_key, rendered)
         return rendered
 
     async def send(self, target: Target, message: PushMessage) -> Result:
+        if target.kind in TOPIC_KINDS:
+            # `{"message": {"topic" | "condition": ..., ...}}` in place of the token list.
+            rendered = self._render(message)
+            head = b'{"validate_only":false,"message":{' + orjson.dumps(target.kind) + b":"
+            return (await self._send_batch([target], rendered, head + orjson.dumps(target.token)))[0]
         return (await self.send_many([target], message))[0]
 
     async def send_many(self, targets: list[Target], message: PushMessage) -> list[Result]:
         if not targets:
             return []
-        rendered = self._render(message)
-        batches = _pack(targets, len(_PREFIX) + len(rendered.suffix) + 2)
-        results = await asyncio.gather(*(self._send_batch(batch, rendered) for batch in batches))
-        return [r for batch in results for r in batch]
+        # One request carries one text: devices are grouped by the language variant they get
+        # (one group without localizations), each group packed into its own batches.
+        groups: dict[str, tuple[_Rendered, list[int]]] = {}
+        for i, target in enumerate(targets):
+            variant = message.localized(target.locale)
+            group = groups.get(variant.render_key)
+            if group is None:
+                group = groups[variant.render_key] = (self._render(variant), [])
+            group[1].append(i)
+        jobs = []
+        for rendered, indexes in groups.values():
+            members = [targets[i] for i in indexes]
+            for batch in _pack(members, len(_PREFIX) + len(rendered.suffix) + 2):
+                jobs.append(self._send_batch(batch, rendered))
+        answers = [r for batch in await asyncio.gather(*jobs) for r in batch]
+        if len(groups) == 1:
+            return answers  # in the order of targets already
+        by_target = {id(r.target): r for r in answers}
+        return [by_target[id(t)] for t in targets]
 
-    async def _send_batch(self, targets: list[Target], rendered: _Rendered) -> list[Result]:
-        body = b"".join((_PREFIX, orjson.dumps([t.token for t in targets]), rendered.suffix))
+    async def _send_batch(
+        self, targets: list[Target], rendered: _Rendered, recipient: bytes | None = None
+    ) -> list[Result]:
+        if recipient is None:
+            recipient = _PREFIX + orjson.dumps([t.token for t in targets])
+        body = recipient + rendered.suffix
         try:
             token = await self._auth.current()
         except CredentialError as exc:

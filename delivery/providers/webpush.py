@@ -181,7 +181,7 @@ class WebPushProvider(Provider):
         return len(render_plaintext(message)) + RECORD_OVERHEAD
 
     def _render(self, message: PushMessage) -> _Rendered:
-        rendered = self._renders.get(message.message_id)
+        rendered = self._renders.get(message.render_key)
         if rendered is not None and (rendered.message is message or rendered.message == message):
             return rendered
         fitted = fit_message(message, self.payload_size, self.payload_limit, self.platform)
@@ -194,13 +194,13 @@ class WebPushProvider(Provider):
         if message.collapse_key:
             headers["topic"] = topic_for(message.collapse_key)
         rendered = _Rendered(message, render_plaintext(fitted), headers)
-        remember_render(self._renders, message.message_id, rendered)
+        remember_render(self._renders, message.render_key, rendered)
         return rendered
 
     async def send(self, target: Target, message: PushMessage) -> Result:
         if self._config_error:
             return Result(target, Outcome.AUTH_FAILURE, reason=f"credentials: {self._config_error}")
-        rendered = self._render(message)
+        rendered = self._render(message.localized(target.locale))  # the device's language
         endpoint = target.token
         parts = urlsplit(endpoint)
         problem, _ = _endpoint_problem(endpoint, resolve=False)  # the rules that need no DNS, every time

@@ -27,6 +27,7 @@ import orjson
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from delivery import topics
 from delivery.simulator import webpush_keys
 from delivery.simulator.credentials import SimCredentials
 
@@ -138,6 +139,28 @@ KNOB_TYPES: dict[str, tuple[type, ...]] = {
 
 class ConfigError(ValueError):
     pass
+
+
+def topic_key(provider: str, where: str, value: str) -> str:
+    """Where the simulator counts a topic or condition send (`counts`, `last`): "fcm topic news"."""
+    return f"{provider} {where} {value}"
+
+
+def topic_problem(where: str, value: Any) -> str:
+    """What FCM / HMS would say about a topic name or a condition, or "" (delivery/topics.py holds
+    the rules both share). The v1 APIs take a bare topic name: no "/topics/" prefix."""
+    if not isinstance(value, str) or not value:
+        return f"Invalid {where}: expected a non-empty string."
+    if where == "topic" and value.startswith(topics.TOPIC_PREFIX):
+        return f"Invalid topic name {value!r}: give the name without the /topics/ prefix."
+    try:
+        if where == "topic":
+            topics.normalize_topic(value)
+        else:
+            topics.condition_topics(value)
+    except topics.TopicError as exc:
+        return f"Invalid {where} {value[:100]!r}: {exc}."
+    return ""
 
 
 def fault_of(token: str) -> str:
@@ -728,6 +751,8 @@ class Simulator:
         invalid = _fcm_message_problem(message)
         if invalid:
             return self._fcm_bad(*invalid)
+        if "topic" in message or "condition" in message:
+            return self._fcm_topic(project, message, doc.get("validate_only") is True)
         token = message.get("token")
         if not isinstance(token, str) or not token:
             return self._fcm_bad("message.token", "Recipient of the message is not set.")
@@ -776,6 +801,37 @@ class Simulator:
         self._outcome("fcm 200")
         name = f"projects/{project}/messages/0:{self._next_id()}%{self._id_prefix}"
         return SimResponse(200, JSON, orjson.dumps({"name": name}), delay)
+
+    def _fcm_topic(self, project: str, message: dict[str, Any], validate_only: bool) -> SimResponse:
+        """A topic or condition message: FCM fans it out itself and answers with one message name.
+        Counted under topic_key(); a topic named fa0175NN... gets fault NN's 5xx/429 answers."""
+        where = "topic" if "topic" in message else "condition"
+        problem = topic_problem(where, message[where])
+        if problem:
+            return self._fcm_bad(f"message.{where}", problem)
+        key = topic_key("fcm", where, message[where])
+        if validate_only:
+            self._outcome("fcm 200 validate_only")
+            return _json(200, {"name": f"projects/{project}/messages/fake_message_id"})
+        attempt, _, delay = self._begin(key)
+        fault = fault_of(message[where]) if where == "topic" else ""
+        if (fault in ("03", "04") and attempt <= (1 if fault == "03" else 2)) or (
+            self._any_global() and self._global_fault(key, attempt) == "rate"
+        ):
+            return self._fcm_quota(delay)
+        if (
+            fault == "05"
+            or (fault == "06" and attempt == 1)
+            or (self._any_global() and self._global_fault(key, attempt))
+        ):
+            return self._fcm_error(
+                503, "UNAVAILABLE", "The service is currently unavailable.", "UNAVAILABLE", delay=delay
+            )
+        self._deliver(key, {"message": message} if self.knobs.record_payloads else None)
+        self._outcome(f"fcm 200 {where}")
+        return SimResponse(
+            200, JSON, orjson.dumps({"name": f"projects/{project}/messages/{self._next_id()}"}), delay
+        )
 
     def _fcm_quota(self, delay: float) -> SimResponse:
         return self._fcm_error(
@@ -845,6 +901,11 @@ class Simulator:
         message = doc.get("message") if isinstance(doc, dict) else None
         if not isinstance(message, dict):
             return self._hms_result(400, "80100003", "Incorrect message structure")
+        targets = [k for k in ("token", "topic", "condition") if k in message]
+        if len(targets) != 1:
+            return self._hms_result(400, "80100003", "Incorrect message structure")
+        if targets[0] != "token":
+            return self._hms_topic(message, targets[0], doc.get("validate_only") is True)
         tokens = message.get("token")
         if not isinstance(tokens, list) or not all(isinstance(t, str) and t for t in tokens):
             return self._hms_result(400, "80100003", "Incorrect message structure")
@@ -899,6 +960,25 @@ class Simulator:
             return self._hms_result(400, "80300007", "All the tokens are invalid", delay)
         detail = {"success": len(tokens) - len(illegal), "failure": len(illegal), "illegal_tokens": illegal}
         return self._hms_result(200, "80100000", orjson.dumps(detail).decode(), delay)
+
+    def _hms_topic(self, message: dict[str, Any], where: str, validate_only: bool) -> SimResponse:
+        """A topic or condition message, fanned out by HMS: one answer, counted under topic_key()."""
+        problem = topic_problem(where, message[where])
+        if problem:
+            return self._hms_result(400, "80100001", f"Some parameters are wrong: {where} {problem}")
+        if validate_only:
+            return self._hms_result(200, "80000000", "Success")
+        key = topic_key("hms", where, message[where])
+        attempt, _, delay = self._begin(key)
+        fault = fault_of(message[where]) if where == "topic" else ""
+        if (
+            fault == "05"
+            or (fault == "06" and attempt == 1)
+            or (self._any_global() and self._global_fault(key, attempt))
+        ):
+            return self._hms_result(503, "80000001", "Traffic control: the system is busy", delay)
+        self._deliver(key, {"message": message} if self.knobs.record_payloads else None)
+        return self._hms_result(200, "80000000", "Success", delay)
 
     # ---- Web Push ----------------------------------------------------------------------------
     def _wp_error(self, status: int, text: str, delay: float = 0.0) -> SimResponse:
