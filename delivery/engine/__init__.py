@@ -20,6 +20,7 @@ def create_engine(
     timeout: float = 15.0,
     h2c: bool = False,
     resolve: Callable[[str, int], Sequence[str] | None] | None = None,
+    idle_max_s: int | None = None,
 ) -> Engine:
     """An engine for one provider endpoint (scheme://host[:port]); requests may use paths.
 
@@ -28,14 +29,21 @@ def create_engine(
     cleartext HTTP/2 with prior knowledge (local simulator only). `timeout` applies per request
     unless the request carries its own. `resolve` (httpx only): (host, port) -> the addresses to
     connect to instead of resolving the host (None: resolve as usual; empty: refuse to connect).
+    `idle_max_s` (curl only): a pooled connection idle longer than this many whole seconds is closed
+    instead of reused; set it below the provider's idle timeout (None: the engine's default).
     """
     if kind == "curl":
         if resolve is not None:
             raise ValueError("address pinning (resolve) is implemented by the httpx engine only")
-        from delivery.engine.curl import CurlEngine
+        from delivery.engine.curl import DEFAULT_IDLE_MAX_S, CurlEngine
 
         return CurlEngine(
-            base_url, ca_file=ca_file, max_connections=max_connections, timeout=timeout, h2c=h2c
+            base_url,
+            ca_file=ca_file,
+            max_connections=max_connections,
+            timeout=timeout,
+            h2c=h2c,
+            idle_max_s=DEFAULT_IDLE_MAX_S if idle_max_s is None else idle_max_s,
         )
     if kind == "httpx":
         from delivery.engine.httpx_engine import HttpxEngine

@@ -101,6 +101,7 @@ def provider_engine(base_url: str, *, kind: str, max_connections: int | None = N
         max_connections=max_connections or settings.PUSH_CONNECTIONS_PER_POOL,
         timeout=settings.PUSH_REQUEST_TIMEOUT,
         h2c=base_url.startswith("http://"),
+        idle_max_s=settings.PUSH_CONNECTION_IDLE_MAX_S if kind == "curl" else None,
     )
 
 
