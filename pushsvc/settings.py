@@ -427,6 +427,11 @@ WEBPUSH_ALLOW_INSECURE = _env_bool("WEBPUSH_ALLOW_INSECURE", False)
 # Connections per (provider, credential) pool and the request timeout, in seconds.
 PUSH_CONNECTIONS_PER_POOL = _env_int("PUSH_CONNECTIONS_PER_POOL", 2)
 PUSH_REQUEST_TIMEOUT = _env_float("PUSH_REQUEST_TIMEOUT", 15.0)
+# A pooled provider connection idle for longer than this many seconds is closed and replaced at the
+# next send instead of reused (curl engine). Providers and the load balancers before them drop idle
+# HTTP/2 connections, not always visibly (a forgotten NAT entry answers nothing): keep it below the
+# shortest idle timeout on the path. 60 s costs one TLS handshake per minute of silence.
+PUSH_CONNECTION_IDLE_MAX_S = _env_int("PUSH_CONNECTION_IDLE_MAX_S", 60)
 
 # --- Registration API -------------------------------------------------------------------------
 # A verified API key is cached per web process this many seconds (revocation is immediate in the

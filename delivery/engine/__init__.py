@@ -21,6 +21,7 @@ def create_engine(
     h2c: bool = False,
     resolve: Callable[[str, int], Sequence[str] | None] | None = None,
     client_cert: tuple[bytes, bytes] | None = None,
+    idle_max_s: int | None = None,
 ) -> Engine:
     """An engine for one provider endpoint (scheme://host[:port]); requests may use paths.
 
@@ -30,11 +31,13 @@ def create_engine(
     unless the request carries its own. `resolve` (httpx only): (host, port) -> the addresses to
     connect to instead of resolving the host (None: resolve as usual; empty: refuse to connect).
     `client_cert` (curl only): (certificate PEM, key PEM) presented for TLS client authentication.
+    `idle_max_s` (curl only): a pooled connection idle longer than this many whole seconds is closed
+    instead of reused; set it below the provider's idle timeout (None: the engine's default).
     """
     if kind == "curl":
         if resolve is not None:
             raise ValueError("address pinning (resolve) is implemented by the httpx engine only")
-        from delivery.engine.curl import CurlEngine
+        from delivery.engine.curl import DEFAULT_IDLE_MAX_S, CurlEngine
 
         return CurlEngine(
             base_url,
@@ -43,6 +46,7 @@ def create_engine(
             timeout=timeout,
             h2c=h2c,
             client_cert=client_cert,
+            idle_max_s=DEFAULT_IDLE_MAX_S if idle_max_s is None else idle_max_s,
         )
     if client_cert is not None:
         raise ValueError("TLS client certificates are implemented by the curl engine only")

@@ -34,6 +34,7 @@ import collections
 import functools
 import io
 import os
+import random
 import ssl
 from typing import Any
 
@@ -59,8 +60,23 @@ _MAX_STREAMS_PER_CONNECTION = 4096
 # Requests beyond this many per connection wait in Python rather than as parked libcurl
 # handles: libcurl rescans its pending list on every state change.
 _HANDLES_PER_CONNECTION = 2048
-# Providers ask for long-lived connections; libcurl's default drops idle ones after 118 s.
-_IDLE_CONNECTION_MAX_AGE_S = 600
+# A pooled connection idle longer than this is closed instead of reused (CURLOPT_MAXAGE_CONN, whole
+# seconds, checked when libcurl picks a connection for a request). Providers and the middleboxes in
+# front of them drop idle HTTP/2 connections, not always with a GOAWAY the client has read by then:
+# a request written to such a connection meets a reset or no answer at all, a failed attempt that
+# may count as a possible duplicate. Retiring the connection first costs a new handshake instead.
+# Configured below the provider's idle timeout (settings.PUSH_CONNECTION_IDLE_MAX_S).
+DEFAULT_IDLE_MAX_S = 60
+# A request whose connection died under it before any byte of its answer arrived is re-submitted
+# here at once (libcurl then opens a fresh connection), at most this many times: a connection cut
+# by a load balancer or a restarting server must not turn its open streams into campaign-level
+# retries with their backoff (and a chunk of "no answer" results into an open breaker). The server
+# may have processed the first copy, so the answer is marked maybe_duplicate. The first re-submission
+# goes at once; later ones wait a jittered, doubling pause (RECONNECT_BACKOFF_*), so a server that
+# keeps cutting connections is not met by a reconnect storm of every request it cut.
+_CONNECTION_LOSS_RESUBMITS = 5
+_RECONNECT_BACKOFF_BASE_S = 0.05
+_RECONNECT_BACKOFF_MAX_S = 1.0
 _CONNECT_TIMEOUT_CAP_S = 10.0
 _MAX_RESPONSE_BYTES = 1 << 20
 # Requests with a body, or GET; HEAD would need libcurl told not to wait for a body.
@@ -98,8 +114,10 @@ class _Transfer:
         "future",
         "headers",
         "method",
+        "parked",
         "port",
         "prev_ports",
+        "resubmits",
         "timeout_ms",
     )
 
@@ -113,6 +131,10 @@ class _Transfer:
         self.deadline = 0.0  # loop time
         self.port = 0  # local port of the connection the current attempt runs on
         self.prev_ports: list[int] = _NO_PORTS  # connections of earlier attempts (resends)
+        # Re-submissions after the connection died under an attempt (the first copy may have been
+        # processed): the answer that follows is a possible duplicate.
+        self.resubmits = 0
+        self.parked = False  # waiting out a reconnect backoff: not in the multi handle
         self.method = "POST"
         self.timeout_ms = 0  # TIMEOUT_MS currently set on the handle
         curl.transfer = self  # lets info_read's handle lead back here without a dict lookup
@@ -140,12 +162,14 @@ class CurlEngine(Engine):
         timeout: float = 15.0,
         h2c: bool = False,
         client_cert: tuple[bytes, bytes] | None = None,
+        idle_max_s: int = DEFAULT_IDLE_MAX_S,
     ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
         self._base_url = base_url.rstrip("/")
         self._ca_file = ca_file or system_ca_file()
         self._max_connections = max_connections
+        self._idle_max_s = max(1, int(idle_max_s))
         self._timeout_ms = max(1, int(timeout * 1000))
         self._http_version = (
             pycurl.CURL_HTTP_VERSION_2_PRIOR_KNOWLEDGE if h2c else pycurl.CURL_HTTP_VERSION_2TLS
@@ -209,6 +233,7 @@ class CurlEngine(Engine):
         transfer.attempts = 0
         transfer.port = 0
         transfer.prev_ports = _NO_PORTS
+        transfer.resubmits = 0
         future = transfer.future = loop.create_future()
         self._multi.add_handle(curl)
         self._active.add(transfer)
@@ -276,13 +301,14 @@ class CurlEngine(Engine):
         self._watched.clear()
         for transfer in list(self._active):
             self._active.discard(transfer)
-            if multi is not None:
+            if multi is not None and not transfer.parked:
                 multi.remove_handle(transfer.curl)
+            transfer.parked = False
             future = transfer.future
             transfer.future = None
             # A closed loop has nobody left awaiting; its futures cannot schedule callbacks.
             if future is not None and not future.done() and not future.get_loop().is_closed():
-                reached = transfer.attempts > 0
+                reached = transfer.attempts > 0 or transfer.resubmits > 0
                 future.set_exception(TransportError(str(error), may_have_reached=reached))
             _reset_buffers(transfer)
             self._pool.append(transfer)
@@ -301,7 +327,7 @@ class CurlEngine(Engine):
         curl.setopt(pycurl.TCP_KEEPALIVE, 1)
         curl.setopt(pycurl.TCP_KEEPIDLE, 30)
         curl.setopt(pycurl.TCP_KEEPINTVL, 15)
-        curl.setopt(pycurl.MAXAGE_CONN, _IDLE_CONNECTION_MAX_AGE_S)
+        curl.setopt(pycurl.MAXAGE_CONN, self._idle_max_s)
         curl.setopt(
             pycurl.CONNECTTIMEOUT_MS, int(min(self._timeout_ms / 1000, _CONNECT_TIMEOUT_CAP_S) * 1000)
         )
@@ -427,6 +453,7 @@ class CurlEngine(Engine):
                 stats.resent_maybe_processed += resends
             else:
                 stats.resent_unprocessed += resends
+            maybe_duplicate = maybe_duplicate or transfer.resubmits > 0
             future.set_result(
                 HttpResponse(
                     curl.getinfo(_RESPONSE_CODE),
@@ -448,7 +475,9 @@ class CurlEngine(Engine):
             remaining_ms = int((transfer.deadline - self._loop.time()) * 1000)
             if remaining_ms <= 0:
                 future.set_exception(
-                    TransportError(f"refused until the deadline: {message}", may_have_reached=False)
+                    TransportError(
+                        f"refused until the deadline: {message}", may_have_reached=transfer.resubmits > 0
+                    )
                 )
                 self._retire(transfer)
                 return
@@ -459,15 +488,77 @@ class CurlEngine(Engine):
             transfer.timeout_ms = remaining_ms
             self._multi.add_handle(curl)
             return
+        elif (
+            code in _CONNECTION_FAILURES
+            and transfer.attempts
+            and transfer.resubmits < _CONNECTION_LOSS_RESUBMITS
+            and not transfer.headers.tell()
+            and self._resubmit(transfer, curl)
+        ):
+            # The connection died under the request before its answer began (a reset, a server
+            # that went away): go again at once on a fresh connection. Not a campaign-level retry,
+            # which would wait out a backoff for a request that never met the provider's verdict.
+            stats.resent_maybe_processed += transfer.attempts
+            stats.extra["resubmitted_after_connection_loss"] = (
+                stats.extra.get("resubmitted_after_connection_loss", 0) + 1
+            )
+            return
         else:
             if resends:
                 # libcurl's message is now this failure's own: the earlier attempts cannot be
                 # told apart any more, so they count as possibly processed.
                 stats.resent_maybe_processed += resends
             future.set_exception(
-                TransportError(f"curl error {code}: {message}", may_have_reached=transfer.attempts > 0)
+                TransportError(
+                    f"curl error {code}: {message}",
+                    may_have_reached=transfer.attempts > 0 or transfer.resubmits > 0,
+                )
             )
         self._retire(transfer)
+
+    def _resubmit(self, transfer: _Transfer, curl: pycurl.Curl) -> bool:
+        """Hand a transfer whose connection died back to libcurl with what is left of its deadline
+        (False: nothing is left; the caller fails it)."""
+        remaining_ms = int((transfer.deadline - self._loop.time()) * 1000)
+        if remaining_ms <= 0:
+            return False
+        transfer.resubmits += 1
+        transfer.attempts = 0
+        transfer.prev_ports = _NO_PORTS
+        _reset_buffers(transfer)
+        if transfer.resubmits == 1:
+            curl.setopt(pycurl.TIMEOUT_MS, remaining_ms)
+            transfer.timeout_ms = remaining_ms
+            self._multi.add_handle(curl)
+            return True
+        cap = min(_RECONNECT_BACKOFF_BASE_S * 2 ** (transfer.resubmits - 2), _RECONNECT_BACKOFF_MAX_S)
+        delay = random.uniform(cap / 2, cap)
+        if delay * 1000 >= remaining_ms:
+            transfer.resubmits -= 1
+            return False
+        transfer.parked = True
+        self._loop.call_later(delay, self._unpark, transfer, transfer.future, self._multi)
+        return True
+
+    def _unpark(
+        self, transfer: _Transfer, future: asyncio.Future[HttpResponse] | None, multi: pycurl.CurlMulti | None
+    ) -> None:
+        if not transfer.parked or transfer.future is not future or self._multi is not multi or multi is None:
+            return  # cancelled, torn down or handed to another request meanwhile
+        transfer.parked = False
+        if future is None or future.done():
+            self._retire(transfer)
+            return
+        remaining_ms = int((transfer.deadline - self._loop.time()) * 1000)
+        if remaining_ms <= 0:
+            future.set_exception(
+                TransportError("connection lost; no time left to re-send", may_have_reached=True)
+            )
+            self._retire(transfer)
+            return
+        transfer.curl.setopt(pycurl.TIMEOUT_MS, remaining_ms)
+        transfer.timeout_ms = remaining_ms
+        multi.add_handle(transfer.curl)
 
     def _resent_after_error(
         self, transfer: _Transfer, curl: pycurl.Curl, include_current: bool = False
@@ -508,7 +599,10 @@ class CurlEngine(Engine):
 
     def _abandon(self, transfer: _Transfer) -> None:
         """The caller gave up (cancelled): detach the handle; the stream is reset by libcurl."""
-        self._multi.remove_handle(transfer.curl)
+        if transfer.parked:
+            transfer.parked = False
+        else:
+            self._multi.remove_handle(transfer.curl)
         self._release_stream(transfer)
         self._retire(transfer)
 

@@ -119,6 +119,7 @@ def provider_engine(
         timeout=settings.PUSH_REQUEST_TIMEOUT,
         h2c=base_url.startswith("http://"),
         client_cert=client_cert,
+        idle_max_s=settings.PUSH_CONNECTION_IDLE_MAX_S if kind == "curl" else None,
     )
 
 

@@ -108,6 +108,12 @@ class Knobs:
     # Strict front: after this many requests a connection stops processing, answers what it processed
     # and is reset (TCP RST) with the rest unanswered and uncounted. 0: off.
     reset_every: int = 0
+    # Strict front: a connection without a request for this many seconds is closed, as providers
+    # close idle HTTP/2 connections: GOAWAY(NO_ERROR) then FIN, or with `idle_silent` the connection
+    # goes dark instead (a NAT or load balancer that forgot it: the socket stays open, nothing sent
+    # on it is read or answered), the case a client cannot see coming. 0: off.
+    idle_timeout_s: float = 0.0
+    idle_silent: bool = False
     apns_min_token_refresh_s: float = 0.0
     revoked_apns_keys: list[str] = field(default_factory=list)
     fcm_revoked: bool = False

@@ -14,6 +14,8 @@ What APNs does to a connection and a pure-throughput server cannot reproduce:
   TCP RST while the requests that arrived after the Nth are still open. Those were never processed or
   counted: a load balancer or server restart cutting the connection, where resending is always safe.
 - Fault 09 closes the connection with requests unanswered, including some it processed.
+- Idle timeout (`idle_timeout_s`): a connection with no open stream and no request for that long is
+  closed with GOAWAY(NO_ERROR) + FIN, or with `idle_silent` goes dark (nothing read or answered).
 HTTP/1.1 is served too (cleartext or ALPN "http/1.1"), for admin calls from simple clients.
 """
 
@@ -90,6 +92,7 @@ class StrictFront:
             "connections_reset",
             "requests_cut_by_reset",
             "settings_raised",
+            "connections_closed_idle",
         ):
             sim.front_counters.setdefault(name, 0)
 
@@ -100,6 +103,7 @@ class StrictFront:
     def _on_knobs(self, knobs: Knobs) -> None:
         for conn in list(self.connections):
             conn.apply_limit(knobs.max_concurrent_streams)
+            conn.arm_idle()
 
     def protocol(self) -> _Connection:
         return _Connection(self)
@@ -127,6 +131,9 @@ class _Connection(asyncio.Protocol):
         self.resetting = False  # reset_every reached: nothing new is processed on this connection
         self.reset_ping_sent = False
         self.cut = 0  # requests received after the reset point, left unprocessed
+        self.last_request = self.loop.time()  # idle timeout: since the last request arrived
+        self.idle_timer: asyncio.TimerHandle | None = None
+        self.dark = False  # idle_silent fired: nothing more is read or answered
         # HTTP/1.1 state
         self.h1_busy = False
         self.h1_in_flight = False
@@ -146,6 +153,9 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        if self.idle_timer is not None:
+            self.idle_timer.cancel()
+            self.idle_timer = None
         self.front.connections.discard(self)
         # Requests processed but never answered leave the in-flight gauge here.
         self.sim.in_flight -= sum(1 for s in self.streams.values() if s.in_flight)
@@ -155,7 +165,7 @@ class _Connection(asyncio.Protocol):
             self.h1_in_flight = False
 
     def data_received(self, data: bytes) -> None:
-        if self.closed:
+        if self.closed or self.dark:
             return
         if not self.mode:
             self.pending += data
@@ -194,6 +204,38 @@ class _Connection(asyncio.Protocol):
         self.h2 = conn
         conn.initiate_connection()
         self._flush()
+        self.arm_idle()
+
+    # ---- idle timeout ------------------------------------------------------------------------
+    def arm_idle(self) -> None:
+        timeout = self.sim.knobs.idle_timeout_s
+        if self.idle_timer is not None or timeout <= 0 or self.h2 is None or self.closed or self.dark:
+            return
+        due = self.last_request + timeout - self.loop.time()
+        self.idle_timer = self.loop.call_later(max(due, 0.0), self._idle_check)
+
+    def _idle_check(self) -> None:
+        self.idle_timer = None
+        timeout = self.sim.knobs.idle_timeout_s
+        if timeout <= 0 or self.closed or self.dark or self.transport is None or self.h2 is None:
+            return
+        if self.streams or self.unsent or self.goaway_last is not None or self.resetting:
+            # Busy, or already closing for another reason: idle is counted from the last request.
+            self.last_request = self.loop.time()
+            self.arm_idle()
+            return
+        if self.loop.time() - self.last_request < timeout:
+            self.arm_idle()
+            return
+        self.front.count("connections_closed_idle")
+        if self.sim.knobs.idle_silent:
+            self.dark = True  # the socket stays open; the client finds out only by not being answered
+            return
+        self.goaway_last = -1  # nothing more will be processed
+        self._flush()
+        frame = GoAwayFrame(stream_id=0, last_stream_id=self.max_accepted, error_code=0)
+        self.transport.write(frame.serialize())
+        self.transport.close()
 
     def _flush(self) -> None:
         if self.h2 is not None and self.transport is not None and not self.closed:
@@ -275,6 +317,7 @@ class _Connection(asyncio.Protocol):
     def _on_headers(self, event: h2.events.RequestReceived) -> None:
         assert self.h2 is not None
         sid = event.stream_id
+        self.last_request = self.loop.time()
         if self.goaway_last is not None and sid > self.goaway_last:
             return  # above last-stream-id: never processed, the client re-sends it elsewhere
         if self.resetting:
