@@ -43,22 +43,6 @@ NO_CONTROLS = r"^[^\x00-\x1f\x7f-\x9f]*$"
 class LocalizationSerializer(serializers.Serializer):
     """One language's text (schema only): what it sets replaces the default title or body."""
 
-    title = serializers.RegexField(SINGLE_LINE, max_length=payload.TITLE_MAX, required=False, allow_null=True)
-    body = serializers.CharField(
-        max_length=payload.BODY_MAX_BYTES,
-        required=False,
-        allow_blank=True,
-        allow_null=True,
-        help_text=f"at most {payload.BODY_MAX_BYTES} bytes of UTF-8; may hold newlines",
-    )
-
-
-class PushMessageSerializer(serializers.Serializer):
-    """The message, as PushMessage.from_dict accepts it (schema only: validate_message validates). Rules
-    a schema cannot state: a visible message needs a title, body, badge or sound; a silent one has
-    none of them; the message must fit each targeted provider's 4 KB with an empty body (a longer
-    body is cut, ending in "…", and data.pushsvc_truncated is set)."""
-
     # Absent, null and "" all mean none. The patterns admit "": allow_blank would add a oneOf branch
     # that "" matches too, which makes "" invalid against the schema.
     title = serializers.RegexField(SINGLE_LINE, max_length=payload.TITLE_MAX, required=False, allow_null=True)
@@ -69,6 +53,14 @@ class PushMessageSerializer(serializers.Serializer):
         allow_null=True,
         help_text=f"at most {payload.BODY_MAX_BYTES} bytes of UTF-8; may hold newlines",
     )
+
+
+class PushMessageSerializer(LocalizationSerializer):
+    """The message, as PushMessage.from_dict accepts it (schema only: validate_message validates). Rules
+    a schema cannot state: a visible message needs a title, body, badge or sound; a silent one has
+    none of them; the message must fit each targeted provider's 4 KB with an empty body (a longer
+    body is cut, ending in "…", and data.pushsvc_truncated is set)."""
+
     data = serializers.DictField(
         child=serializers.CharField(allow_blank=True),
         required=False,

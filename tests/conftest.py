@@ -156,3 +156,23 @@ def simulator_fast(_simulator_fast_process):
 def simulator_strict(_simulator_strict_process):
     _simulator_strict_process.reset(config=True)
     return _simulator_strict_process
+
+
+@pytest.fixture
+def fast_sim(simulator_fast, settings, redis_client):
+    """The fast simulator with this process's settings pointed at it, for shard runs in the test."""
+    from campaigns.testing import simulator_env
+
+    for name, value in simulator_env(simulator_fast).items():
+        setattr(settings, name, value == "true" if value in ("true", "false") else value)
+    return simulator_fast
+
+
+@pytest.fixture(autouse=True)
+def _forget_log_context() -> Iterator[None]:
+    """A shard run binds its shard to the log context (pushsvc/logging.py), which a worker clears
+    when its next task starts; a test that ran one must not pass it to the next test's logs."""
+    yield
+    from pushsvc import logging as log_context
+
+    log_context.unbind()

@@ -21,29 +21,13 @@ from campaigns import idempotent
 from campaigns.models import Campaign, IdempotencyKey, Shard
 from campaigns.pytest_fixtures import api_client
 from campaigns.sending import run
-from campaigns.testing import build_population, load_devices, simulator_app, simulator_env
-from pushsvc import logging as log_context
+from campaigns.testing import build_population, load_devices, simulator_app
 from tokens.testing import make_app
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 NOTIFY = "/api/v1/notifications/"
 CAMPAIGNS = "/api/v1/campaigns/"
-
-
-@pytest.fixture(autouse=True)
-def _unbind_log_context():
-    yield
-    # run.run_shard binds the shard's log context for the rest of the task, as in a worker;
-    # here the "task" is the test, so later tests must not inherit it.
-    log_context.unbind()
-
-
-@pytest.fixture
-def sim(simulator_fast, settings, redis_client):
-    for name, value in simulator_env(simulator_fast).items():
-        setattr(settings, name, value == "true" if value in ("true", "false") else value)
-    return simulator_fast
 
 
 def _post(client, path: str, body: dict, key: str | None):
@@ -56,8 +40,8 @@ def _run_pending_shards(campaign_ids: list[int]) -> None:
         run.run_shard(shard_id)
 
 
-def test_a_retried_direct_send_gets_the_first_answer_and_sends_once(sim) -> None:
-    app = simulator_app(sim)
+def test_a_retried_direct_send_gets_the_first_answer_and_sends_once(fast_sim) -> None:
+    app = simulator_app(fast_sim)
     population = load_devices(app, build_population({"ios": 3, "android": 3}, {}))
     client = api_client(app)
     body = {"message": {"title": "2FA", "body": "123456"}, "user_ids": [f"u{i}" for i in range(6)]}
@@ -73,7 +57,7 @@ def test_a_retried_direct_send_gets_the_first_answer_and_sends_once(sim) -> None
     assert again["Idempotent-Replayed"] == "true"
     assert Campaign.objects.filter(app=app).count() == 1
     _run_pending_shards([first.json()["id"]])
-    assert set(sim.counts(population.of()).values()) == {1}, "each device sent to once"
+    assert set(fast_sim.counts(population.of()).values()) == {1}, "each device sent to once"
 
 
 def test_the_same_key_with_another_body_or_endpoint_is_a_422_and_sends_nothing(db) -> None:
@@ -126,11 +110,11 @@ def test_a_malformed_key_is_a_400_that_says_so(db, key) -> None:
     assert not Campaign.objects.exists()
 
 
-def test_concurrent_duplicates_make_one_campaign_and_one_send(sim) -> None:
+def test_concurrent_duplicates_make_one_campaign_and_one_send(fast_sim) -> None:
     """Eight threads post the same request with the same key at once (a barrier releases them
     together), each on its own PostgreSQL connection: one campaign, each device sent to once;
     every answer is the campaign (202) or "in progress" (409), never a second campaign."""
-    app = simulator_app(sim)
+    app = simulator_app(fast_sim)
     population = load_devices(app, build_population({"android": 20, "ios": 20}, {}))
     body = {"message": {"title": "once"}, "user_ids": [f"u{i}" for i in range(40)]}
     callers = 8
@@ -156,7 +140,7 @@ def test_concurrent_duplicates_make_one_campaign_and_one_send(sim) -> None:
     assert {body["id"] for code, body in answers if code == 202} == set(campaigns)
     assert all("still being processed" in body["detail"] for code, body in answers if code == 409)
     _run_pending_shards(campaigns)
-    assert set(sim.counts(population.of()).values()) == {1}
+    assert set(fast_sim.counts(population.of()).values()) == {1}
     assert Campaign.objects.get().delivered == 40
 
 

@@ -13,12 +13,11 @@ import pytest
 from campaigns.models import Shard
 from campaigns.pytest_fixtures import api_client
 from campaigns.sending import run
-from campaigns.testing import build_population, load_devices, simulator_app, simulator_env
+from campaigns.testing import build_population, load_devices, simulator_app
 from delivery import runtime
 from delivery.payload import PayloadError, PayloadTooLarge, PushMessage, fit_message, match_locale
 from delivery.providers.base import Target
 from delivery.providers.fcm import FcmProvider
-from pushsvc import logging as log_context
 from tokens.models import DeviceToken
 from tokens.testing import make_app
 
@@ -43,21 +42,6 @@ EXPECTED = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _unbind_log_context():
-    yield
-    # run.run_shard binds the shard's log context for the rest of the task, as in a worker;
-    # here the "task" is the test, so later tests must not inherit it.
-    log_context.unbind()
-
-
-@pytest.fixture
-def sim(simulator_fast, settings, redis_client):
-    for name, value in simulator_env(simulator_fast).items():
-        setattr(settings, name, value == "true" if value in ("true", "false") else value)
-    return simulator_fast
-
-
 def _shown(platform: str, record: dict) -> tuple[str, str]:
     """(title, body) as the provider would show it, from the simulator's record of the request."""
     if platform == "ios":
@@ -69,8 +53,8 @@ def _shown(platform: str, record: dict) -> tuple[str, str]:
 
 
 @pytest.mark.django_db(transaction=True)
-def test_each_device_gets_its_language_with_fallback(sim) -> None:
-    app = simulator_app(sim)
+def test_each_device_gets_its_language_with_fallback(fast_sim) -> None:
+    app = simulator_app(fast_sim)
     platforms = ("ios", "android", "huawei")
     population = load_devices(app, build_population({p: len(EXPECTED) for p in platforms}, {}))
     locale_of: dict[str, str] = {}
@@ -89,13 +73,13 @@ def test_each_device_gets_its_language_with_fallback(sim) -> None:
     for shard_id in Shard.objects.filter(campaign_id=response.json()["id"]).values_list("pk", flat=True):
         run.run_shard(shard_id)
 
-    records = sim.last(list(locale_of))
+    records = fast_sim.last(list(locale_of))
     got = {}
     for platform in platforms:
         for token in population.of(platform):
             got[(platform, locale_of[token])] = _shown(platform, records[token])
     assert got == {(p, locale): text for p in platforms for locale, text in EXPECTED.items()}
-    assert set(sim.counts(list(locale_of)).values()) == {1}
+    assert set(fast_sim.counts(list(locale_of)).values()) == {1}
 
 
 class CountingFcm(FcmProvider):
@@ -109,8 +93,8 @@ class CountingFcm(FcmProvider):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_each_variant_is_rendered_once_not_per_device(sim) -> None:
-    app = simulator_app(sim)
+def test_each_variant_is_rendered_once_not_per_device(fast_sim) -> None:
+    app = simulator_app(fast_sim)
     population = load_devices(app, build_population({"android": 300}, {}))
     locales = ["fr", "pt-BR", "pt_br", "pt-PT", "de", ""]
     targets = [

@@ -24,7 +24,7 @@ from campaigns import control, targeting
 from campaigns.models import Campaign, DirectResult, OutcomeTally, Shard
 from campaigns.pytest_fixtures import api_client
 from campaigns.sending import run
-from campaigns.testing import make_token, simulator_app, simulator_env
+from campaigns.testing import make_token, simulator_app
 from delivery import idempotency, runtime
 from delivery.models import DeadLetter
 from delivery.ratelimit import TokenBucket, provider_key
@@ -34,12 +34,10 @@ pytestmark = pytest.mark.django_db(transaction=True)
 
 
 @pytest.fixture
-def sim(simulator_fast, settings, redis_client):
-    for name, value in simulator_env(simulator_fast).items():
-        setattr(settings, name, value == "true" if value in ("true", "false") else value)
+def sim(fast_sim, settings):
     settings.CAMPAIGN_RETRY_BASE_S = 0.2
     settings.CAMPAIGN_RETRY_MAX_S = 2
-    return simulator_fast
+    return fast_sim
 
 
 def _devices(app, platform: str, faults: list[str | None], registered_ago: timedelta = timedelta(days=1)):

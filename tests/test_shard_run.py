@@ -11,7 +11,7 @@ import hashlib
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
@@ -28,19 +28,10 @@ from campaigns.sending.run import RunSettings, ShardRun, StopReason
 from delivery import idempotency
 from delivery.payload import PushMessage
 from delivery.providers.base import Outcome, Provider, Result, Target
-from pushsvc import logging as log_context
 from tokens.models import DeviceToken
 from tokens.testing import fcm_token, make_app
 
 pytestmark = pytest.mark.django_db
-
-
-@pytest.fixture(autouse=True)
-def _forget_log_context() -> Iterator[None]:
-    """A run binds its shard to the log context (pushsvc/logging.py), which a worker clears when
-    its next task starts; here the next test's logs must not carry it."""
-    yield
-    log_context.unbind()
 
 
 SETTINGS = RunSettings(

@@ -13,7 +13,7 @@ import pytest
 from campaigns import topics
 from campaigns.models import Campaign, DirectResult
 from campaigns.pytest_fixtures import api_client
-from campaigns.testing import simulator_app, simulator_env
+from campaigns.testing import simulator_app
 from delivery import runtime
 from delivery.payload import PushMessage
 from delivery.providers.base import Outcome, Target
@@ -27,21 +27,14 @@ NOTIFY = "/api/v1/notifications/"
 MESSAGE = {"title": "Storm warning", "body": "Stay inside"}
 
 
-@pytest.fixture
-def sim(simulator_fast, settings, redis_client):
-    for name, value in simulator_env(simulator_fast).items():
-        setattr(settings, name, value == "true" if value in ("true", "false") else value)
-    return simulator_fast
-
-
 def _results(client, campaign_id: int) -> list[dict]:
     response = client.get(f"/api/v1/campaigns/{campaign_id}/results/")
     assert response.status_code == 200
     return response.json()["results"]
 
 
-def test_a_topic_send_reaches_fcm_once_and_records_its_message_id(sim) -> None:
-    app = simulator_app(sim)
+def test_a_topic_send_reaches_fcm_once_and_records_its_message_id(fast_sim) -> None:
+    app = simulator_app(fast_sim)
     client = api_client(app)
     response = client.post(NOTIFY, {"message": MESSAGE, "topic": "/topics/weather"}, format="json")
     assert response.status_code == 202, response.content
@@ -53,8 +46,8 @@ def test_a_topic_send_reaches_fcm_once_and_records_its_message_id(sim) -> None:
     topics.run(sent["id"], "android")  # the broker redelivers the task: nothing is sent again
 
     key = topic_key("fcm", "topic", "weather")
-    assert sim.counts([key]) == {key: 1}
-    assert sim.last([key])[key]["message"]["notification"] == MESSAGE
+    assert fast_sim.counts([key]) == {key: 1}
+    assert fast_sim.last([key])[key]["message"]["notification"] == MESSAGE
     campaign = Campaign.objects.get(pk=sent["id"])
     assert (campaign.status, campaign.delivered, campaign.sent) == ("completed", 1, 1)
     [row] = _results(client, sent["id"])
@@ -62,8 +55,8 @@ def test_a_topic_send_reaches_fcm_once_and_records_its_message_id(sim) -> None:
     assert row["provider_message_id"].startswith("projects/") and row["status"] == 200
 
 
-def test_a_condition_goes_to_fcm_and_hms_each_answering_for_itself(sim) -> None:
-    app = simulator_app(sim)
+def test_a_condition_goes_to_fcm_and_hms_each_answering_for_itself(fast_sim) -> None:
+    app = simulator_app(fast_sim)
     client = api_client(app)
     condition = "'dogs' in topics && ('cats' in topics || !('birds' in topics))"
     response = client.post(
@@ -77,8 +70,8 @@ def test_a_condition_goes_to_fcm_and_hms_each_answering_for_itself(sim) -> None:
     topics.run(campaign_id, "huawei")
 
     fcm, hms = topic_key("fcm", "condition", condition), topic_key("hms", "condition", condition)
-    assert sim.counts([fcm, hms]) == {fcm: 1, hms: 1}
-    assert sim.last([hms])[hms]["message"]["condition"] == condition
+    assert fast_sim.counts([fcm, hms]) == {fcm: 1, hms: 1}
+    assert fast_sim.last([hms])[hms]["message"]["condition"] == condition
     rows = {row["platform"]: row for row in _results(client, campaign_id)}
     assert set(rows) == {"android", "huawei"}
     assert all(row["outcome"] == "delivered" and row["provider_message_id"] for row in rows.values())
@@ -86,9 +79,9 @@ def test_a_condition_goes_to_fcm_and_hms_each_answering_for_itself(sim) -> None:
     assert (campaign.status, campaign.targeted, campaign.delivered) == ("completed", 2, 2)
 
 
-def test_a_transient_answer_is_retried_and_counted_once(sim) -> None:
+def test_a_transient_answer_is_retried_and_counted_once(fast_sim) -> None:
     """A topic named fa017506... makes the simulator answer 503 the first time only."""
-    app = simulator_app(sim)
+    app = simulator_app(fast_sim)
     response = api_client(app).post(NOTIFY, {"message": MESSAGE, "topic": "fa017506news"}, format="json")
     campaign_id = response.json()["id"]
     topics.run(campaign_id, "android")  # 503: a retry is published, nothing recorded as final
@@ -98,11 +91,11 @@ def test_a_transient_answer_is_retried_and_counted_once(sim) -> None:
     assert (campaign.status, campaign.sent, campaign.retried, campaign.delivered) == ("completed", 2, 1, 1)
     assert DirectResult.objects.get(campaign_id=campaign_id).attempt == 1
     key = topic_key("fcm", "topic", "fa017506news")
-    assert sim.counts([key]) == {key: 1}
+    assert fast_sim.counts([key]) == {key: 1}
 
 
-def test_the_simulator_refuses_what_fcm_and_hms_would(sim) -> None:
-    app = simulator_app(sim)
+def test_the_simulator_refuses_what_fcm_and_hms_would(fast_sim) -> None:
+    app = simulator_app(fast_sim)
     for platform in ("android", "huawei"):
         provider = runtime.provider_for(app, platform)
         message = PushMessage.from_dict(MESSAGE)
@@ -156,19 +149,19 @@ def test_topic_names_and_conditions() -> None:
             condition_topics(bad)
 
 
-def test_a_paused_topic_send_waits_and_goes_after_resume(sim, redis_client) -> None:
-    app = simulator_app(sim)
+def test_a_paused_topic_send_waits_and_goes_after_resume(fast_sim, redis_client) -> None:
+    app = simulator_app(fast_sim)
     client = api_client(app)
     campaign_id = client.post(NOTIFY, {"message": MESSAGE, "topic": "later"}, format="json").json()["id"]
     assert client.post(f"/api/v1/campaigns/{campaign_id}/pause/").json()["status"] == "paused"
     queued = redis_client.llen("priority")
     topics.run(campaign_id, "android")
     key = topic_key("fcm", "topic", "later")
-    assert sim.counts([key]) == {key: 0}
+    assert fast_sim.counts([key]) == {key: 0}
     assert redis_client.llen("priority") == queued + 1, "the task looks again later"
     assert client.post(f"/api/v1/campaigns/{campaign_id}/resume/").json()["status"] == "running"
     topics.run(campaign_id, "android")
-    assert sim.counts([key]) == {key: 1}
+    assert fast_sim.counts([key]) == {key: 1}
     assert Campaign.objects.get(pk=campaign_id).status == "completed"
 
 

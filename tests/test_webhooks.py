@@ -281,9 +281,7 @@ def test_admin_shows_attempts_and_never_the_secret(receiver, settings) -> None:
     assert response.status_code == 200 and "non-public address" in response.content.decode()
 
 
-def test_a_campaign_against_the_simulator_reports_dead_tokens_and_completion(
-    receiver, simulator_fast, settings
-) -> None:
+def test_a_campaign_against_the_simulator_reports_dead_tokens_and_completion(receiver, fast_sim) -> None:
     """End to end in-process: a shard run against the simulator deactivates the 410s, the
     campaign completes, and both events reach the receiver, signed."""
     import hashlib
@@ -291,12 +289,10 @@ def test_a_campaign_against_the_simulator_reports_dead_tokens_and_completion(
     from campaigns import control, targeting
     from campaigns.models import Shard
     from campaigns.sending import run
-    from campaigns.testing import make_token, simulator_app, simulator_env
+    from campaigns.testing import make_token, simulator_app
     from delivery import runtime
 
-    for name, value in simulator_env(simulator_fast).items():
-        setattr(settings, name, value == "true" if value in ("true", "false") else value)
-    app = simulator_app(simulator_fast, webhook_url=receiver.url, webhook_secret=SECRET)
+    app = simulator_app(fast_sim, webhook_url=receiver.url, webhook_secret=SECRET)
     old = timezone.now() - timedelta(days=2)
     tokens = [make_token("ios", fault) for fault in ("01", "01", None, None)]
     devices = DeviceToken.objects.bulk_create(
