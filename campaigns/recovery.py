@@ -11,6 +11,13 @@ Redis was down exists only as a row. `republish_lost` publishes again every pend
 - sits on a queue whose broker list is empty: a queue with messages still has work in order, and
   a big campaign's backlog must not be published twice every sweep.
 
+A run that died is found sooner (`republish_orphans`): a shard lease is registered while held
+(delivery/leases.py), so a registered lease that ran out is a run whose process died without
+releasing it (a worker killed outright: its message waits in the broker's unacked set for the
+visibility timeout, an hour). Such a shard is published again on the next check, one per
+CAMPAIGN_RECOVERY_ORPHAN_INTERVAL_S across all workers, with no grace and behind whatever its
+queue holds: the lease is the proof that no run is going on, so the empty-queue test is not needed.
+
 A message published twice is harmless: the shard's lease keeps two runs from overlapping and the
 run that finds it no longer PENDING does nothing (campaigns/sending/run.py).
 
@@ -44,11 +51,12 @@ from django.utils import timezone
 
 from campaigns import publish
 from campaigns.models import Campaign, Shard
-from delivery import idempotency
+from delivery import idempotency, leases
 
 logger = logging.getLogger(__name__)
 
 LOCK_KEY = "pushsvc:lock:shard-recovery"
+ORPHAN_LOCK_KEY = "pushsvc:lock:shard-orphans"
 # kombu's Redis transport keeps one list per queue and priority step (0 is the plain name).
 _PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 _BATCH = 1000
@@ -105,6 +113,44 @@ def republish_lost(client: redis.Redis, broker: redis.Redis | None = None) -> in
                 published += 1
 
 
+def orphan_interval_s() -> float:
+    return settings.CAMPAIGN_RECOVERY_ORPHAN_INTERVAL_S
+
+
+def republish_orphans(client: redis.Redis) -> int:
+    """Publish again the pending shards whose run died holding the lease (see the module
+    docstring); how many. Entries of shards no longer pending are forgotten; those of a campaign
+    that is not running are kept until it runs again."""
+    found = leases.orphans(client)
+    if not found:
+        return 0
+    pending = dict(
+        Shard.objects.filter(
+            pk__in=[shard_id for shard_id, _ in found], status=Shard.Status.PENDING
+        ).values_list("id", "campaign__status")
+    )
+    queues = dict(Shard.objects.filter(pk__in=list(pending)).values_list("id", "queue"))
+    published = 0
+    for shard_id, token in found:
+        status = pending.get(shard_id)
+        if status is not None and status != Campaign.Status.RUNNING:
+            continue  # paused or halted: published again when it runs (this sweep, then)
+        # Forget first: a run that took the shard meanwhile re-registered it under its own token.
+        if leases.forget(client, shard_id, token) and status is not None:
+            publish.shard(shard_id, queues[shard_id])
+            published += 1
+    if published:
+        logger.warning("recovery: published %s shard(s) whose run died (lease ran out)", published)
+    return published
+
+
+def sweep_orphans(client: redis.Redis) -> int:
+    """`republish_orphans`, at most once per orphan interval across all callers."""
+    if not client.set(ORPHAN_LOCK_KEY, "1", nx=True, px=max(int(orphan_interval_s() * 1000), 100)):
+        return 0
+    return republish_orphans(client)
+
+
 def replan_lost(client: redis.Redis) -> int:
     """Publish the planning task again for started campaigns whose planner is gone; how many."""
     cutoff = timezone.now() - timedelta(seconds=grace_s())
@@ -129,9 +175,10 @@ def replan_lost(client: redis.Redis) -> int:
 def sweep(client: redis.Redis) -> int:
     """`replan_lost` and `republish_lost`, at most once per interval across all callers; how many
     tasks were published again."""
+    orphaned = sweep_orphans(client)
     if not client.set(LOCK_KEY, "1", nx=True, ex=max(int(interval_s()), 1)):
-        return 0
-    return replan_lost(client) + republish_lost(client, _broker_client())
+        return orphaned
+    return orphaned + replan_lost(client) + republish_lost(client, _broker_client())
 
 
 def _broker_client() -> redis.Redis | None:
@@ -142,13 +189,14 @@ def _broker_client() -> redis.Redis | None:
 
 
 def start_sweeper() -> threading.Thread:
-    """A daemon thread that sweeps every interval for the life of the process (a worker's main
-    process: its pool children run tasks, this one only supervises)."""
+    """A daemon thread that sweeps for the life of the process (a worker's main process: its pool
+    children run tasks, this one only supervises). It ticks at the orphan interval; the full sweep's
+    lock keeps that one to its own interval."""
     from delivery import runtime
 
     def loop() -> None:
         stop = threading.Event()
-        while not stop.wait(interval_s()):
+        while not stop.wait(min(orphan_interval_s(), interval_s())):
             try:
                 sweep(runtime.redis_client())
             except Exception as exc:  # Redis or the database away: the next round tries again

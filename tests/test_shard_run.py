@@ -25,7 +25,7 @@ from campaigns import control
 from campaigns.models import Campaign, Shard
 from campaigns.sending import policy
 from campaigns.sending.run import RunSettings, ShardRun, StopReason
-from delivery import idempotency
+from delivery import idempotency, leases
 from delivery.payload import PushMessage
 from delivery.providers.base import Outcome, Provider, Result, Target
 from pushsvc import logging as log_context
@@ -146,6 +146,7 @@ class Setup:
     clock: FakeClock
     published: Published
     built: list[tuple[int, str]] = field(default_factory=list)  # (app, platform) providers asked for
+    keeper: leases.LeaseKeeper | None = None  # the run's lease heartbeat, driven by hand (no thread)
 
     def run(self, client: Any = None, **settings: Any) -> StopReason:
         def providers(app: Any, platform: str) -> Provider:
@@ -159,6 +160,7 @@ class Setup:
             clock=self.clock,
             publish_shard=self.published,
             run_settings=replace(SETTINGS, **settings),
+            keeper=self.keeper,
         ).run()
 
     def refresh(self) -> None:
@@ -202,7 +204,11 @@ def make(redis_client: redis.Redis) -> Callable[..., Setup]:
         shard = Shard.objects.create(
             campaign=row, platform="android", queue="fcm", device_ids=[d.pk for d in devices], planned=n
         )
-        return Setup(row, shard, devices, redis_client, FakeProvider(script), FakeClock(), Published())
+        clock = FakeClock()
+        keeper = leases.LeaseKeeper(lambda: redis_client, every_s=2.0, stall_s=120.0, clock=clock.monotonic)
+        return Setup(
+            row, shard, devices, redis_client, FakeProvider(script), clock, Published(), keeper=keeper
+        )
 
     return build
 
@@ -291,6 +297,27 @@ def test_a_shard_leased_by_another_run_is_looked_at_again_shortly(make) -> None:
     [(shard_id, queue, countdown)] = s.published
     assert shard_id == s.shard.pk and queue == "fcm" and 0 < countdown <= 5
     assert s.provider.chunks == [] and s.client.get(idempotency.lease_key(s.shard.pk)) == b"another-run"
+
+
+def test_the_lease_is_registered_and_kept_alive_while_the_run_sends_then_released(make) -> None:
+    s = make(40)
+    key = idempotency.lease_key(s.shard.pk)
+    seen: list[tuple[list[int], int, bool]] = []
+
+    def script(chunk: int, targets: list[Target]) -> list[Result]:
+        # Mid-chunk: the process's heartbeat (driven here by hand) extends the lease it holds.
+        s.client.expire(key, 1)
+        seen.append(
+            (s.keeper.held(), int(s.client.ttl(key)), s.client.hexists(leases.REGISTER_KEY, s.shard.pk))
+        )
+        assert s.keeper.refresh() == [s.shard.pk]
+        return deliver(chunk, targets)
+
+    s.provider.script = script
+    assert s.run() == StopReason.DONE
+    assert seen[0] == ([s.shard.pk], 1, True)
+    assert s.keeper.held() == [] and not s.client.exists(key), "released"
+    assert not s.client.hexists(leases.REGISTER_KEY, s.shard.pk), "unregistered: not an orphan"
 
 
 # --- stopped between chunks -----------------------------------------------------------------------
