@@ -39,6 +39,7 @@ It runs from the beat's campaign scheduler tick and from a thread in every worke
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from datetime import timedelta
@@ -57,6 +58,7 @@ logger = logging.getLogger(__name__)
 
 LOCK_KEY = "pushsvc:lock:shard-recovery"
 ORPHAN_LOCK_KEY = "pushsvc:lock:shard-orphans"
+BROKER_MARK_KEY = "pushsvc:broker-mark"  # in the broker's database: its absence means it lost its data
 # kombu's Redis transport keeps one list per queue and priority step (0 is the plain name).
 _PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 _BATCH = 1000
@@ -77,10 +79,10 @@ def _queue_empty(broker: redis.Redis, queue: str) -> bool:
     return sum(pipe.execute()) == 0
 
 
-def republish_lost(client: redis.Redis, broker: redis.Redis | None = None) -> int:
+def republish_lost(client: redis.Redis, broker: redis.Redis | None = None, grace: float | None = None) -> int:
     """Publish again the pending shards the broker lost (see the module docstring); how many."""
     broker = broker or client
-    cutoff = timezone.now() - timedelta(seconds=grace_s())
+    cutoff = timezone.now() - timedelta(seconds=grace_s() if grace is None else grace)
     stalled = (
         Shard.objects.filter(
             status=Shard.Status.PENDING,
@@ -145,15 +147,25 @@ def republish_orphans(client: redis.Redis) -> int:
 
 
 def sweep_orphans(client: redis.Redis) -> int:
-    """`republish_orphans`, at most once per orphan interval across all callers."""
+    """`republish_orphans`, and everything pending at once if the broker lost its data; at most
+    once per orphan interval across all callers."""
     if not client.set(ORPHAN_LOCK_KEY, "1", nx=True, px=max(int(orphan_interval_s() * 1000), 100)):
         return 0
-    return republish_orphans(client)
+    published = republish_orphans(client)
+    broker = _broker_client() or client
+    # The mark lives in the broker's database: gone means a restart without persistence or a flush
+    # emptied it, and every message with it. The grace exists for messages that may still be
+    # queued; there are none, so what is pending, due and unleased is published now (duplicates
+    # of messages published since are harmless). Also true on a fresh broker: the same, once.
+    if broker.set(BROKER_MARK_KEY, "1", nx=True):
+        logger.warning("recovery: the broker's database is new or was emptied; publishing pending work again")
+        published += replan_lost(client, grace=0) + republish_lost(client, broker, grace=0)
+    return published
 
 
-def replan_lost(client: redis.Redis) -> int:
+def replan_lost(client: redis.Redis, grace: float | None = None) -> int:
     """Publish the planning task again for started campaigns whose planner is gone; how many."""
-    cutoff = timezone.now() - timedelta(seconds=grace_s())
+    cutoff = timezone.now() - timedelta(seconds=grace_s() if grace is None else grace)
     unplanned = list(
         Campaign.objects.filter(
             planned=False,
@@ -181,6 +193,7 @@ def sweep(client: redis.Redis) -> int:
     return orphaned + replan_lost(client) + republish_lost(client, _broker_client())
 
 
+@functools.cache
 def _broker_client() -> redis.Redis | None:
     url = settings.CELERY_BROKER_URL
     if url == settings.REDIS_URL or not url.startswith("redis"):

@@ -27,26 +27,9 @@ from django.conf import settings
 from campaigns.models import Shard
 from campaigns.testing import wait_for
 from delivery import leases
-from tests.reliability.harness import launch, tally, wait_delivered
+from tests.reliability.harness import PRODUCTION, launch, tally, wait_delivered
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(300)]
-
-# Production's values (this process reads the defaults; the fixtures' worker environment shortens
-# some of them for the other suites, so they are passed back explicitly).
-PRODUCTION = {
-    name: str(getattr(settings, name))
-    for name in (
-        "CAMPAIGN_SHARD_SIZE",
-        "CAMPAIGN_CHUNK_SIZE",
-        "CAMPAIGN_SHARD_LEASE_S",
-        "CAMPAIGN_SHARD_LEASE_REFRESH_S",
-        "CAMPAIGN_SHARD_STALL_S",
-        "CAMPAIGN_RECOVERY_GRACE_S",
-        "CAMPAIGN_RECOVERY_INTERVAL_S",
-        "CAMPAIGN_RECOVERY_ORPHAN_INTERVAL_S",
-        "PUSH_REQUEST_TIMEOUT",
-    )
-}
 
 
 def _held_by(redis_client, pids: list[int]) -> dict[int, str]:
