@@ -485,6 +485,35 @@ def test_redis_lost_mid_run_records_what_was_sent_and_leaves_the_rest_pending(ma
     assert (s.campaign.sent, s.campaign.delivered) == (20, 20), "recorded in PostgreSQL"
 
 
+@OPERATOR_MEANWHILE
+def test_redis_emptied_mid_run_records_what_was_sent_instead_of_leaving_it_to_a_blind_re_run(make) -> None:
+    s = make(60)
+    # A flush (or a restart without persistence): the lease, its registration and the bitmap are
+    # gone, so a re-run could not tell what this run delivered.
+    s.provider.script = _then(deliver, lambda: s.client.flushdb())
+    assert s.run() == StopReason.REDIS_LOST
+    assert len(s.provider.chunks) == 1
+    s.refresh()
+    assert s.shard.status == Shard.Status.PENDING and s.shard.device_ids == sorted(s.pks()[20:])
+    assert (s.campaign.sent, s.campaign.delivered) == (20, 20), "recorded in PostgreSQL"
+
+
+@OPERATOR_MEANWHILE
+def test_a_run_whose_shard_another_run_recorded_meanwhile_records_nothing(make) -> None:
+    s = make(60)
+
+    def another_run_took_it_recorded_part_and_released() -> None:
+        s.client.delete(idempotency.lease_key(s.shard.pk), leases.REGISTER_KEY)
+        Shard.objects.filter(pk=s.shard.pk).update(device_ids=s.pks()[30:])
+
+    s.provider.script = _then(deliver, another_run_took_it_recorded_part_and_released)
+    assert s.run() == StopReason.REDIS_LOST
+    s.refresh()
+    assert s.shard.device_ids == s.pks()[30:], "the other run's record stands"
+    assert s.campaign.sent == 0, "nothing counted twice"
+    assert idempotency.finished(s.client, s.campaign.pk, s.pks()) == set(s.pks()[:20]), "in the bitmap"
+
+
 def test_run_shard_raises_after_recording_when_redis_was_lost(make, monkeypatch, settings) -> None:
     """The Celery task's entry point turns REDIS_LOST into an error, so the task retries."""
     from campaigns.sending import run as run_module

@@ -474,12 +474,24 @@ class _Sender:
     def _stopped(self, leased: bool, state: str) -> StopReason:
         """Why a checkpoint stops the run: the lease went, or the campaign is not running."""
         if not leased:
-            return StopReason.LEASE_LOST
+            return StopReason.REDIS_LOST if self._vanished() else StopReason.LEASE_LOST
         if state == control.CANCELLED:
             return StopReason.CANCELLED
         if self.run.guard_paused:
             return StopReason.GUARD_HOLD
         return StopReason.HALTED if state == control.HALTED else StopReason.PAUSED
+
+    def _vanished(self) -> bool:
+        """The lease is not another run's: neither it nor its registration exists (a run that takes a
+        lease registers it). Redis lost its data (a flush, a restart without persistence), and the
+        idempotency bitmap with it: the run records what it sent and leaves the rest pending, as
+        when Redis fails (REDIS_LOST), instead of leaving it all to a re-run that cannot tell what
+        was delivered. Should a run have taken and released it meanwhile, the ledger finds the row
+        changed and records nothing."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.exists(idempotency.lease_key(self.shard.pk))
+        pipe.hexists(leases.REGISTER_KEY, self.shard.pk)
+        return not any(pipe.execute())
 
     def _release_probe(self, probing: bool) -> None:
         """A run that got the breaker's probe and stops before using it hands it back."""
@@ -516,7 +528,7 @@ class _Sender:
         idempotency.refresh_lease(pipe, idempotency.lease_key(self.shard.pk), self.lease, self.cfg.lease_s)
         flag, leased = pipe.execute()
         if not leased:
-            return StopReason.LEASE_LOST
+            return self._stopped(False, "")
         state = flag.decode() if flag is not None else control.current_state(self.client, self.campaign.pk)
         if state != control.RUNNING:
             return self._stopped(True, state)

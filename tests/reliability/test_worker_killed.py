@@ -42,6 +42,17 @@ def _held_by(redis_client, pids: list[int]) -> dict[int, str]:
     }
 
 
+def _in_a_slow_chunk(redis_client, pool: list[int]) -> dict[int, str]:
+    """The victim's runs that hold the same lease over 0.3 s: at 1 s per request they are in a chunk
+    (a run that was finishing a 30 ms chunk when the latency changed would have moved on)."""
+    before = _held_by(redis_client, pool)
+    if not before:
+        return {}
+    time.sleep(0.3)  # a span to compare two looks across, not a wait for something to happen
+    after = _held_by(redis_client, pool)
+    return {shard: token for shard, token in after.items() if before.get(shard) == token}
+
+
 def _taken_over(redis_client, dead: dict[int, str]) -> bool:
     """Every dead shard is run again (registered under another token) or already finished."""
     register = {int(k): v.decode() for k, v in redis_client.hgetall(leases.REGISTER_KEY).items()}
@@ -68,8 +79,9 @@ def test_sigkill_of_a_whole_worker_mid_campaign_loses_nothing(fresh_sim, start_w
     # takes to get to it on a loaded machine (at 30 ms a shard takes a fraction of a second).
     fresh_sim.configure(latency_ms=1000)
     pool = victim.child_pids()
-    wait_for(lambda: _held_by(redis_client, pool), 60, 0.02, "a shard run by the victim's pool")
-    held = _held_by(redis_client, pool)
+    held = wait_for(
+        lambda: _in_a_slow_chunk(redis_client, pool), 60, 0.02, "a shard run by the victim's pool"
+    )
     os.killpg(victim.proc.pid, signal.SIGKILL)  # main process and its pool, no goodbye to the broker
     killed = time.monotonic()
     fresh_sim.configure(latency_ms=30)
