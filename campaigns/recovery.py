@@ -42,6 +42,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from datetime import timedelta
 
 import redis
@@ -147,19 +148,31 @@ def republish_orphans(client: redis.Redis) -> int:
 
 
 def sweep_orphans(client: redis.Redis) -> int:
-    """`republish_orphans`, and everything pending at once if the broker lost its data; at most
-    once per orphan interval across all callers."""
+    """`republish_orphans`, and everything pending if the broker lost its data; at most once per
+    orphan interval across all callers."""
     if not client.set(ORPHAN_LOCK_KEY, "1", nx=True, px=max(int(orphan_interval_s() * 1000), 100)):
         return 0
     published = republish_orphans(client)
-    broker = _broker_client() or client
-    # The mark lives in the broker's database: gone means a restart without persistence or a flush
-    # emptied it, and every message with it. The grace exists for messages that may still be
-    # queued; there are none, so what is pending, due and unleased is published now (duplicates
-    # of messages published since are harmless). Also true on a fresh broker: the same, once.
-    if broker.set(BROKER_MARK_KEY, "1", nx=True):
-        logger.warning("recovery: the broker's database is new or was emptied; publishing pending work again")
-        published += replan_lost(client, grace=0) + republish_lost(client, broker, grace=0)
+    return published + _after_broker_loss(client, _broker_client() or client)
+
+
+def _after_broker_loss(client: redis.Redis, broker: redis.Redis) -> int:
+    """The mark lives in the broker's database: gone means a restart without persistence or a flush
+    emptied it, and every message with it (a fresh broker looks the same). The grace exists for
+    messages that may still be queued; there are none, so what is pending, due and unleased is
+    published without it, one lease period after the loss was seen: the runs in progress lost
+    their leases too and, at their next checkpoint, record what they sent (REDIS_LOST) before a
+    re-run could take their shard and resend it blind (the idempotency bitmap went as well)."""
+    mark = broker.get(BROKER_MARK_KEY)
+    if mark is None:
+        broker.set(BROKER_MARK_KEY, f"emptied:{time.time()}", nx=True)
+        logger.warning("recovery: the broker's database is new or was emptied; pending work follows shortly")
+        return 0
+    if not mark.startswith(b"emptied:") or time.time() - float(mark[8:]) < settings.CAMPAIGN_SHARD_LEASE_S:
+        return 0
+    broker.set(BROKER_MARK_KEY, "ok")
+    published = replan_lost(client, grace=0) + republish_lost(client, broker, grace=0)
+    logger.warning("recovery: published %s task(s) again after the broker lost its data", published)
     return published
 
 

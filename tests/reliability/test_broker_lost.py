@@ -4,10 +4,11 @@ persistence does (the broker is the test's Redis database, shared with the campa
 the default deployment: the leases, the idempotency bitmap and the control flag go too).
 
 What carries the campaign through is PostgreSQL: every shard is a row before it is a message. The
-runs in progress find their lease gone and stop; the control flag is rebuilt from the campaign's
-row; the worker's recovery thread (campaigns/recovery.py) finds the mark it keeps in the broker's
-database gone and publishes every pending, due, unleased shard of the running campaign again on its
-next tick (a second or so), without waiting for CAMPAIGN_RECOVERY_GRACE_S: no message is queued.
+runs in progress find their lease and its registration gone at their next checkpoint and record
+what they sent, leaving the rest pending (REDIS_LOST); the control flag is rebuilt from the
+campaign's row; the worker's recovery thread (campaigns/recovery.py) finds the mark it keeps in the
+broker's database gone and, one lease period later, publishes every pending, due, unleased shard of
+the running campaign again, without waiting for CAMPAIGN_RECOVERY_GRACE_S: no message is queued.
 
 Printed, not asserted (load): the wall time and the seconds from the flush to completion.
 Asserted: completed, nothing lost, repeats within what the runs in progress could have sent (their
