@@ -18,6 +18,10 @@ visibility timeout, an hour). Such a shard is published again on the next check,
 CAMPAIGN_RECOVERY_ORPHAN_INTERVAL_S across all workers, with no grace and behind whatever its
 queue holds: the lease is the proof that no run is going on, so the empty-queue test is not needed.
 
+A broker that lost its data (a flush, a restart without persistence) lost every message: the
+worker's thread keeps a mark in the broker's database, and when it is gone everything pending,
+due and unleased is published without the grace, one lease period later (`_after_broker_loss`).
+
 A message published twice is harmless: the shard's lease keeps two runs from overlapping and the
 run that finds it no longer PENDING does nothing (campaigns/sending/run.py).
 

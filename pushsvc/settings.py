@@ -330,7 +330,9 @@ DIRECT_SEND_MAX_RECIPIENTS = _env_int("DIRECT_SEND_MAX_RECIPIENTS", 10_000)
 # (a Redis restart without persistence) and is published again; one sweep per
 # CAMPAIGN_RECOVERY_INTERVAL_S across all workers. A shard whose run died (its lease ran out while
 # still registered, delivery/leases.py) is published again at once, whatever its queue holds: one
-# check per CAMPAIGN_RECOVERY_ORPHAN_INTERVAL_S across all workers (two Redis round trips).
+# check per CAMPAIGN_RECOVERY_ORPHAN_INTERVAL_S across all workers (two Redis round trips). A broker
+# whose database lost its data (its mark is gone) gets every pending shard back without the grace,
+# one CAMPAIGN_SHARD_LEASE_S after the loss is seen.
 CAMPAIGN_RECOVERY_GRACE_S = _env_float("CAMPAIGN_RECOVERY_GRACE_S", 30.0)
 CAMPAIGN_RECOVERY_INTERVAL_S = _env_float("CAMPAIGN_RECOVERY_INTERVAL_S", 10.0)
 CAMPAIGN_RECOVERY_ORPHAN_INTERVAL_S = _env_float("CAMPAIGN_RECOVERY_ORPHAN_INTERVAL_S", 1.0)
