@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 
 import pytest
 from django.conf import settings
@@ -42,15 +43,20 @@ def _held_by(redis_client, pids: list[int]) -> dict[int, str]:
     }
 
 
-def _in_a_slow_chunk(redis_client, pool: list[int]) -> dict[int, str]:
-    """The victim's runs that hold the same lease over 0.3 s: at 1 s per request they are in a chunk
-    (a run that was finishing a 30 ms chunk when the latency changed would have moved on)."""
-    before = _held_by(redis_client, pool)
-    if not before:
-        return {}
-    time.sleep(0.3)  # a span to compare two looks across, not a wait for something to happen
-    after = _held_by(redis_client, pool)
-    return {shard: token for shard, token in after.items() if before.get(shard) == token}
+def _in_a_slow_chunk(redis_client, pool: list[int]) -> Callable[[], dict[int, str]]:
+    """A poll: the victim's runs seen holding the same lease for 0.3 s or more. At 1 s per request
+    they are in a chunk (a run that was finishing a 30 ms chunk when the latency changed has moved
+    on by then)."""
+    first_seen: dict[tuple[int, str], float] = {}
+
+    def poll() -> dict[int, str]:
+        now = time.monotonic()
+        held = _held_by(redis_client, pool)
+        for item in held.items():
+            first_seen.setdefault(item, now)
+        return {shard: token for shard, token in held.items() if now - first_seen[(shard, token)] >= 0.3}
+
+    return poll
 
 
 def _taken_over(redis_client, dead: dict[int, str]) -> bool:
