@@ -157,6 +157,8 @@ def sweep_orphans(client: redis.Redis) -> int:
     if not client.set(ORPHAN_LOCK_KEY, "1", nx=True, px=max(int(orphan_interval_s() * 1000), 100)):
         return 0
     published = republish_orphans(client)
+    if not settings.CELERY_BROKER_URL.startswith("redis"):
+        return published  # the mark lives in a Redis broker's database; RabbitMQ is not watched
     return published + _after_broker_loss(client, _broker_client() or client)
 
 
