@@ -85,9 +85,7 @@ def test_sigkill_of_a_whole_worker_mid_campaign_loses_nothing(fresh_sim, start_w
     # takes to get to it on a loaded machine (at 30 ms a shard takes a fraction of a second).
     fresh_sim.configure(latency_ms=1000)
     pool = victim.child_pids()
-    held = wait_for(
-        lambda: _in_a_slow_chunk(redis_client, pool), 60, 0.02, "a shard run by the victim's pool"
-    )
+    held = wait_for(_in_a_slow_chunk(redis_client, pool), 60, 0.02, "a shard run by the victim's pool")
     os.killpg(victim.proc.pid, signal.SIGKILL)  # main process and its pool, no goodbye to the broker
     killed = time.monotonic()
     fresh_sim.configure(latency_ms=30)
