@@ -11,6 +11,17 @@ Redis was down exists only as a row. `republish_lost` publishes again every pend
 - sits on a queue whose broker list is empty: a queue with messages still has work in order, and
   a big campaign's backlog must not be published twice every sweep.
 
+A run that died is found sooner (`republish_orphans`): a shard lease is registered while held
+(delivery/leases.py), so a registered lease that ran out is a run whose process died without
+releasing it (a worker killed outright: its message waits in the broker's unacked set for the
+visibility timeout, an hour). Such a shard is published again on the next check, one per
+CAMPAIGN_RECOVERY_ORPHAN_INTERVAL_S across all workers, with no grace and behind whatever its
+queue holds: the lease is the proof that no run is going on, so the empty-queue test is not needed.
+
+A broker that lost its data (a flush, a restart without persistence) lost every message: the
+worker's thread keeps a mark in the broker's database, and when it is gone everything pending,
+due and unleased is published without the grace, one lease period later (`_after_broker_loss`).
+
 A message published twice is harmless: the shard's lease keeps two runs from overlapping and the
 run that finds it no longer PENDING does nothing (campaigns/sending/run.py).
 
@@ -32,8 +43,10 @@ It runs from the beat's campaign scheduler tick and from a thread in every worke
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
+import time
 from datetime import timedelta
 
 import redis
@@ -44,11 +57,13 @@ from django.utils import timezone
 
 from campaigns import publish
 from campaigns.models import Campaign, Shard
-from delivery import idempotency
+from delivery import idempotency, leases
 
 logger = logging.getLogger(__name__)
 
 LOCK_KEY = "pushsvc:lock:shard-recovery"
+ORPHAN_LOCK_KEY = "pushsvc:lock:shard-orphans"
+BROKER_MARK_KEY = "pushsvc:broker-mark"  # in the broker's database: its absence means it lost its data
 # kombu's Redis transport keeps one list per queue and priority step (0 is the plain name).
 _PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 _BATCH = 1000
@@ -69,10 +84,10 @@ def _queue_empty(broker: redis.Redis, queue: str) -> bool:
     return sum(pipe.execute()) == 0
 
 
-def republish_lost(client: redis.Redis, broker: redis.Redis | None = None) -> int:
+def republish_lost(client: redis.Redis, broker: redis.Redis | None = None, grace: float | None = None) -> int:
     """Publish again the pending shards the broker lost (see the module docstring); how many."""
     broker = broker or client
-    cutoff = timezone.now() - timedelta(seconds=grace_s())
+    cutoff = timezone.now() - timedelta(seconds=grace_s() if grace is None else grace)
     stalled = (
         Shard.objects.filter(
             status=Shard.Status.PENDING,
@@ -105,9 +120,71 @@ def republish_lost(client: redis.Redis, broker: redis.Redis | None = None) -> in
                 published += 1
 
 
-def replan_lost(client: redis.Redis) -> int:
+def orphan_interval_s() -> float:
+    return settings.CAMPAIGN_RECOVERY_ORPHAN_INTERVAL_S
+
+
+def republish_orphans(client: redis.Redis) -> int:
+    """Publish again the pending shards whose run died holding the lease (see the module
+    docstring); how many. Entries of shards no longer pending are forgotten; those of a campaign
+    that is not running are kept until it runs again."""
+    found = leases.orphans(client)
+    if not found:
+        return 0
+    pending = dict(
+        Shard.objects.filter(
+            pk__in=[shard_id for shard_id, _ in found], status=Shard.Status.PENDING
+        ).values_list("id", "campaign__status")
+    )
+    queues = dict(Shard.objects.filter(pk__in=list(pending)).values_list("id", "queue"))
+    published = 0
+    for shard_id, token in found:
+        status = pending.get(shard_id)
+        if status is not None and status != Campaign.Status.RUNNING:
+            continue  # paused or halted: published again when it runs (this sweep, then)
+        # Forget first: a run that took the shard meanwhile re-registered it under its own token.
+        if leases.forget(client, shard_id, token) and status is not None:
+            publish.shard(shard_id, queues[shard_id])
+            published += 1
+    if published:
+        logger.warning("recovery: published %s shard(s) whose run died (lease ran out)", published)
+    return published
+
+
+def sweep_orphans(client: redis.Redis) -> int:
+    """`republish_orphans`, and everything pending if the broker lost its data; at most once per
+    orphan interval across all callers."""
+    if not client.set(ORPHAN_LOCK_KEY, "1", nx=True, px=max(int(orphan_interval_s() * 1000), 100)):
+        return 0
+    published = republish_orphans(client)
+    if not settings.CELERY_BROKER_URL.startswith("redis"):
+        return published  # the mark lives in a Redis broker's database; RabbitMQ is not watched
+    return published + _after_broker_loss(client, _broker_client() or client)
+
+
+def _after_broker_loss(client: redis.Redis, broker: redis.Redis) -> int:
+    """The mark lives in the broker's database: gone means a restart without persistence or a flush
+    emptied it, and every message with it (a fresh broker looks the same). The grace exists for
+    messages that may still be queued; there are none, so what is pending, due and unleased is
+    published without it, one lease period after the loss was seen: the runs in progress lost
+    their leases too and, at their next checkpoint, record what they sent (REDIS_LOST) before a
+    re-run could take their shard and resend it blind (the idempotency bitmap went as well)."""
+    mark = broker.get(BROKER_MARK_KEY)
+    if mark is None:
+        broker.set(BROKER_MARK_KEY, f"emptied:{time.time()}", nx=True)
+        logger.warning("recovery: the broker's database is new or was emptied; pending work follows shortly")
+        return 0
+    if not mark.startswith(b"emptied:") or time.time() - float(mark[8:]) < settings.CAMPAIGN_SHARD_LEASE_S:
+        return 0
+    broker.set(BROKER_MARK_KEY, "ok")
+    published = replan_lost(client, grace=0) + republish_lost(client, broker, grace=0)
+    logger.warning("recovery: published %s task(s) again after the broker lost its data", published)
+    return published
+
+
+def replan_lost(client: redis.Redis, grace: float | None = None) -> int:
     """Publish the planning task again for started campaigns whose planner is gone; how many."""
-    cutoff = timezone.now() - timedelta(seconds=grace_s())
+    cutoff = timezone.now() - timedelta(seconds=grace_s() if grace is None else grace)
     unplanned = list(
         Campaign.objects.filter(
             planned=False,
@@ -129,11 +206,13 @@ def replan_lost(client: redis.Redis) -> int:
 def sweep(client: redis.Redis) -> int:
     """`replan_lost` and `republish_lost`, at most once per interval across all callers; how many
     tasks were published again."""
+    orphaned = sweep_orphans(client)
     if not client.set(LOCK_KEY, "1", nx=True, ex=max(int(interval_s()), 1)):
-        return 0
-    return replan_lost(client) + republish_lost(client, _broker_client())
+        return orphaned
+    return orphaned + replan_lost(client) + republish_lost(client, _broker_client())
 
 
+@functools.cache
 def _broker_client() -> redis.Redis | None:
     url = settings.CELERY_BROKER_URL
     if url == settings.REDIS_URL or not url.startswith("redis"):
@@ -142,13 +221,14 @@ def _broker_client() -> redis.Redis | None:
 
 
 def start_sweeper() -> threading.Thread:
-    """A daemon thread that sweeps every interval for the life of the process (a worker's main
-    process: its pool children run tasks, this one only supervises)."""
+    """A daemon thread that sweeps for the life of the process (a worker's main process: its pool
+    children run tasks, this one only supervises). It ticks at the orphan interval; the full sweep's
+    lock keeps that one to its own interval."""
     from delivery import runtime
 
     def loop() -> None:
         stop = threading.Event()
-        while not stop.wait(interval_s()):
+        while not stop.wait(min(orphan_interval_s(), interval_s())):
             try:
                 sweep(runtime.redis_client())
             except Exception as exc:  # Redis or the database away: the next round tries again

@@ -342,16 +342,28 @@ CAMPAIGN_PRUNE_GUARD_MIN = _env_int("CAMPAIGN_PRUNE_GUARD_MIN", 200)
 CAMPAIGN_PRUNE_GUARD_WINDOW = _env_int("CAMPAIGN_PRUNE_GUARD_WINDOW", 1000)
 CAMPAIGN_PRUNE_GUARD_RATIO = _env_float("CAMPAIGN_PRUNE_GUARD_RATIO", 0.5)
 CAMPAIGN_SCHEDULER_INTERVAL_S = _env_float("CAMPAIGN_SCHEDULER_INTERVAL_S", 5.0)
-# CAMPAIGN_SHARD_LEASE_S: a running shard holds a Redis lease, refreshed every chunk, so that two
-# runs of one shard never overlap; a worker killed mid-shard delays its re-run by at most this.
-CAMPAIGN_SHARD_LEASE_S = _env_int("CAMPAIGN_SHARD_LEASE_S", 120)
+# CAMPAIGN_SHARD_LEASE_S: a running shard holds a Redis lease so that two runs of one shard never
+# overlap. It is refreshed at every chunk's checkpoint and, however long a chunk takes, every
+# CAMPAIGN_SHARD_LEASE_REFRESH_S by a heartbeat thread in the process that runs it
+# (delivery/leases.py), so it can be short: a worker killed outright loses its leases within
+# CAMPAIGN_SHARD_LEASE_S and the recovery sweep re-publishes its shards at once. Keep it at least
+# three refresh periods. A run that reached no checkpoint for CAMPAIGN_SHARD_STALL_S (hung) is
+# no longer refreshed and its lease runs out too.
+CAMPAIGN_SHARD_LEASE_S = _env_int("CAMPAIGN_SHARD_LEASE_S", 8)
+CAMPAIGN_SHARD_LEASE_REFRESH_S = _env_float("CAMPAIGN_SHARD_LEASE_REFRESH_S", 2.0)
+CAMPAIGN_SHARD_STALL_S = _env_float("CAMPAIGN_SHARD_STALL_S", 120.0)
 DIRECT_SEND_MAX_RECIPIENTS = _env_int("DIRECT_SEND_MAX_RECIPIENTS", 10_000)
 # Shard recovery (campaigns/recovery.py): a pending shard of a running campaign that has been due
 # for CAMPAIGN_RECOVERY_GRACE_S, holds no lease and whose queue is empty lost its broker message
 # (a Redis restart without persistence) and is published again; one sweep per
-# CAMPAIGN_RECOVERY_INTERVAL_S across all workers.
+# CAMPAIGN_RECOVERY_INTERVAL_S across all workers. A shard whose run died (its lease ran out while
+# still registered, delivery/leases.py) is published again at once, whatever its queue holds: one
+# check per CAMPAIGN_RECOVERY_ORPHAN_INTERVAL_S across all workers (two Redis round trips). A broker
+# whose database lost its data (its mark is gone) gets every pending shard back without the grace,
+# one CAMPAIGN_SHARD_LEASE_S after the loss is seen.
 CAMPAIGN_RECOVERY_GRACE_S = _env_float("CAMPAIGN_RECOVERY_GRACE_S", 30.0)
 CAMPAIGN_RECOVERY_INTERVAL_S = _env_float("CAMPAIGN_RECOVERY_INTERVAL_S", 10.0)
+CAMPAIGN_RECOVERY_ORPHAN_INTERVAL_S = _env_float("CAMPAIGN_RECOVERY_ORPHAN_INTERVAL_S", 1.0)
 # Per (app, provider) send rate shared by all workers (token bucket in Redis), in messages per
 # second; 0 = unlimited. FCM publishes 600,000/min per project; APNs, HMS and Web Push publish
 # no fixed quota (they answer 429/503 when pushed too hard, which the retries honour).

@@ -145,3 +145,24 @@ def test_one_planner_at_a_time_and_the_lease_is_released_when_done(redis_client)
     campaign.refresh_from_db()
     assert campaign.planned and Shard.objects.filter(campaign=campaign).count() == 1
     assert not redis_client.exists(key)
+
+
+def test_a_broker_that_lost_its_data_gets_every_pending_shard_back_without_the_grace(
+    redis_client, settings
+) -> None:
+    campaign = Campaign.objects.create(
+        app=make_app(), message={"title": "x"}, status=Campaign.Status.RUNNING, planned=True
+    )
+    young = _shard(campaign, "apns", 0)  # due, but within the grace
+    redis_client.set(recovery.BROKER_MARK_KEY, "ok")  # the broker still has its data
+    assert recovery.sweep_orphans(redis_client) == 0
+    assert _published(redis_client, "apns") == []
+
+    redis_client.delete(recovery.BROKER_MARK_KEY, recovery.ORPHAN_LOCK_KEY)  # the broker was flushed
+    assert recovery.sweep_orphans(redis_client) == 0, "seen; the runs in progress stop first"
+    assert redis_client.get(recovery.BROKER_MARK_KEY).startswith(b"emptied:")
+    settings.CAMPAIGN_SHARD_LEASE_S = 0  # a lease period has passed since
+    redis_client.delete(recovery.ORPHAN_LOCK_KEY)
+    assert recovery.sweep_orphans(redis_client) == 1
+    assert _published(redis_client, "apns") == [young.pk]
+    assert redis_client.get(recovery.BROKER_MARK_KEY) == b"ok", "the next tick publishes nothing"

@@ -25,7 +25,7 @@ from campaigns import control
 from campaigns.models import Campaign, Shard
 from campaigns.sending import policy
 from campaigns.sending.run import RunSettings, ShardRun, StopReason
-from delivery import idempotency
+from delivery import idempotency, leases
 from delivery.payload import PushMessage
 from delivery.providers.base import Outcome, Provider, Result, Target
 from tokens.models import DeviceToken
@@ -137,6 +137,7 @@ class Setup:
     clock: FakeClock
     published: Published
     built: list[tuple[int, str]] = field(default_factory=list)  # (app, platform) providers asked for
+    keeper: leases.LeaseKeeper | None = None  # the run's lease heartbeat, driven by hand (no thread)
 
     def run(self, client: Any = None, **settings: Any) -> StopReason:
         def providers(app: Any, platform: str) -> Provider:
@@ -150,6 +151,7 @@ class Setup:
             clock=self.clock,
             publish_shard=self.published,
             run_settings=replace(SETTINGS, **settings),
+            keeper=self.keeper,
         ).run()
 
     def refresh(self) -> None:
@@ -193,7 +195,11 @@ def make(redis_client: redis.Redis) -> Callable[..., Setup]:
         shard = Shard.objects.create(
             campaign=row, platform="android", queue="fcm", device_ids=[d.pk for d in devices], planned=n
         )
-        return Setup(row, shard, devices, redis_client, FakeProvider(script), FakeClock(), Published())
+        clock = FakeClock()
+        keeper = leases.LeaseKeeper(lambda: redis_client, every_s=2.0, stall_s=120.0, clock=clock.monotonic)
+        return Setup(
+            row, shard, devices, redis_client, FakeProvider(script), clock, Published(), keeper=keeper
+        )
 
     return build
 
@@ -282,6 +288,27 @@ def test_a_shard_leased_by_another_run_is_looked_at_again_shortly(make) -> None:
     [(shard_id, queue, countdown)] = s.published
     assert shard_id == s.shard.pk and queue == "fcm" and 0 < countdown <= 5
     assert s.provider.chunks == [] and s.client.get(idempotency.lease_key(s.shard.pk)) == b"another-run"
+
+
+def test_the_lease_is_registered_and_kept_alive_while_the_run_sends_then_released(make) -> None:
+    s = make(40)
+    key = idempotency.lease_key(s.shard.pk)
+    seen: list[tuple[list[int], int, bool]] = []
+
+    def script(chunk: int, targets: list[Target]) -> list[Result]:
+        # Mid-chunk: the process's heartbeat (driven here by hand) extends the lease it holds.
+        s.client.expire(key, 1)
+        seen.append(
+            (s.keeper.held(), int(s.client.ttl(key)), s.client.hexists(leases.REGISTER_KEY, s.shard.pk))
+        )
+        assert s.keeper.refresh() == [s.shard.pk]
+        return deliver(chunk, targets)
+
+    s.provider.script = script
+    assert s.run() == StopReason.DONE
+    assert seen[0] == ([s.shard.pk], 1, True)
+    assert s.keeper.held() == [] and not s.client.exists(key), "released"
+    assert not s.client.hexists(leases.REGISTER_KEY, s.shard.pk), "unregistered: not an orphan"
 
 
 # --- stopped between chunks -----------------------------------------------------------------------
@@ -447,6 +474,35 @@ def test_redis_lost_mid_run_records_what_was_sent_and_leaves_the_rest_pending(ma
     s.refresh()
     assert s.shard.status == Shard.Status.PENDING and s.shard.device_ids == sorted(s.pks()[20:])
     assert (s.campaign.sent, s.campaign.delivered) == (20, 20), "recorded in PostgreSQL"
+
+
+@OPERATOR_MEANWHILE
+def test_redis_emptied_mid_run_records_what_was_sent_instead_of_leaving_it_to_a_blind_re_run(make) -> None:
+    s = make(60)
+    # A flush (or a restart without persistence): the lease, its registration and the bitmap are
+    # gone, so a re-run could not tell what this run delivered.
+    s.provider.script = _then(deliver, lambda: s.client.flushdb())
+    assert s.run() == StopReason.REDIS_LOST
+    assert len(s.provider.chunks) == 1
+    s.refresh()
+    assert s.shard.status == Shard.Status.PENDING and s.shard.device_ids == sorted(s.pks()[20:])
+    assert (s.campaign.sent, s.campaign.delivered) == (20, 20), "recorded in PostgreSQL"
+
+
+@OPERATOR_MEANWHILE
+def test_a_run_whose_shard_another_run_recorded_meanwhile_records_nothing(make) -> None:
+    s = make(60)
+
+    def another_run_took_it_recorded_part_and_released() -> None:
+        s.client.delete(idempotency.lease_key(s.shard.pk), leases.REGISTER_KEY)
+        Shard.objects.filter(pk=s.shard.pk).update(device_ids=s.pks()[30:])
+
+    s.provider.script = _then(deliver, another_run_took_it_recorded_part_and_released)
+    assert s.run() == StopReason.REDIS_LOST
+    s.refresh()
+    assert s.shard.device_ids == s.pks()[30:], "the other run's record stands"
+    assert s.campaign.sent == 0, "nothing counted twice"
+    assert idempotency.finished(s.client, s.campaign.pk, s.pks()) == set(s.pks()[:20]), "in the bitmap"
 
 
 def test_run_shard_raises_after_recording_when_redis_was_lost(make, monkeypatch, settings) -> None:

@@ -238,7 +238,9 @@ def apply_shard_run(
             .filter(pk=shard.pk, status__in=(Shard.Status.PENDING, Shard.Status.CANCELLED))
             .first()
         )
-        if locked is None:
+        if locked is None or (locked.lo, locked.device_ids) != (shard.lo, shard.device_ids):
+            # Done, or another run recorded part of it since this one loaded it (this run's lease ran
+            # out while it was alive): what this run delivered is in the bitmap for the next run.
             return Applied(recorded=False)
         if locked.status == Shard.Status.CANCELLED:
             # The campaign was cancelled while this run was sending: record what it sent, start nothing.

@@ -12,7 +12,6 @@ import contextlib
 import enum
 import logging
 import time
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
@@ -28,7 +27,7 @@ from campaigns.sending import policy
 from campaigns.sending.guard import HOLD, PASSED, PruneGuard, describe
 from campaigns.sending.ledger import Applied, Device, ShardResults, apply_shard_run
 from campaigns.targeting import target_queryset
-from delivery import breaker, idempotency, runtime
+from delivery import breaker, idempotency, leases, runtime
 from delivery.payload import PushMessage
 from delivery.providers.base import Outcome, Provider, Target
 from delivery.providers.specs import provider_name
@@ -160,6 +159,7 @@ class ShardRun:
         record: Callable[..., Applied] | None = None,
         publish_shard: Callable[..., None] | None = None,
         run_settings: RunSettings | None = None,
+        keeper: leases.LeaseKeeper | None = None,
     ) -> None:
         # `providers` is a factory, not a provider: which app and platform it needs is on the shard
         # row, and a shard that parks or finds its lease taken must not build one. Defaults (looked
@@ -172,6 +172,9 @@ class ShardRun:
         self.record = apply_shard_run if record is None else record
         self.publish_shard = publish.shard if publish_shard is None else publish_shard
         self._settings = run_settings
+        # Keeps the lease alive between checkpoints (delivery/leases.py); the process's heartbeat
+        # thread unless a test drives one by hand. Looked up when a lease is taken.
+        self._keeper = keeper
         self.guard_paused = False  # this run's guard verdict paused the campaign
 
     # --- the run, outside the lease ----------------------------------------------------------------
@@ -186,20 +189,29 @@ class ShardRun:
             self._park(shard, state)
             return StopReason.PARKED
 
-        lease = uuid.uuid4().hex
-        key = idempotency.lease_key(shard.pk)
-        busy_for = idempotency.acquire_lease(self.client, key, lease, self.settings_for(shard).lease_s)
+        lease = leases.new_token()
+        ttl_s = self.settings_for(shard).lease_s
+        busy_for = leases.acquire(self.client, shard.pk, lease, ttl_s)
         if busy_for:
             # Another run holds the shard (or died holding it): look again shortly; a live holder
             # finishes or parks it, a dead one's lease runs out.
             self.publish_shard(shard.pk, shard.queue, countdown=min(busy_for, LEASE_RECHECK_S))
             return StopReason.REQUEUED
+        keeper = self.keeper
+        keeper.hold(shard.pk, lease, ttl_s)
         try:
             return self.run_leased(shard, campaign, lease)
         finally:
+            keeper.drop(shard.pk)
             # Redis away: the lease expires on its own (or went with the restart).
             with contextlib.suppress(redis.RedisError):
-                idempotency.release_lease(self.client, key, lease)
+                leases.release(self.client, shard.pk, lease)
+
+    @property
+    def keeper(self) -> leases.LeaseKeeper:
+        if self._keeper is None:
+            self._keeper = leases.process_keeper()
+        return self._keeper
 
     def settings_for(self, shard: Shard) -> RunSettings:
         if self._settings is None:
@@ -463,12 +475,24 @@ class _Sender:
     def _stopped(self, leased: bool, state: str) -> StopReason:
         """Why a checkpoint stops the run: the lease went, or the campaign is not running."""
         if not leased:
-            return StopReason.LEASE_LOST
+            return StopReason.REDIS_LOST if self._vanished() else StopReason.LEASE_LOST
         if state == control.CANCELLED:
             return StopReason.CANCELLED
         if self.run.guard_paused:
             return StopReason.GUARD_HOLD
         return StopReason.HALTED if state == control.HALTED else StopReason.PAUSED
+
+    def _vanished(self) -> bool:
+        """The lease is not another run's: neither it nor its registration exists (a run that takes a
+        lease registers it). Redis lost its data (a flush, a restart without persistence), and the
+        idempotency bitmap with it: the run records what it sent and leaves the rest pending, as
+        when Redis fails (REDIS_LOST), instead of leaving it all to a re-run that cannot tell what
+        was delivered. Should a run have taken and released it meanwhile, the ledger finds the row
+        changed and records nothing."""
+        pipe = self.client.pipeline(transaction=False)
+        pipe.exists(idempotency.lease_key(self.shard.pk))
+        pipe.hexists(leases.REGISTER_KEY, self.shard.pk)
+        return not any(pipe.execute())
 
     def _release_probe(self, probing: bool) -> None:
         """A run that got the breaker's probe and stops before using it hands it back."""
@@ -481,6 +505,7 @@ class _Sender:
         and `n` tokens from the provider's and the rollout's buckets; the provider's bucket also
         hears the previous chunk's rate report."""
         campaign = self.campaign
+        self.run.keeper.progress(self.shard.pk)  # the run moves: its heartbeat may go on
         pipe = self.client.pipeline(transaction=False)
         pipe.get(control.flag_key(campaign.pk))
         idempotency.refresh_lease(pipe, idempotency.lease_key(self.shard.pk), self.lease, self.cfg.lease_s)
@@ -498,12 +523,13 @@ class _Sender:
 
     def _still_ours(self) -> StopReason | None:
         """After a short sleep, before sending: None if the campaign runs and the lease is this run's."""
+        self.run.keeper.progress(self.shard.pk)
         pipe = self.client.pipeline(transaction=False)
         pipe.get(control.flag_key(self.campaign.pk))
         idempotency.refresh_lease(pipe, idempotency.lease_key(self.shard.pk), self.lease, self.cfg.lease_s)
         flag, leased = pipe.execute()
         if not leased:
-            return StopReason.LEASE_LOST
+            return self._stopped(False, "")
         state = flag.decode() if flag is not None else control.current_state(self.client, self.campaign.pk)
         if state != control.RUNNING:
             return self._stopped(True, state)

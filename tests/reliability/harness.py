@@ -7,12 +7,31 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from django.conf import settings
+
 from campaigns.models import Campaign
 from campaigns.pytest_fixtures import api_client
 from campaigns.testing import Population, build_population, load_devices, sim_counts, simulator_app, wait_for
 from tokens.models import App, DeviceToken
 
 MESSAGE = {"title": "Fault test", "body": "every device exactly once"}
+
+# Production's values (this process reads the defaults; the fixtures' worker environment shortens
+# some of them for the other suites, so they are passed back explicitly).
+PRODUCTION = {
+    name: str(getattr(settings, name))
+    for name in (
+        "CAMPAIGN_SHARD_SIZE",
+        "CAMPAIGN_CHUNK_SIZE",
+        "CAMPAIGN_SHARD_LEASE_S",
+        "CAMPAIGN_SHARD_LEASE_REFRESH_S",
+        "CAMPAIGN_SHARD_STALL_S",
+        "CAMPAIGN_RECOVERY_GRACE_S",
+        "CAMPAIGN_RECOVERY_INTERVAL_S",
+        "CAMPAIGN_RECOVERY_ORPHAN_INTERVAL_S",
+        "PUSH_REQUEST_TIMEOUT",
+    )
+}
 
 
 @dataclass
