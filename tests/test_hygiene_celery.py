@@ -126,8 +126,9 @@ def test_prune_and_sweep_tasks_run_in_a_worker(redis_client, tmp_path):
 
 
 def test_beat_schedules_the_nightly_prune_and_the_daily_sweep_only():
-    """Beat runs the two hygiene jobs at their UTC times on the default queue, and nothing else of
-    tokens/ (invalidations are applied in each shard's transaction, no beat job drains them)."""
+    """Beat runs the two hygiene jobs at their UTC times on the default queue, and of tokens/ only
+    the webhook outbox's flush besides (invalidations are applied in each shard's transaction, no
+    beat job drains them)."""
     from celery.schedules import crontab
 
     from pushsvc.celery import app as celery_app
@@ -137,7 +138,7 @@ def test_beat_schedules_the_nightly_prune_and_the_daily_sweep_only():
         for name, entry in settings.CELERY_BEAT_SCHEDULE.items()
         if entry["task"].startswith("tokens.")
     }
-    assert set(tokens_entries) == {"tokens-prune-inactive", "tokens-sweep-stale"}
+    assert set(tokens_entries) == {"tokens-prune-inactive", "tokens-sweep-stale", "tokens-flush-webhooks"}
     prune, sweep = tokens_entries["tokens-prune-inactive"], tokens_entries["tokens-sweep-stale"]
     assert (prune["task"], sweep["task"]) == ("tokens.prune_inactive", "tokens.sweep_stale")
     hour, _, minute = settings.HYGIENE_PRUNE_AT.partition(":")
@@ -150,4 +151,6 @@ def test_beat_schedules_the_nightly_prune_and_the_daily_sweep_only():
     assert {name for name in celery_app.tasks if name.startswith("tokens.")} == {
         "tokens.prune_inactive",
         "tokens.sweep_stale",
+        "tokens.flush_webhooks",
+        "tokens.deliver_webhook",
     }
