@@ -1,5 +1,5 @@
-"""One declaration per provider: its platform, name (metric label, audit rows), Celery queue,
-the credential it needs and its adapter. Lists of platforms, queues and adapters elsewhere
+"""One declaration per provider: its platform, name (metric label, audit rows), Celery queue
+and adapter. Lists of platforms, queues and adapters elsewhere
 (settings, the registry, the ledger) are derived from `SPECS`; adding a provider is an adapter
 module and one line here. Plain data, importable by settings before Django is set up.
 """
@@ -14,16 +14,15 @@ class ProviderSpec:
     platform: str  # tokens.models.Platform value
     name: str  # metric label and the `provider` of audit rows
     queue: str  # Celery queue of its send tasks (the adapter's `queue`)
-    credential: str  # the App field holding its secret (tokens.models.App.SECRET_FIELDS)
     adapter: str  # "module:Class", imported on first use (delivery/providers/registry.py)
 
 
 _PROVIDERS = "delivery.providers"
 SPECS: tuple[ProviderSpec, ...] = (
-    ProviderSpec("ios", "apns", "apns", "apns_key_p8", f"{_PROVIDERS}.apns:ApnsProvider"),
-    ProviderSpec("android", "fcm", "fcm", "fcm_service_account", f"{_PROVIDERS}.fcm:FcmProvider"),
-    ProviderSpec("huawei", "hms", "hms", "hms_client_secret", f"{_PROVIDERS}.hms:HmsProvider"),
-    ProviderSpec("web", "webpush", "webpush", "vapid_private_key", f"{_PROVIDERS}.webpush:WebPushProvider"),
+    ProviderSpec("ios", "apns", "apns", f"{_PROVIDERS}.apns:ApnsProvider"),
+    ProviderSpec("android", "fcm", "fcm", f"{_PROVIDERS}.fcm:FcmProvider"),
+    ProviderSpec("huawei", "hms", "hms", f"{_PROVIDERS}.hms:HmsProvider"),
+    ProviderSpec("web", "webpush", "webpush", f"{_PROVIDERS}.webpush:WebPushProvider"),
 )
 BY_PLATFORM: dict[str, ProviderSpec] = {spec.platform: spec for spec in SPECS}
 
