@@ -136,15 +136,3 @@ def redis_client() -> redis.Redis:
         if _redis is None:
             _redis = redis.Redis.from_url(settings.REDIS_URL, health_check_interval=30)
         return _redis
-
-
-def close_providers() -> None:
-    """Close every cached provider (worker shutdown, tests)."""
-    with _lock:
-        providers = list(_providers.values())
-        _providers.clear()
-        loop = _loop if _pid == os.getpid() else None
-    if loop is None:
-        return
-    for provider in providers:
-        asyncio.run_coroutine_threadsafe(provider.aclose(), loop).result(10)
