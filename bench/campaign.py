@@ -50,8 +50,9 @@ def recreate_database(url: str) -> None:
     conn.close()
 
 
-def generate_devices(app_id: int, n: int) -> None:
-    """n devices generated server side; device g's kind is decided by g % 100."""
+def generate_devices(app_id: int, n: int, first: int = 1) -> None:
+    """n devices generated server side (g = first, first + 1, ...); device g's kind is decided by
+    g % 100, its token by g (so apps loaded from different `first` share no token)."""
     from django.db import connection
 
     from tokens.models import DeviceToken
@@ -75,8 +76,8 @@ def generate_devices(app_id: int, n: int) -> None:
     """
     step = 1_000_000
     with connection.cursor() as cursor:
-        for lo in range(1, n + 1, step):
-            cursor.execute(sql, [app_id, lo, min(lo + step - 1, n)])
+        for lo in range(first, first + n, step):
+            cursor.execute(sql, [app_id, lo, min(lo + step - 1, first + n - 1)])
         cursor.execute(f"VACUUM ANALYZE {table}")
 
 

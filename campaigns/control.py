@@ -93,13 +93,14 @@ def resume(
 
     # A planner still at work keeps planning through a pause (its shards park themselves), and a
     # planner that died is redelivered by the broker: resuming never starts a second one.
-    for shard_id, queue in unpark_shards(campaign_id):
-        publish.shard(shard_id, queue)
+    for shard_id, queue, lane in unpark_shards(campaign_id):
+        publish.shard(shard_id, queue, lane)
     complete_if_done(client, campaign_id)
 
 
-def unpark_shards(campaign_id: int, shard_id: int | None = None) -> list[tuple[int, str]]:
-    """paused -> pending for the campaign's parked shards (or one); the ones this call moved."""
+def unpark_shards(campaign_id: int, shard_id: int | None = None) -> list[tuple[int, str, int]]:
+    """paused -> pending for the campaign's parked shards (or one); the ones this call moved, as
+    (id, queue, lane)."""
     table = Shard._meta.db_table
     sql = f"UPDATE {table} SET status = %s WHERE campaign_id = %s AND status = %s"
     params: list[object] = [Shard.Status.PENDING, campaign_id, Shard.Status.PAUSED]
@@ -107,8 +108,8 @@ def unpark_shards(campaign_id: int, shard_id: int | None = None) -> list[tuple[i
         sql += " AND id = %s"
         params.append(shard_id)
     with connection.cursor() as cursor:
-        cursor.execute(sql + " RETURNING id, queue", params)
-        return [(row[0], row[1]) for row in cursor.fetchall()]
+        cursor.execute(sql + " RETURNING id, queue, lane", params)
+        return [(row[0], row[1], row[2]) for row in cursor.fetchall()]
 
 
 def cancel(client: redis.Redis, campaign_id: int) -> None:

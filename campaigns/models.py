@@ -115,9 +115,16 @@ class Shard(models.Model):
         DONE = "done"
         CANCELLED = "cancelled"
 
+    class Lane(models.IntegerChoices):
+        # Fair sharing of a provider queue (docs/architecture.md, "Fairness"): the first
+        # CAMPAIGN_HEAD_DEVICES of each campaign and platform go out ahead of every broadcast's bulk.
+        HEAD = 0
+        BULK = 1
+
     campaign = models.ForeignKey(Campaign, on_delete=models.CASCADE, related_name="shards")
     platform = models.CharField(max_length=16, choices=Platform.choices)
     queue = models.CharField(max_length=32)
+    lane = models.PositiveSmallIntegerField(choices=Lane.choices, default=Lane.HEAD)
     lo = models.BigIntegerField(null=True, blank=True)
     hi = models.BigIntegerField(null=True, blank=True)
     device_ids = models.JSONField(null=True, blank=True)

@@ -18,7 +18,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import redis
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F, Max, QuerySet
+from django.db.models import F, Max, QuerySet, Sum
 from django.utils import timezone
 
 from campaigns import control, publish
@@ -114,19 +114,28 @@ def _plan_leased(client: redis.Redis, campaign: Campaign, lease: str) -> None:
         # A re-run after a crash: shards written but maybe never published go out again (a shard
         # already queued runs once anyway: leases and its status make the second message a no-op).
         unsent = Shard.objects.filter(campaign_id=campaign_id, is_child=False, status=Shard.Status.PENDING)
-        published.append(pool.submit(_publish, list(unsent.values_list("pk", "queue"))))
+        published.append(pool.submit(_publish, list(unsent.values_list("pk", "queue", "lane"))))
         for platform in target_platforms(campaign):
             queue = queue_for(campaign, platform)
-            done_upto = (
-                Shard.objects.filter(campaign_id=campaign_id, platform=platform, is_child=False).aggregate(
-                    hi=Max("hi")
-                )["hi"]
-                or 0
+            done = Shard.objects.filter(campaign_id=campaign_id, platform=platform, is_child=False).aggregate(
+                hi=Max("hi"), planned=Sum("planned")
             )
+            # The platform's first CAMPAIGN_HEAD_DEVICES go in the head lane (settings, "Fairness").
+            head_left = settings.CAMPAIGN_HEAD_DEVICES - (done["planned"] or 0)
             batch: list[Shard] = []
-            for lo, hi, n in iter_ranges(base.filter(platform=platform), size, done_upto):
+            for lo, hi, n in iter_ranges(base.filter(platform=platform), size, done["hi"] or 0):
+                lane = Shard.Lane.HEAD if head_left > 0 else Shard.Lane.BULK
+                head_left -= n
                 batch.append(
-                    Shard(campaign_id=campaign_id, platform=platform, queue=queue, lo=lo, hi=hi, planned=n)
+                    Shard(
+                        campaign_id=campaign_id,
+                        platform=platform,
+                        queue=queue,
+                        lane=lane,
+                        lo=lo,
+                        hi=hi,
+                        planned=n,
+                    )
                 )
                 if len(batch) >= PLAN_BATCH:
                     cancelled = not _flush(client, pool, published, campaign_id, batch, lease)
@@ -181,13 +190,13 @@ def _flush(
             outstanding=F("outstanding") + len(batch),
             targeted=F("targeted") + sum(s.planned for s in batch),
         )
-    published.append(pool.submit(_publish, [(shard.pk, shard.queue) for shard in batch]))
+    published.append(pool.submit(_publish, [(shard.pk, shard.queue, shard.lane) for shard in batch]))
     return True
 
 
-def _publish(shards: list[tuple[int, str]]) -> None:
-    for shard_id, queue in shards:
-        publish.shard(shard_id, queue)
+def _publish(shards: list[tuple[int, str, int]]) -> None:
+    for shard_id, queue, lane in shards:
+        publish.shard(shard_id, queue, lane)
 
 
 def plan_direct(campaign: Campaign) -> int:
@@ -222,5 +231,5 @@ def plan_direct(campaign: Campaign) -> int:
         )
     control.arm(runtime.redis_client(), campaign.pk, control.RUNNING if shards else Campaign.Status.COMPLETED)
     for shard in shards:
-        publish.shard(shard.pk, shard.queue)
+        publish.shard(shard.pk, shard.queue, shard.lane)
     return len(rows)

@@ -5,6 +5,7 @@ contract with queued messages and routes (pushsvc/settings.py), kept across move
 from __future__ import annotations
 
 from celery import current_app
+from django.conf import settings
 
 PLAN_TASK = "delivery.tasks.plan_campaign"
 SEND_TASK = "delivery.tasks.send_shard"
@@ -13,8 +14,16 @@ TOPIC_TASK = "campaigns.send_topic"
 PRIORITY_QUEUE = "priority"
 
 
-def shard(shard_id: int, queue: str, countdown: float | None = None) -> None:
-    current_app.send_task(SEND_TASK, args=[shard_id], queue=queue, countdown=countdown)
+def shard(shard_id: int, queue: str, lane: int, countdown: float | None = None) -> None:
+    """A send task for one shard, at its lane's broker priority (Shard.Lane; the numbers are the
+    broker's: pushsvc/settings.py SHARD_LANE_PRIORITIES)."""
+    current_app.send_task(
+        SEND_TASK,
+        args=[shard_id],
+        queue=queue,
+        countdown=countdown,
+        priority=settings.SHARD_LANE_PRIORITIES[lane],
+    )
 
 
 def plan(campaign_id: int) -> None:

@@ -95,7 +95,7 @@ def republish_lost(client: redis.Redis, broker: redis.Redis | None = None, grace
         )
         .filter(Q(not_before__lte=cutoff) | Q(not_before__isnull=True, created_at__lte=cutoff))
         .order_by("id")
-        .values_list("id", "queue")
+        .values_list("id", "queue", "lane")
     )
     published = 0
     empty: dict[str, bool] = {}
@@ -108,15 +108,15 @@ def republish_lost(client: redis.Redis, broker: redis.Redis | None = None, grace
             return published
         after = rows[-1][0]
         pipe = client.pipeline(transaction=False)
-        for shard_id, _ in rows:
+        for shard_id, _, _ in rows:
             pipe.exists(idempotency.lease_key(shard_id))
-        for (shard_id, queue), leased in zip(rows, pipe.execute(), strict=True):
+        for (shard_id, queue, lane), leased in zip(rows, pipe.execute(), strict=True):
             if leased:
                 continue
             if queue not in empty:
                 empty[queue] = _queue_empty(broker, queue)
             if empty[queue]:
-                publish.shard(shard_id, queue)
+                publish.shard(shard_id, queue, lane)
                 published += 1
 
 
@@ -136,7 +136,10 @@ def republish_orphans(client: redis.Redis) -> int:
             pk__in=[shard_id for shard_id, _ in found], status=Shard.Status.PENDING
         ).values_list("id", "campaign__status")
     )
-    queues = dict(Shard.objects.filter(pk__in=list(pending)).values_list("id", "queue"))
+    routes = {
+        pk: (queue, lane)
+        for pk, queue, lane in Shard.objects.filter(pk__in=list(pending)).values_list("id", "queue", "lane")
+    }
     published = 0
     for shard_id, token in found:
         status = pending.get(shard_id)
@@ -144,7 +147,7 @@ def republish_orphans(client: redis.Redis) -> int:
             continue  # paused or halted: published again when it runs (this sweep, then)
         # Forget first: a run that took the shard meanwhile re-registered it under its own token.
         if leases.forget(client, shard_id, token) and status is not None:
-            publish.shard(shard_id, queues[shard_id])
+            publish.shard(shard_id, *routes[shard_id])
             published += 1
     if published:
         logger.warning("recovery: published %s shard(s) whose run died (lease ran out)", published)

@@ -342,6 +342,15 @@ CAMPAIGN_PRUNE_GUARD_MIN = _env_int("CAMPAIGN_PRUNE_GUARD_MIN", 200)
 CAMPAIGN_PRUNE_GUARD_WINDOW = _env_int("CAMPAIGN_PRUNE_GUARD_WINDOW", 1000)
 CAMPAIGN_PRUNE_GUARD_RATIO = _env_float("CAMPAIGN_PRUNE_GUARD_RATIO", 0.5)
 CAMPAIGN_SCHEDULER_INTERVAL_S = _env_float("CAMPAIGN_SCHEDULER_INTERVAL_S", 5.0)
+# Fair sharing of the provider queues between apps and campaigns: the first CAMPAIGN_HEAD_DEVICES
+# devices of each campaign and platform are published in the head lane, the rest (a broadcast's
+# bulk) in the bulk lane, which a worker serves only when no head-lane shard waits. So a small
+# campaign, and the start of any campaign, never waits behind another app's broadcast
+# (docs/architecture.md, "Fairness"; bench/fairness.py). 0 puts everything in one lane (FIFO).
+CAMPAIGN_HEAD_DEVICES = _env_int("CAMPAIGN_HEAD_DEVICES", 20_000)
+# The lanes as broker priorities. kombu's Redis transport serves 0 first (a list per priority
+# step); RabbitMQ serves the higher number first (quorum queues: above 4 is "high").
+SHARD_LANE_PRIORITIES = (0, 9) if CELERY_BROKER_URL.startswith("redis") else (9, 0)
 # CAMPAIGN_SHARD_LEASE_S: a running shard holds a Redis lease so that two runs of one shard never
 # overlap. It is refreshed at every chunk's checkpoint and, however long a chunk takes, every
 # CAMPAIGN_SHARD_LEASE_REFRESH_S by a heartbeat thread in the process that runs it

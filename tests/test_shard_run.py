@@ -107,8 +107,15 @@ class FakeClock:
 
 
 class Published(list):
-    def __call__(self, shard_id: int, queue: str, countdown: float | None = None) -> None:
+    """(shard, queue, countdown) per publish; `lanes` the lane each shard was published in."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lanes: dict[int, int] = {}
+
+    def __call__(self, shard_id: int, queue: str, lane: int, countdown: float | None = None) -> None:
         self.append((shard_id, queue, countdown))
+        self.lanes[shard_id] = lane
 
 
 class FlakyRedis:
@@ -236,8 +243,19 @@ def test_retries_become_a_follow_up_shard_published_with_its_backoff(make, setti
     child = Shard.objects.get(pk=child_id)
     assert child.attempt == 1 and child.device_ids == sorted(s.pks()) and queue == "fcm"
     assert delay == pytest.approx(30.0), "the Retry-After floor, above the backoff"
+    assert s.published.lanes[child_id] == Shard.Lane.HEAD
     s.refresh()
     assert s.campaign.retried == 20 and s.campaign.status == Campaign.Status.RUNNING
+
+
+def test_a_retry_keeps_its_parent_s_lane(make) -> None:
+    """A broadcast's bulk stays behind the head lane through its retries (settings, "Fairness")."""
+    s = make(10, answer(Outcome.RETRY, 429, "TooManyRequests"))
+    Shard.objects.filter(pk=s.shard.pk).update(lane=Shard.Lane.BULK)
+    assert s.run() == StopReason.DONE
+    [(child_id, _, _)] = s.published
+    assert Shard.objects.get(pk=child_id).lane == Shard.Lane.BULK
+    assert s.published.lanes[child_id] == Shard.Lane.BULK
 
 
 def test_a_retry_past_its_deadline_expires_without_sending(make) -> None:

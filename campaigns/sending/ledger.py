@@ -210,7 +210,8 @@ class Applied:
     """What the transaction decided, for the caller to act on after commit."""
 
     recorded: bool
-    follow_ups: list[tuple[int, str, float | None]] = field(default_factory=list)  # (shard, queue, delay)
+    # (shard, queue, lane, delay)
+    follow_ups: list[tuple[int, str, int, float | None]] = field(default_factory=list)
     completed: bool = False
     halted_reason: str = ""
 
@@ -364,7 +365,7 @@ def apply_shard_run(
                 ).update(status=Campaign.Status.HALTED, status_reason=applied.halted_reason):
                     campaign_changed(campaign_id, Campaign.Status.HALTED)  # webhook outbox
         applied.follow_ups = [
-            (s.pk, s.queue, delay) for s, delay in follow_ups if s.status == Shard.Status.PENDING
+            (s.pk, s.queue, s.lane, delay) for s, delay in follow_ups if s.status == Shard.Status.PENDING
         ]
     try:
         metrics.record_shard(app_id, shard.platform, results)
@@ -386,6 +387,7 @@ def _child(
         campaign_id=parent.campaign_id,
         platform=parent.platform,
         queue=parent.queue,
+        lane=parent.lane,
         device_ids=sorted(device_ids),
         attempt=attempt,
         planned=len(device_ids),

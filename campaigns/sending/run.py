@@ -195,7 +195,7 @@ class ShardRun:
         if busy_for:
             # Another run holds the shard (or died holding it): look again shortly; a live holder
             # finishes or parks it, a dead one's lease runs out.
-            self.publish_shard(shard.pk, shard.queue, countdown=min(busy_for, LEASE_RECHECK_S))
+            self.publish_shard(shard.pk, shard.queue, shard.lane, countdown=min(busy_for, LEASE_RECHECK_S))
             return StopReason.REQUEUED
         keeper = self.keeper
         keeper.hold(shard.pk, lease, ttl_s)
@@ -299,10 +299,10 @@ class ShardRun:
             len(results.invalid) + results.held_invalid,
             client=self.client,
         )
-        for follow_up, queue, delay in applied.follow_ups:
-            self.publish_shard(follow_up, queue, countdown=delay)
+        for follow_up, queue, lane, delay in applied.follow_ups:
+            self.publish_shard(follow_up, queue, lane, countdown=delay)
         if stop.reason == StopReason.DEFERRED:
-            self.publish_shard(shard.pk, shard.queue, countdown=stop.defer_s)
+            self.publish_shard(shard.pk, shard.queue, shard.lane, countdown=stop.defer_s)
         if applied.completed:
             control.set_flag(self.client, campaign.pk, Campaign.Status.COMPLETED)
             idempotency.expire(self.client, campaign.pk)
@@ -325,8 +325,8 @@ class ShardRun:
         """A resume may have run between our flag check and parking: hand parked work back."""
         if control.current_state(self.client, campaign_id) != control.RUNNING:
             return
-        for follow_up, queue in control.unpark_shards(campaign_id, shard_id):
-            self.publish_shard(follow_up, queue)
+        for follow_up, queue, lane in control.unpark_shards(campaign_id, shard_id):
+            self.publish_shard(follow_up, queue, lane)
 
 
 class _Sender:
