@@ -5,10 +5,11 @@ lane per queue, CAMPAIGN_HEAD_DEVICES=0), in the same run:
     .venv/bin/python bench/fairness.py [--devices-a 1000000] [--devices-b 5000] [--workers 2]
         [--head 20000] [--b-after 0.2]
 
-Per mode: B alone (after one untimed warm-up run of B), then A launched and, once A has delivered --b-after of its devices (so
-it is sending its bulk), B launched again; B's time from launch to completed in both, their
-ratio, and A's time. Devices as bench/campaign.py generates them (10 % invalid, 3 % throttled once);
-the simulator and `--workers` Celery workers (default, apns, fcm queues) run as subprocesses.
+Per mode: B alone (after one untimed warm-up run of B), then A launched and, once A has
+delivered --b-after of its devices (so it is sending its bulk), B launched again; B's time from
+launch to completed in both, their ratio, and A's time. Devices as bench/campaign.py generates
+them (10 % invalid, 3 % throttled once); the simulator and `--workers` Celery workers (default,
+apns, fcm queues) run as subprocesses.
 """
 
 from __future__ import annotations

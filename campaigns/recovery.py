@@ -20,7 +20,9 @@ queue holds: the lease is the proof that no run is going on, so the empty-queue 
 
 A broker that lost its data (a flush, a restart without persistence) lost every message: the
 worker's thread keeps a mark in the broker's database, and when it is gone everything pending,
-due and unleased is published without the grace, one lease period later (`_after_broker_loss`).
+due and unleased is published without the grace, one lease period later (`_after_broker_loss`),
+and so is every unanswered provider of a topic send (campaigns/topics.py), whose only state
+between attempts is its message.
 
 A message published twice is harmless: the shard's lease keeps two runs from overlapping and the
 run that finds it no longer PENDING does nothing (campaigns/sending/run.py).
@@ -55,7 +57,7 @@ from django.db import connection
 from django.db.models import Q
 from django.utils import timezone
 
-from campaigns import publish
+from campaigns import publish, topics
 from campaigns.models import Campaign, Shard
 from delivery import idempotency, leases
 
@@ -180,7 +182,11 @@ def _after_broker_loss(client: redis.Redis, broker: redis.Redis) -> int:
     if not mark.startswith(b"emptied:") or time.time() - float(mark[8:]) < settings.CAMPAIGN_SHARD_LEASE_S:
         return 0
     broker.set(BROKER_MARK_KEY, "ok")
-    published = replan_lost(client, grace=0) + republish_lost(client, broker, grace=0)
+    published = (
+        replan_lost(client, grace=0)
+        + republish_lost(client, broker, grace=0)
+        + topics.republish_unanswered(client)
+    )
     logger.warning("recovery: published %s task(s) again after the broker lost its data", published)
     return published
 

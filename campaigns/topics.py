@@ -25,7 +25,7 @@ from typing import Any
 import redis
 from django.conf import settings
 from django.db import transaction
-from django.db.models import F
+from django.db.models import F, Q
 from django.utils import timezone
 
 from campaigns import control, publish
@@ -98,7 +98,7 @@ def run(campaign_id: int, platform: str, attempt: int = 0, deadline: int | None 
             # looks again later instead of being dropped.
             publish.topic(campaign_id, platform, attempt, deadline, countdown=PAUSED_RECHECK_S)
         return
-    key = f"pushsvc:topic-lease:{campaign_id}:{platform}"
+    key = lease_key(campaign_id, platform)
     owner = uuid.uuid4().hex
     busy_for = idempotency.acquire_lease(client, key, owner, LEASE_S)
     if busy_for:
@@ -109,6 +109,34 @@ def run(campaign_id: int, platform: str, attempt: int = 0, deadline: int | None 
     finally:
         with contextlib.suppress(redis.RedisError):
             idempotency.release_lease(client, key, owner)
+
+
+def lease_key(campaign_id: int, platform: str) -> str:
+    return f"pushsvc:topic-lease:{campaign_id}:{platform}"
+
+
+def republish_unanswered(client: redis.Redis) -> int:
+    """After the broker lost its data (campaigns/recovery.py): a topic send lives only in its task
+    messages, so every provider of an unfinished topic send with no recorded answer and no lease
+    held gets its task again; how many. The attempt resumes at the campaign's retries so far (at
+    least that provider's own), the TTL's deadline from the campaign's start."""
+    unfinished = Campaign.objects.filter(
+        kind=Campaign.Kind.DIRECT,
+        status__in=(Campaign.Status.RUNNING, Campaign.Status.PAUSED, Campaign.Status.HALTED),
+    ).filter(Q(target__has_key=TOPIC) | Q(target__has_key=CONDITION))
+    published = 0
+    for campaign in unfinished.only("id", "target", "message", "retried", "started_at").iterator():
+        answered = set(DirectResult.objects.filter(campaign=campaign).values_list("platform", flat=True))
+        ttl = PushMessage.from_dict(campaign.message).ttl
+        started = campaign.started_at or timezone.now()
+        deadline = int(started.timestamp()) + ttl if ttl else None
+        attempt = min(campaign.retried, settings.CAMPAIGN_MAX_ATTEMPTS - 1)
+        for platform in campaign.target.get("platforms", []):
+            if platform in answered or client.exists(lease_key(campaign.pk, platform)):
+                continue
+            publish.topic(campaign.pk, platform, attempt, deadline)
+            published += 1
+    return published
 
 
 def _run_leased(campaign: Campaign, platform: str, attempt: int, deadline: int | None) -> None:

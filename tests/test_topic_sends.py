@@ -176,3 +176,39 @@ def test_a_topic_send_is_not_duplicated_as_a_broadcast(db) -> None:
     )
     with pytest.raises(control.TransitionError):
         actions.duplicate(campaign)
+
+
+def test_a_topic_send_lost_with_the_broker_is_sent_again_once(fast_sim, redis_client, settings) -> None:
+    """A topic send's only state between attempts is its task message: after the broker lost its
+    data, recovery publishes a task for each provider that has not answered (and none for one that has)."""
+    import base64
+    import json
+
+    from campaigns import recovery
+
+    settings.CAMPAIGN_SHARD_LEASE_S = 0  # recovery waits one lease period after seeing the loss
+    app = simulator_app(fast_sim)
+    client = api_client(app)
+    body = {
+        "message": MESSAGE,
+        "condition": "'a' in topics || 'b' in topics",
+        "platforms": ["android", "huawei"],
+    }
+    campaign_id = client.post(NOTIFY, body, format="json").json()["id"]
+    topics.run(campaign_id, "huawei")  # HMS answered before the loss; FCM's task was still queued
+    redis_client.flushdb()  # the broker lost its data: FCM's message is gone
+
+    assert recovery._after_broker_loss(redis_client, redis_client) == 0, "the loss is seen first"
+    assert recovery._after_broker_loss(redis_client, redis_client) == 1
+    [raw] = redis_client.lrange("priority", 0, -1)
+    envelope = json.loads(raw)
+    assert envelope["headers"]["task"] == "campaigns.send_topic"
+    args, _kwargs, _embed = json.loads(base64.b64decode(envelope["body"]))
+    assert args[:3] == [campaign_id, "android", 0]
+
+    topics.run(*args)
+    fcm = topic_key("fcm", "condition", body["condition"])
+    hms = topic_key("hms", "condition", body["condition"])
+    assert fast_sim.counts([fcm, hms]) == {fcm: 1, hms: 1}
+    campaign = Campaign.objects.get(pk=campaign_id)
+    assert (campaign.status, campaign.delivered) == ("completed", 2)
