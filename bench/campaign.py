@@ -123,12 +123,25 @@ def service_cpu_seconds() -> dict[str, float]:
     return {name: t / ticks for name, t in totals.items()}
 
 
+def redis_counters(client) -> dict[str, int]:
+    """Commands Redis processed (all, and LPUSH: kombu publishes a message with one) and bytes in."""
+    stats = client.info("stats")
+    lpush = client.info("commandstats").get("cmdstat_lpush", {}).get("calls", 0)
+    return {
+        "commands": stats["total_commands_processed"],
+        "lpush": lpush,
+        "net_input_bytes": stats["total_net_input_bytes"],
+    }
+
+
 def db_counters() -> dict[str, int]:
     from django.db import connection
 
     with connection.cursor() as cursor:
         cursor.execute("SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()")
         out = {"transactions": cursor.fetchone()[0]}
+        cursor.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn")
+        out["wal_bytes"] = int(cursor.fetchone()[0])
         cursor.execute(
             "SELECT relname, seq_scan + coalesce(idx_scan, 0), n_tup_ins, n_tup_upd, n_tup_del "
             "FROM pg_stat_user_tables WHERE relname IN "
@@ -238,6 +251,7 @@ def main() -> None:
         sampler = threading.Thread(target=rss_sampler, args=(worker_pids, stop, peaks), daemon=True)
         sampler.start()
         before = db_counters()
+        redis_before_counts = redis_counters(client)
         services_before = service_cpu_seconds()
         redis_before = client.info("memory")["used_memory"]
         try:
@@ -266,6 +280,7 @@ def main() -> None:
                 if campaign.status != Campaign.Status.RUNNING:
                     break
             finished = time.perf_counter()
+            redis_counts = {k: v - redis_before_counts[k] for k, v in redis_counters(client).items()}
             worker_cpu = cpu_seconds(worker_pids())
             services = {k: v - services_before[k] for k, v in service_cpu_seconds().items()}
             sim_cpu = cpu_seconds([sim.proc.pid]) if sim.proc else 0.0
@@ -320,8 +335,20 @@ def main() -> None:
     diff = {k: after[k] - before.get(k, 0) for k in after}
     shards = Shard.objects.filter(campaign=campaign).count()
     print(f"database: {diff['transactions']:,} transactions for {shards:,} shard rows")
-    for key in sorted(k for k in diff if k != "transactions"):
+    for key in sorted(k for k in diff if k not in ("transactions", "wal_bytes")):
         print(f"  {key}: {diff[key]:,}")
+    # The central parts' cost per 1,000 delivered devices (docs/scaling.md): machine-wide counters,
+    # so the benchmark must run alone. Redis is both the broker and the state store here.
+    k = 1000 / max(campaign.delivered, 1)
+    print(
+        "central cost per 1,000 deliveries: "
+        f"PostgreSQL {services['postgres'] * k * 1000:.1f} ms CPU, "
+        f"{diff['wal_bytes'] * k / 1024:.1f} KiB WAL, {diff['transactions'] * k:.2f} transactions | "
+        f"Redis {services['redis-server'] * k * 1000:.1f} ms CPU, "
+        f"{redis_counts['commands'] * k:.0f} commands, "
+        f"{redis_counts['net_input_bytes'] * k / 1024:.1f} KiB in | "
+        f"broker {redis_counts['lpush'] * k:.2f} messages published"
+    )
 
 
 if __name__ == "__main__":
