@@ -365,6 +365,31 @@ def test_timeout_after_sending_may_have_reached(kind, sim, loop, engines):
     assert loop.run_until_complete(engine.request(apns_request(sim, fresh))).status == 200
 
 
+def test_an_answer_libcurl_was_not_woken_for_is_read_by_the_scan_not_at_the_timeout(sim, loop, engines):
+    """libcurl can fail to report a socket event (docs/reliability.md, "The jitter duplicate"):
+    here the loop's reader for the connection is dropped behind the engine's back while a request
+    is in flight. The engine's periodic scan still reads the answer, long before the 30 s timeout
+    that would have failed it as "may have reached" (and had it sent again)."""
+    sim.configure(slow_ms=300)
+    engine = make_engine(engines, sim, timeout=30.0)
+    assert loop.run_until_complete(engine.request(apns_request(sim, device_token()))).status == 200
+    token = device_token("07")  # answered after slow_ms
+
+    async def deafened() -> HttpResponse:
+        task = asyncio.ensure_future(engine.request(apns_request(sim, token)))
+        while not engine._watched:  # loop turns until libcurl has sent it and watches for the answer
+            assert not task.done()
+            await asyncio.sleep(0)
+        for fd in list(engine._watched):
+            loop.remove_reader(fd)  # the wake-up libcurl will never get
+        return await task
+
+    resp = loop.run_until_complete(deafened())
+    assert resp.status == 200 and not resp.maybe_duplicate
+    assert sim.counts([token]) == {token: 1}
+    assert engine.stats().extra.get("answered_by_scan") == 1
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_timeout_before_the_connection_is_up_never_reached(kind, loop, engines):
     # A listener that never accepts: the kernel completes TCP, nobody answers the TLS hello.

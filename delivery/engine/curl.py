@@ -54,6 +54,10 @@ _PRETRANSFER_TIME = pycurl.PRETRANSFER_TIME  # the request is handed to its (rea
 _TOTAL_TIME = pycurl.TOTAL_TIME
 _PREREQ_OK = pycurl.PREREQFUNC_OK
 
+# How often libcurl is asked to look at every transfer in flight (CurlEngine._on_scan): the
+# longest a response can wait after a wake-up libcurl failed to ask for. One socket_all per second
+# per engine costs nothing next to thousands of requests (tornado's curl client does the same).
+_SCAN_S = 1.0
 # libcurl caps streams per connection at 100 unless told otherwise; the server's
 # SETTINGS_MAX_CONCURRENT_STREAMS is the real limit (APNs: ~1,000-1,500 once authenticated).
 _MAX_STREAMS_PER_CONNECTION = 4096
@@ -179,6 +183,7 @@ class CurlEngine(Engine):
         self._multi: pycurl.CurlMulti | None = None
         self._timer: asyncio.TimerHandle | asyncio.Handle | None = None
         self._timer_soon = False  # the pending timer is a call_soon
+        self._scan: asyncio.TimerHandle | None = None  # the periodic scan while requests are in flight
         self._watched: dict[int, int] = {}  # fd -> POLL_* mask currently registered with the loop
         self._pool: list[_Transfer] = []
         self._active: set[_Transfer] = set()
@@ -237,6 +242,8 @@ class CurlEngine(Engine):
         future = transfer.future = loop.create_future()
         self._multi.add_handle(curl)
         self._active.add(transfer)
+        if self._scan is None:
+            self._scan = loop.call_later(_SCAN_S, self._on_scan)
         stats = self._stats
         stats.requests_sent += 1
         n = len(self._active)
@@ -290,6 +297,9 @@ class CurlEngine(Engine):
             self._timer.cancel()
             self._timer = None
         self._timer_soon = False
+        if self._scan is not None:
+            self._scan.cancel()
+            self._scan = None
         # Detach from the loop first: removing handles and closing the multi make libcurl call
         # the socket and timer callbacks, which must not touch a loop that may be closed.
         loop, self._loop = self._loop, None
@@ -408,6 +418,29 @@ class CurlEngine(Engine):
         self._timer_soon = False
         self._drive(_SOCKET_TIMEOUT, 0)
 
+    def _on_scan(self) -> None:
+        """Every _SCAN_S while requests are in flight: let libcurl look at every transfer, not only
+        those its socket and timer callbacks named. A response that arrived while libcurl reported
+        no socket event or timer for it (seen under latency jitter and connection churn:
+        docs/reliability.md, "The jitter duplicate") is then read within _SCAN_S instead of at the
+        request's timeout, where it would be failed as "may have reached" and sent again."""
+        self._scan = None
+        multi = self._multi
+        if multi is None or not self._active:
+            return
+        try:
+            while multi.socket_all()[0] == pycurl.E_CALL_MULTI_PERFORM:
+                pass
+        except pycurl.error as exc:
+            self._teardown(TransportError(f"libcurl multi failed: {exc}", may_have_reached=True))
+            return
+        answered = self._collect()
+        if answered:  # what the callbacks had not reported: the evidence of a missed wake-up
+            extra = self._stats.extra
+            extra["answered_by_scan"] = extra.get("answered_by_scan", 0) + answered
+        if self._active and self._loop is not None and self._scan is None:
+            self._scan = self._loop.call_later(_SCAN_S, self._on_scan)
+
     def _drive(self, fd: int, mask: int) -> None:
         multi = self._multi
         if multi is None:
@@ -417,7 +450,13 @@ class CurlEngine(Engine):
         except pycurl.error as exc:
             self._teardown(TransportError(f"libcurl multi failed: {exc}", may_have_reached=True))
             return
-        while True:
+        self._collect()
+
+    def _collect(self) -> int:
+        """Hand out the transfers libcurl finished; how many it answered."""
+        multi = self._multi
+        answered = 0
+        while multi is not None:
             queued, ok, failed = multi.info_read()
             if failed:
                 # Connection failures first: they are the evidence for judging resends that
@@ -430,8 +469,10 @@ class CurlEngine(Engine):
                 self._finish(curl.transfer, 0, "")
             for curl, code, message in failed:
                 self._finish(curl.transfer, code, message)
+            answered += len(ok)
             if not queued:
                 break
+        return answered
 
     def _finish(self, transfer: _Transfer, code: int, message: str) -> None:
         curl = transfer.curl
