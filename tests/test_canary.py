@@ -342,3 +342,51 @@ def test_a_lost_planning_task_after_the_decision_is_published_again(sim, redis_c
     Campaign.objects.filter(pk=campaign_id).update(started_at=timezone.now() - timedelta(hours=1))
     redis_client.delete(f"pushsvc:plan-lease:{campaign_id}")
     assert recovery.replan_lost(redis_client, grace=0) == 1
+
+
+# --- the admin ------------------------------------------------------------------------------------
+@pytest.fixture
+def staff(redis_client):
+    from django.contrib.auth.models import User
+    from django.test import Client
+
+    client = Client()
+    client.force_login(User.objects.create_superuser("ops", "ops@example.com", "pw-ops-123"))
+    return client
+
+
+def _admin_add(staff, app, cohort: str):
+    return staff.post(
+        "/admin/campaigns/campaign/add/",
+        {
+            "app": app.pk,
+            "name": "canary",
+            "message": '{"title": "Hi"}',
+            "target": "",
+            "send_at_0": "",
+            "send_at_1": "",
+            "rollout_start_rate": "",
+            "rollout_max_rate": "",
+            "rollout_ramp_minutes": "0",
+            "halt_error_rate": "0.05",
+            "canary": cohort,
+        },
+    )
+
+
+def test_the_admin_creates_a_canary_campaign_and_shows_its_decision(sim, staff) -> None:
+    app = simulator_app(sim)
+    refused = _admin_add(staff, app, '{"size": 0}')
+    assert refused.status_code == 200 and "size: Ensure this value is greater than or equal to 1" in (
+        refused.content.decode()
+    )
+    assert _admin_add(staff, app, '{"size": 10, "wait_s": 5}').status_code == 302
+    draft = Campaign.objects.get(app=app)
+    assert draft.canary == {"size": 10, "wait_s": 5, "max_error_rate": 0.05}
+    assert draft.canary_phase == "pending"
+
+    campaign_id, _ = _paused_canary(sim, faulty=7, total=100, size=100)
+    page = staff.get(f"/admin/campaigns/campaign/{campaign_id}/change/").content.decode()
+    assert "100 devices, wait 0 s, limit 5.0 %" in page
+    assert "phase failed" in page and "7 of 100 failed (7.0 %) → pause" in page
+    assert "canary: 7 of 100 failed (7.0 % &gt; 5.0 %)" in page, "the pause reason"
