@@ -390,3 +390,37 @@ def test_the_admin_creates_a_canary_campaign_and_shows_its_decision(sim, staff) 
     assert "100 devices, wait 0 s, limit 5.0 %" in page
     assert "phase failed" in page and "7 of 100 failed (7.0 %) → pause" in page
     assert "canary: 7 of 100 failed (7.0 % &gt; 5.0 %)" in page, "the pause reason"
+
+
+# --- edges ----------------------------------------------------------------------------------------
+def test_an_empty_target_completes_without_a_sample(sim) -> None:
+    app = simulator_app(sim)
+    campaign_id = _launch(app, {"size": 10})
+    planning.plan(campaign_id)
+    campaign = _campaign(campaign_id)
+    assert campaign.status == "completed" and campaign.canary_phase == "passed"
+    assert campaign.canary_result["sample"] == 0 and not _members(campaign_id)
+
+
+def test_a_planner_lost_before_the_sample_is_started_again(sim, redis_client) -> None:
+    app = simulator_app(sim)
+    load_devices(app, build_population({"android": 30}, {}))
+    campaign_id = _launch(app, {"size": 10})
+    Campaign.objects.filter(pk=campaign_id).update(started_at=timezone.now() - timedelta(hours=1))
+    assert recovery.replan_lost(redis_client, grace=0) == 1, "pending: its planner is needed"
+    planning.plan(campaign_id)
+    assert _campaign(campaign_id).canary_phase == "sending"
+    assert recovery.replan_lost(redis_client, grace=0) == 0, "the sample is out: no planner needed"
+
+
+def test_duplicate_keeps_the_canary_settings(redis_client) -> None:
+    from campaigns import actions
+
+    app = make_app()
+    response = _create(api_client(app), canary={"size": 7, "wait_s": 9, "max_error_rate": 0.2}, draft=True)
+    original = _campaign(response.json()["id"])
+    Campaign.objects.filter(pk=original.pk).update(canary_phase="failed", canary_result={"sample": 7})
+    original.refresh_from_db()
+    copy = actions.duplicate(original)
+    assert copy.canary == {"size": 7, "wait_s": 9, "max_error_rate": 0.2}
+    assert copy.canary_phase == "pending" and copy.canary_result is None
