@@ -12,7 +12,7 @@ from typing import Any
 
 from django.db import transaction
 
-from campaigns import control, planning
+from campaigns import canary, control, planning
 from campaigns.models import Campaign
 from campaigns.serializers import ResumeSerializer
 from delivery import runtime
@@ -59,6 +59,7 @@ def act(
             confirm_prune=body.validated_data["confirm_prune"],
             halt_error_rate=body.validated_data.get("halt_error_rate"),
         )
+        canary.after_resume(campaign.pk)  # a failed canary: the rest is planned now
         return "resumed" + (
             " with its invalid tokens confirmed" if body.validated_data["confirm_prune"] else ""
         )
@@ -85,6 +86,8 @@ def duplicate(campaign: Campaign) -> Campaign:
         rollout_max_rate=campaign.rollout_max_rate,
         rollout_ramp_minutes=campaign.rollout_ramp_minutes,
         halt_error_rate=campaign.halt_error_rate,
+        canary=campaign.canary,
+        canary_phase=Campaign.CanaryPhase.PENDING if campaign.canary else Campaign.CanaryPhase.NONE,
     )
 
 

@@ -18,7 +18,7 @@ from django.forms.fields import InvalidJSONInput
 from django.http import HttpRequest, HttpResponse
 from django.urls import URLPattern, path, reverse
 
-from campaigns import admin_views, series
+from campaigns import admin_views, canary, series
 from campaigns.models import Campaign
 from campaigns.serializers import CampaignCreateSerializer
 from tokens.admin import AppAdmin
@@ -112,6 +112,13 @@ class CampaignCreateForm(forms.ModelForm):
         "max_app_version, active_within_days.",
         widget=forms.Textarea(attrs={"rows": 3, "cols": 80}),
     )
+    canary = SafeJSONField(
+        required=False,
+        help_text='Empty = no canary. {"size": 1000, "wait_s": 300, "max_error_rate": 0.05}: send to a '
+        "random sample first; the rest goes only if the sample's error rate is within the limit, else the "
+        "campaign pauses.",
+        widget=forms.Textarea(attrs={"rows": 2, "cols": 80}),
+    )
     launch_now = forms.BooleanField(
         required=False, initial=True, help_text="Launch on save (or schedule, when a send time is set)."
     )
@@ -128,6 +135,7 @@ class CampaignCreateForm(forms.ModelForm):
             "rollout_max_rate",
             "rollout_ramp_minutes",
             "halt_error_rate",
+            "canary",
         )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -154,6 +162,8 @@ class CampaignCreateForm(forms.ModelForm):
         }
         if not body["target"]:
             body.pop("target")
+        if data.get("canary") not in (None, "", {}):
+            body["canary"] = data["canary"]
         serializer = CampaignCreateSerializer(data=body, context={"app": app})
         if not serializer.is_valid():
             self._attach(serializer.errors)
@@ -237,7 +247,7 @@ class CampaignAdmin(admin.ModelAdmin):
             return [*CampaignCreateForm.Meta.fields, "launch_now"]
         return ["app", "name", "kind", "status", "status_reason", "message_json", "target_json", "send_at",
                 "rollout_start_rate", "rollout_max_rate", "rollout_ramp_minutes", "halt_error_rate",
-                "prune_confirmed", "created_at", "started_at", "finished_at"]  # fmt: skip
+                "prune_confirmed", "canary_summary", "created_at", "started_at", "finished_at"]  # fmt: skip
 
     def get_readonly_fields(self, request: HttpRequest, obj: Campaign | None = None) -> list[str]:
         # A campaign is immutable once created: operators act on it (pause, cancel, duplicate).
@@ -246,6 +256,28 @@ class CampaignAdmin(admin.ModelAdmin):
     @admin.display(description="message")
     def message_json(self, campaign: Campaign) -> str:
         return json.dumps(campaign.message, indent=2, ensure_ascii=False)
+
+    @admin.display(description="canary")
+    def canary_summary(self, campaign: Campaign) -> str:
+        """The canary cohort: its settings, where it stands, and the figures it was decided on."""
+        state = canary.status_of(campaign)
+        if state is None:
+            return "none"
+        limit = 100.0 * state["max_error_rate"]
+        line = f"{state['size']} devices, wait {state['wait_s']} s, limit {limit:.1f} %"
+        line += f" · phase {state['phase']}"
+        if state["sample"] is not None:
+            line += f" · sample {state['sample']}"
+        if state["decide_at"] is not None and state["decision"] is None:
+            line += f" · decides at {state['decide_at']:%Y-%m-%d %H:%M:%S} UTC"
+        figures = state["figures"]
+        if figures is not None:
+            rate = 100.0 * figures["error_rate"]
+            line += f" · {figures['errors']} of {figures['answered']} failed ({rate:.1f} %)"
+            line += f" → {state['decision']}"
+        if state["resumed_at"]:
+            line += " · resumed by an operator"
+        return line
 
     @admin.display(description="target")
     def target_json(self, campaign: Campaign) -> str:

@@ -39,6 +39,17 @@ class Campaign(models.Model):
         BROADCAST = "broadcast"  # a segment, planned into range shards by a Celery task
         DIRECT = "direct"  # up to 10,000 listed users/devices, planned in the request, priority queue
 
+    class CanaryPhase(models.TextChoices):
+        """Where a campaign with a canary cohort stands (campaigns/canary.py); "" = no canary."""
+
+        NONE = "", "no canary"
+        PENDING = "pending"  # configured; the sample is drawn when planning starts
+        SENDING = "sending"  # the sample's list shards are out; the rest is not planned
+        WAITING = "waiting"  # the sample's shards are done; decided at canary_decide_at
+        PASSED = "passed"  # error rate within the limit: the rest is planned
+        FAILED = "failed"  # over the limit: the campaign was paused with the figures
+        OVERRIDDEN = "overridden"  # failed, then resumed by an operator: the rest is planned
+
     FINAL_STATUSES = (Status.CANCELLED, Status.COMPLETED, Status.FAILED)
 
     app = models.ForeignKey(App, on_delete=models.CASCADE, related_name="campaigns")
@@ -58,6 +69,14 @@ class Campaign(models.Model):
     halt_error_rate = models.FloatField(default=0.05)
     # Set by an operator who checked a mass-prune pause: invalid answers are applied from then on.
     prune_confirmed = models.BooleanField(default=False)
+    # Canary cohort (campaigns/canary.py): {"size": n, "wait_s": s, "max_error_rate": r}; null = none.
+    canary = models.JSONField(null=True, blank=True)
+    canary_phase = models.CharField(max_length=16, choices=CanaryPhase.choices, blank=True, default="")
+    # Set when the sample's last shard is recorded: that time + wait_s. The decision waits for it
+    # (in PostgreSQL, so a worker crash or a lost message does not lose the wait).
+    canary_decide_at = models.DateTimeField(null=True, blank=True)
+    # {"sample": n, "target": N} at planning, plus the figures and the decision once decided.
+    canary_result = models.JSONField(null=True, blank=True)
 
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.DRAFT)
     status_reason = models.TextField(blank=True, default="")
@@ -152,6 +171,24 @@ class Shard(models.Model):
     @property
     def is_range(self) -> bool:
         return self.device_ids is None
+
+
+class CanaryMember(models.Model):
+    """One device of a campaign's canary sample. The rest of the campaign (its range shards,
+    planned after the decision) leaves these out with an anti-join on the unique index, so a
+    canary device is never sent twice, whatever its canary answer was (the idempotency bitmap
+    only knows delivered devices, and lives in Redis)."""
+
+    campaign = models.ForeignKey(
+        Campaign, on_delete=models.CASCADE, related_name="canary_members", db_index=False
+    )
+    device_pk = models.BigIntegerField()
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["campaign", "device_pk"], name="uniq_canary_member")]
+
+    def __str__(self) -> str:
+        return f"campaign {self.campaign_id} canary device {self.device_pk}"
 
 
 class OutcomeTally(models.Model):

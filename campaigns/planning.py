@@ -21,7 +21,7 @@ from django.db import transaction
 from django.db.models import F, Max, QuerySet, Sum
 from django.utils import timezone
 
-from campaigns import control, publish
+from campaigns import canary, control, publish
 from campaigns.models import Campaign, Shard
 from campaigns.targeting import PRIORITY_QUEUE, queue_for, target_platforms, target_queryset
 from delivery import idempotency, runtime
@@ -103,9 +103,11 @@ def plan(campaign_id: int) -> None:
 def _plan_leased(client: redis.Redis, campaign: Campaign, lease: str) -> None:
     campaign_id = campaign.pk
     size = settings.CAMPAIGN_SHARD_SIZE
-    base = target_queryset(campaign)
     if campaign.stale_at_launch is None:
-        _record_stale_share(campaign, base)
+        _record_stale_share(campaign, target_queryset(campaign))
+    if not canary.before_planning(campaign):
+        return  # the canary sample goes first; its decision publishes planning again (campaigns/canary.py)
+    base = canary.rest_of(campaign, target_queryset(campaign))
     # Publishing a task is a few broker round trips: threads publish batch n while this thread
     # scans and writes batch n+1, so planning runs at the speed of the keyset scan.
     with ThreadPoolExecutor(max_workers=PLAN_PUBLISHERS, thread_name_prefix="plan-publish") as pool:

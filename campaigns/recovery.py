@@ -39,6 +39,9 @@ mid-run records what it sent in PostgreSQL and stays pending with its range (or 
 past it (campaigns/sending/run.py, StopReason.REDIS_LOST); finished shards are DONE rows. Only the
 answers of a chunk in flight in a process that died outright can be sent again, as with a killed worker.
 
+The same sweep decides canary cohorts whose wait is over (campaigns/canary.py `decide_due`): the
+wait is a deadline stored on the campaign, so no worker sleeps through it and a crash loses nothing.
+
 It runs from the beat's campaign scheduler tick and from a thread in every worker's main process
 (so a deployment without a beat recovers too); a Redis lock makes one sweep per interval.
 """
@@ -57,7 +60,7 @@ from django.db import connection
 from django.db.models import Q
 from django.utils import timezone
 
-from campaigns import publish, topics
+from campaigns import canary, publish, topics
 from campaigns.models import Campaign, Shard
 from delivery import idempotency, leases
 
@@ -199,7 +202,12 @@ def replan_lost(client: redis.Redis, grace: float | None = None) -> int:
             planned=False,
             started_at__lte=cutoff,
             status__in=(Campaign.Status.RUNNING, Campaign.Status.PAUSED, Campaign.Status.HALTED),
-        ).values_list("id", flat=True)[:_BATCH]
+        )
+        # A canary sample out or being judged needs no planner (its decision publishes one), nor
+        # does a failed canary until an operator resumes the campaign (campaigns/canary.py).
+        .exclude(canary_phase__in=canary.NO_PLANNER)
+        .exclude(Q(canary_phase=Campaign.CanaryPhase.FAILED) & ~Q(status=Campaign.Status.RUNNING))
+        .values_list("id", flat=True)[:_BATCH]
     )
     pipe = client.pipeline(transaction=False)
     for campaign_id in unplanned:
@@ -218,7 +226,9 @@ def sweep(client: redis.Redis) -> int:
     orphaned = sweep_orphans(client)
     if not client.set(LOCK_KEY, "1", nx=True, ex=max(int(interval_s()), 1)):
         return orphaned
-    return orphaned + replan_lost(client) + republish_lost(client, _broker_client())
+    # Canary decisions whose wait is over: the wait is a stored deadline, not a sleeping worker.
+    decided = len(canary.decide_due(client))
+    return orphaned + decided + replan_lost(client) + republish_lost(client, _broker_client())
 
 
 @functools.cache

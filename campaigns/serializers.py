@@ -20,6 +20,7 @@ from drf_spectacular.extensions import OpenApiSerializerExtension
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from campaigns import canary
 from campaigns.models import Campaign
 from campaigns.topics import DEFAULT_PLATFORMS as TOPIC_DEFAULT_PLATFORMS
 from campaigns.topics import PLATFORMS as TOPIC_PLATFORMS
@@ -205,6 +206,31 @@ class TargetSerializer(serializers.Serializer):
         return attrs
 
 
+class CanarySerializer(serializers.Serializer):
+    """A canary cohort (campaigns/canary.py): a random sample of the target is sent first; the
+    rest goes only if the sample's error rate is within `max_error_rate`, else the campaign pauses."""
+
+    size = serializers.IntegerField(
+        min_value=1,
+        max_value=canary.MAX_SIZE,
+        default=canary.DEFAULT_SIZE,
+        help_text="devices in the random sample sent first (the whole target if it is smaller)",
+    )
+    wait_s = serializers.IntegerField(
+        min_value=0,
+        max_value=canary.MAX_WAIT_S,
+        default=0,
+        help_text="seconds to wait after the sample's last answer before deciding",
+    )
+    max_error_rate = serializers.FloatField(
+        min_value=0.0,
+        max_value=1.0,
+        default=canary.DEFAULT_MAX_ERROR_RATE,
+        help_text="pause when (failed + invalidated + invalid_kept + expired) / answered devices of the "
+        "sample exceeds this",
+    )
+
+
 class CampaignCreateSerializer(serializers.Serializer):
     name = serializers.CharField(max_length=200, required=False, allow_blank=True, default="")
     message = MessageField()
@@ -215,6 +241,7 @@ class CampaignCreateSerializer(serializers.Serializer):
     rollout = RolloutSerializer(required=False)
     halt_error_rate = serializers.FloatField(min_value=0.0, max_value=1.0, default=0.05)
     draft = serializers.BooleanField(default=False, help_text="create without launching")
+    canary = CanarySerializer(required=False, help_text="send to a random sample first; broadcasts only")
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         platforms = (attrs.get("target") or {}).get("platforms") or list(Platform.values)
@@ -223,6 +250,7 @@ class CampaignCreateSerializer(serializers.Serializer):
 
     def create(self, validated: dict[str, Any]) -> Campaign:
         rollout = validated.get("rollout") or {}
+        cohort = validated.get("canary")
         status = Campaign.Status.DRAFT
         return Campaign.objects.create(
             app=self.context["app"],
@@ -234,6 +262,8 @@ class CampaignCreateSerializer(serializers.Serializer):
             rollout_max_rate=rollout.get("max_rate"),
             rollout_ramp_minutes=rollout.get("ramp_minutes", 0),
             halt_error_rate=validated["halt_error_rate"],
+            canary=dict(cohort) if cohort else None,
+            canary_phase=Campaign.CanaryPhase.PENDING if cohort else Campaign.CanaryPhase.NONE,
             status=status,
         )
 
@@ -291,6 +321,11 @@ class DirectSendSerializer(serializers.Serializer):
     )
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
+        if isinstance(self.initial_data, dict) and "canary" in self.initial_data:
+            # Not a field (absent from the schema), but said rather than silently ignored.
+            raise serializers.ValidationError(
+                {"canary": ["only broadcast campaigns (POST /api/v1/campaigns/) take a canary"]}
+            )
         given = [name for name in ("user_ids", "device_ids", "topic", "condition") if attrs.get(name)]
         if len(given) != 1:
             raise serializers.ValidationError(
@@ -426,6 +461,33 @@ class FailureSerializer(serializers.Serializer):
     count = serializers.IntegerField()
 
 
+class CanaryFiguresSerializer(serializers.Serializer):
+    """The sample's devices by outcome at the decision; error_rate = errors / answered."""
+
+    delivered = serializers.IntegerField()
+    failed = serializers.IntegerField(help_text="rejected or dead-lettered")
+    invalidated = serializers.IntegerField()
+    invalid_kept = serializers.IntegerField()
+    expired = serializers.IntegerField()
+    errors = serializers.IntegerField(help_text="failed + invalidated + invalid_kept + expired")
+    answered = serializers.IntegerField(help_text="delivered + errors")
+    error_rate = serializers.FloatField()
+
+
+class CanaryStatusSerializer(CanarySerializer):
+    phase = serializers.ChoiceField(
+        choices=[p for p in Campaign.CanaryPhase.values if p],
+        help_text="pending, sending (sample out), waiting (until decide_at), passed (the rest planned), "
+        "failed (paused), overridden (failed, then resumed)",
+    )
+    sample = serializers.IntegerField(allow_null=True, help_text="devices drawn; null until planning")
+    decide_at = serializers.DateTimeField(allow_null=True, help_text="the sample's last answer + wait_s")
+    figures = CanaryFiguresSerializer(allow_null=True, help_text="once decided")
+    decision = serializers.ChoiceField(choices=["continue", "pause"], allow_null=True)
+    decided_at = serializers.DateTimeField(allow_null=True)
+    resumed_at = serializers.DateTimeField(allow_null=True, help_text="an operator resumed a failed canary")
+
+
 class CampaignSerializer(serializers.Serializer):
     """What `represent` returns (schema only; tests/test_openapi_schema.py checks real answers)."""
 
@@ -446,6 +508,7 @@ class CampaignSerializer(serializers.Serializer):
     progress = ProgressSerializer()
     hygiene = CampaignHygieneSerializer()
     failures = FailureSerializer(many=True, help_text="the 50 most frequent outcomes by reason")
+    canary = CanaryStatusSerializer(allow_null=True, help_text="null: no canary cohort")
 
 
 def _spikes(campaign_id: int) -> dict[str, dict[str, Any]] | None:
@@ -507,6 +570,7 @@ def represent(campaign: Campaign) -> dict[str, Any]:
             {"platform": t.platform, "outcome": t.outcome, "reason": t.reason, "count": t.count}
             for t in campaign.tallies.order_by("-count")[:50]
         ],
+        "canary": canary.status_of(campaign),
     }
 
 

@@ -18,6 +18,7 @@ from django.utils import timezone
 from werkzeug.test import Client as WsgiClient
 from werkzeug.test import TestResponse
 
+from campaigns import canary
 from campaigns.models import Campaign, OutcomeTally
 from delivery import payload, topics
 from pushsvc.wsgi import application
@@ -318,3 +319,44 @@ def test_direct_send_and_refusals_match_the_schema(api) -> None:
     assert anonymous.post(NOTIFY, {"message": MESSAGE, "user_ids": ["u7"]}).status_code == 401
     assert devices_only.post(CAMPAIGNS, {"message": MESSAGE}).status_code == 403
     assert Campaign.objects.count() == before
+
+
+def test_a_canary_campaign_answer_matches_the_schema(api, spec) -> None:
+    body = request_body(spec, "post", CAMPAIGNS)
+    cohort = prop(spec, body, "canary")
+    assert (prop(spec, cohort, "size")["minimum"], prop(spec, cohort, "size")["maximum"]) == (
+        1,
+        canary.MAX_SIZE,
+    )
+    assert prop(spec, cohort, "wait_s")["maximum"] == canary.MAX_WAIT_S
+    assert (
+        prop(spec, cohort, "max_error_rate")["minimum"],
+        prop(spec, cohort, "max_error_rate")["maximum"],
+    ) == (0, 1)
+
+    created = api.post(CAMPAIGNS, {"message": MESSAGE, "canary": {"size": 5, "wait_s": 30}}).json
+    assert created["canary"]["phase"] == "pending"
+    refused = api.post(CAMPAIGNS, {"message": MESSAGE, "canary": {"size": 0}})
+    assert refused.status_code == 400 and "size" in refused.json["errors"]["canary"]
+    # A decided canary, so that the nested figures are checked non-empty.
+    Campaign.objects.filter(pk=created["id"]).update(
+        canary_phase="failed",
+        canary_decide_at=timezone.now(),
+        canary_result={
+            "sample": 5,
+            "target": 9,
+            "delivered": 4,
+            "failed": 1,
+            "invalidated": 0,
+            "invalid_kept": 0,
+            "expired": 0,
+            "errors": 1,
+            "answered": 5,
+            "error_rate": 0.2,
+            "max_error_rate": 0.05,
+            "decision": "pause",
+            "decided_at": timezone.now().isoformat(),
+        },
+    )
+    read = api.get(f"{CAMPAIGNS}{created['id']}/").json
+    assert read["canary"]["figures"]["error_rate"] == 0.2 and read["canary"]["decision"] == "pause"

@@ -44,7 +44,7 @@ from django.db import transaction
 from django.db.models import F
 from django.utils import timezone
 
-from campaigns import series
+from campaigns import canary, series
 from campaigns.counts import add_counts
 from campaigns.models import Campaign, DirectResult, OutcomeTally, Shard
 from campaigns.sending.policy import before_deadline, min_retry_delay, retry_delay
@@ -214,6 +214,8 @@ class Applied:
     follow_ups: list[tuple[int, str, int, float | None]] = field(default_factory=list)
     completed: bool = False
     halted_reason: str = ""
+    # This run recorded the canary sample's last shard: when the canary is decided (campaigns/canary.py).
+    canary_decide_at: datetime | None = None
 
 
 def apply_shard_run(
@@ -345,6 +347,8 @@ def apply_shard_run(
             "invalidated",
             "invalid_kept",
             "halt_error_rate",
+            "canary",
+            "canary_phase",
         )[0]
         # The campaign page's chart and per-version answers, in this transaction: a page that
         # reads "completed" must also read every run's figures (it stops polling then).
@@ -358,12 +362,16 @@ def apply_shard_run(
                 )
                 if applied.completed:
                     campaign_changed(campaign_id, Campaign.Status.COMPLETED)  # webhook outbox
-            else:
+            elif not canary.in_trial(state["canary_phase"]):
+                # While the canary sample is out, its own limit decides (campaigns/canary.py).
                 applied.halted_reason = _error_rate_breach(state, results)
                 if applied.halted_reason and Campaign.objects.filter(
                     pk=campaign_id, status=Campaign.Status.RUNNING
                 ).update(status=Campaign.Status.HALTED, status_reason=applied.halted_reason):
                     campaign_changed(campaign_id, Campaign.Status.HALTED)  # webhook outbox
+        if state["canary_phase"] == Campaign.CanaryPhase.SENDING and state["outstanding"] == 1:
+            # Only the planner's hold is left: every shard of the sample, retries included, is done.
+            applied.canary_decide_at = canary.sample_finished(campaign_id, state["canary"], now)
         applied.follow_ups = [
             (s.pk, s.queue, s.lane, delay) for s, delay in follow_ups if s.status == Shard.Status.PENDING
         ]

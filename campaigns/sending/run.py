@@ -21,7 +21,7 @@ from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
-from campaigns import control, publish
+from campaigns import canary, control, publish
 from campaigns.models import Campaign, Shard
 from campaigns.sending import policy
 from campaigns.sending.guard import HOLD, PASSED, PruneGuard, describe
@@ -310,6 +310,9 @@ class ShardRun:
         elif applied.halted_reason:
             control.set_flag(self.client, campaign.pk, control.HALTED)
             logger.warning("campaign %s %s", campaign.pk, applied.halted_reason)
+        if applied.canary_decide_at is not None and applied.canary_decide_at <= timezone.now():
+            # No wait asked for: decide now rather than at the next sweep (campaigns/canary.py).
+            canary.decide(self.client, campaign.pk)
         if _PARK[stop.reason] == control.PAUSED or results.held:
             self._requeue_if_resumed(campaign.pk, shard.pk if _PARK[stop.reason] else None)
 
@@ -589,6 +592,7 @@ def _load(shard: Shard, campaign: Campaign) -> list[Device]:
     """The shard's devices, only the columns a send needs, through the keyset range (or id list)."""
     if shard.is_range:
         qs = target_queryset(campaign).filter(platform=shard.platform, id__gt=shard.lo, id__lte=shard.hi)
+        qs = canary.rest_of(campaign, qs)  # the sample was sent first, as list shards
     else:
         qs = DeviceToken.objects.filter(
             app_id=campaign.app_id, platform=shard.platform, is_active=True, id__in=shard.device_ids
