@@ -130,20 +130,31 @@ def db_vendor() -> str:
 # --- provider simulator (delivery/simulator, docs/simulator.md) ----------------------------------
 # One simulator process per front for the whole session; each test gets it reset (counters, per-token
 # attempts and knobs), so tests stay independent without paying a start per test.
+# At the end of the session the fast front would wait out its whole 10 s grace period for the warm
+# connections the test process still holds; nothing is checked after that point, so it gets 1 s.
+SESSION_SIMULATOR_GRACE_S = 1.0
+
+
 @pytest.fixture(scope="session")
 def _simulator_fast_process():
     from delivery.simulator.testing import SimulatorProcess
 
-    with SimulatorProcess(front="fast", tls=True) as sim:
+    sim = SimulatorProcess(front="fast", tls=True).start()
+    try:
         yield sim
+    finally:
+        sim.stop(grace_s=SESSION_SIMULATOR_GRACE_S)
 
 
 @pytest.fixture(scope="session")
 def _simulator_strict_process():
     from delivery.simulator.testing import SimulatorProcess
 
-    with SimulatorProcess(front="strict", tls=True) as sim:
+    sim = SimulatorProcess(front="strict", tls=True).start()
+    try:
         yield sim
+    finally:
+        sim.stop(grace_s=SESSION_SIMULATOR_GRACE_S)
 
 
 @pytest.fixture
