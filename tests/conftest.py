@@ -36,6 +36,25 @@ SLOW_PATHS = (
 )
 
 
+def _fast_lane_only(config: pytest.Config) -> bool:
+    return " ".join((config.option.markexpr or "").split()) == "not slow"
+
+
+def pytest_ignore_collect(collection_path, config: pytest.Config) -> bool | None:
+    """`-m "not slow"` (make test-fast) does not import the files that hold only slow tests: all of
+    their tests would be deselected anyway, and collecting them cost seconds (schemathesis builds its
+    test cases from the OpenAPI schema at collection)."""
+    if not _fast_lane_only(config):
+        return None
+    try:
+        rel = collection_path.relative_to(config.rootpath).as_posix()
+    except ValueError:
+        return None
+    if rel.startswith(SLOW_PATHS) or f"{rel}/".startswith(SLOW_PATHS):
+        return True
+    return None
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if item.nodeid.startswith(SLOW_PATHS) or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
