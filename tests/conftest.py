@@ -116,6 +116,13 @@ def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix: N
         cur.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (RUN_DB_LOCK_CLASS, name))
     _drop_stale_run_databases(conn)
     test["NAME"] = name
+    # The test process's connections commit without waiting for the WAL flush: a commit cost ~3 ms
+    # here (~0.5 ms without), and the transactional tests commit thousands of times. Nothing in a test
+    # run outlives a server crash; a clean stop or restart (the reliability tests' `pg_ctl -m fast`)
+    # still writes every commit. The processes tests start (workers, servers) keep the server default,
+    # and a transaction that sets it itself (tokens/registry.py) still gets what it sets.
+    options = db.setdefault("OPTIONS", {})
+    options["options"] = f"{options.get('options', '')} -c synchronous_commit=off".strip()
     yield
     # After django_db_setup's teardown (it depends on this fixture) dropped the database; closing
     # the session releases the lock. A PostgreSQL restart in a test may have closed it already.
