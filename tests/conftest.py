@@ -20,6 +20,11 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(
             f"The tests need PostgreSQL (DATABASE_URL=postgres://...), got {engine}. Use `make test`."
         )
+    # Admin users are made with a password and log in with it: the production hasher (PBKDF2, about a
+    # million rounds) costs 0.3-0.5 s a hash here, in setup of every admin test and in every login
+    # attempt. The tests exercise Django's auth, not the hasher's strength: a fast one, in tests only
+    # (processes a test starts, e.g. the web server in the slow lane, keep the production hasher).
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
     _flush_by_delete()
 
 
