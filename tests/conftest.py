@@ -60,7 +60,8 @@ def _flush_by_delete() -> None:
 # --- two lanes: `make test-fast` runs what is not slow (in-process, a couple of minutes) ------------
 # Slow: whatever starts Celery workers (the start_worker / worker_env fixtures), the fault tests,
 # the browser and schemathesis. Marked here, from what a test uses, so a new worker test cannot
-# land in the fast lane by forgetting a marker.
+# land in the fast lane by forgetting a marker. A test that starts a process of its own (manage.py,
+# a simulator besides the session's two) is marked slow in its file.
 SLOW_FIXTURES = frozenset({"start_worker", "worker_env"})
 SLOW_PATHS = (
     "tests/reliability/",
