@@ -28,7 +28,8 @@ test: venv browser-deps
 	DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) $(PY) -m pytest $(PYTEST_ARGS)
 
 # The two lanes of `make test` (tests/conftest.py marks what is slow): in-process tests only, and
-# the rest (Celery workers, fault tests, browser, schemathesis).
+# the rest (Celery workers, fault tests, browser, schemathesis, tests that start processes of their
+# own). With exactly -m "not slow", the files holding only slow tests are not even imported.
 test-fast: venv
 	DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 

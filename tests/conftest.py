@@ -20,12 +20,57 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError(
             f"The tests need PostgreSQL (DATABASE_URL=postgres://...), got {engine}. Use `make test`."
         )
+    # Admin users are made with a password and log in with it: the production hasher (PBKDF2, about a
+    # million rounds) costs 0.3-0.5 s a hash here, in setup of every admin test and in every login
+    # attempt. The tests exercise Django's auth, not the hasher's strength: a fast one, in tests only
+    # (processes a test starts, e.g. the web server in the slow lane, keep the production hasher).
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    _flush_by_delete()
+
+
+# --- transactional tests: emptied with DELETE, not TRUNCATE ----------------------------------------
+# A `django_db(transaction=True)` test ends with Django's flush of every table, on PostgreSQL one
+# TRUNCATE of all of them: ~0.3 s here for 26 tables (new files for every table and index, then the
+# commit), after each of the ~170 transactional tests of the fast lane. DELETE FROM each table, in one
+# transaction with every foreign key deferred (Django makes them DEFERRABLE INITIALLY DEFERRED; a
+# constraint that is not would fail the flush loudly, not leave rows), leaves the same empty tables in
+# ~0.01 s: a test's tables hold a few rows. No trigger is defined (DELETE would fire one). Sequences are
+# not reset either way (pytest-django's reset_sequences=False); a flush asked to reset them (or to
+# cascade) keeps Django's own TRUNCATE.
+#
+# The flush is followed by post_migrate, which rebuilds the content types and permissions from the
+# models: after an emptied table it inserted them all again (~0.06 s a test); kept, it finds them all
+# and inserts nothing. No test adds or removes one (they are kept as the migrations left them).
+REBUILT_AFTER_FLUSH = frozenset({"django_content_type", "auth_permission"})
+
+
+def _flush_by_delete() -> None:
+    from django.db.backends.postgresql.operations import DatabaseOperations
+
+    truncate = DatabaseOperations.sql_flush
+    if getattr(truncate, "by_delete", False):
+        return
+
+    def sql_flush(self, style, tables, *, reset_sequences=False, allow_cascade=False):
+        if reset_sequences or allow_cascade or not tables:
+            return truncate(self, style, tables, reset_sequences=reset_sequences, allow_cascade=allow_cascade)
+        # Django runs these in one transaction (BaseDatabaseOperations.execute_sql_flush).
+        delete = style.SQL_KEYWORD("DELETE FROM")
+        return ["SET CONSTRAINTS ALL DEFERRED;"] + [
+            f"{delete} {style.SQL_FIELD(self.quote_name(table))};"
+            for table in tables
+            if table not in REBUILT_AFTER_FLUSH
+        ]
+
+    sql_flush.by_delete = True
+    DatabaseOperations.sql_flush = sql_flush
 
 
 # --- two lanes: `make test-fast` runs what is not slow (in-process, a couple of minutes) ------------
 # Slow: whatever starts Celery workers (the start_worker / worker_env fixtures), the fault tests,
 # the browser and schemathesis. Marked here, from what a test uses, so a new worker test cannot
-# land in the fast lane by forgetting a marker.
+# land in the fast lane by forgetting a marker. A test that starts a process of its own (manage.py,
+# a simulator besides the session's two) is marked slow in its file.
 SLOW_FIXTURES = frozenset({"start_worker", "worker_env"})
 SLOW_PATHS = (
     "tests/reliability/",
@@ -34,6 +79,25 @@ SLOW_PATHS = (
     "tests/test_health_flower.py",  # starts a worker and Flower
     "tests/test_hygiene_celery.py",  # starts workers and beat
 )
+
+
+def _fast_lane_only(config: pytest.Config) -> bool:
+    return " ".join((config.option.markexpr or "").split()) == "not slow"
+
+
+def pytest_ignore_collect(collection_path, config: pytest.Config) -> bool | None:
+    """`-m "not slow"` (make test-fast) does not import the files that hold only slow tests: all of
+    their tests would be deselected anyway, and collecting them cost seconds (schemathesis builds its
+    test cases from the OpenAPI schema at collection)."""
+    if not _fast_lane_only(config):
+        return None
+    try:
+        rel = collection_path.relative_to(config.rootpath).as_posix()
+    except ValueError:
+        return None
+    if rel.startswith(SLOW_PATHS) or f"{rel}/".startswith(SLOW_PATHS):
+        return True
+    return None
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -97,6 +161,13 @@ def django_db_modify_db_settings(django_db_modify_db_settings_parallel_suffix: N
         cur.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", (RUN_DB_LOCK_CLASS, name))
     _drop_stale_run_databases(conn)
     test["NAME"] = name
+    # The test process's connections commit without waiting for the WAL flush: a commit cost ~3 ms
+    # here (~0.5 ms without), and the transactional tests commit thousands of times. Nothing in a test
+    # run outlives a server crash; a clean stop or restart (the reliability tests' `pg_ctl -m fast`)
+    # still writes every commit. The processes tests start (workers, servers) keep the server default,
+    # and a transaction that sets it itself (tokens/registry.py) still gets what it sets.
+    options = db.setdefault("OPTIONS", {})
+    options["options"] = f"{options.get('options', '')} -c synchronous_commit=off".strip()
     yield
     # After django_db_setup's teardown (it depends on this fixture) dropped the database; closing
     # the session releases the lock. A PostgreSQL restart in a test may have closed it already.
@@ -130,20 +201,31 @@ def db_vendor() -> str:
 # --- provider simulator (delivery/simulator, docs/simulator.md) ----------------------------------
 # One simulator process per front for the whole session; each test gets it reset (counters, per-token
 # attempts and knobs), so tests stay independent without paying a start per test.
+# At the end of the session the fast front would wait out its whole 10 s grace period for the warm
+# connections the test process still holds; nothing is checked after that point, so it gets 1 s.
+SESSION_SIMULATOR_GRACE_S = 1.0
+
+
 @pytest.fixture(scope="session")
 def _simulator_fast_process():
     from delivery.simulator.testing import SimulatorProcess
 
-    with SimulatorProcess(front="fast", tls=True) as sim:
+    sim = SimulatorProcess(front="fast", tls=True).start()
+    try:
         yield sim
+    finally:
+        sim.stop(grace_s=SESSION_SIMULATOR_GRACE_S)
 
 
 @pytest.fixture(scope="session")
 def _simulator_strict_process():
     from delivery.simulator.testing import SimulatorProcess
 
-    with SimulatorProcess(front="strict", tls=True) as sim:
+    sim = SimulatorProcess(front="strict", tls=True).start()
+    try:
         yield sim
+    finally:
+        sim.stop(grace_s=SESSION_SIMULATOR_GRACE_S)
 
 
 @pytest.fixture

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import io
+import string
 import uuid
 from pathlib import Path
 
@@ -255,6 +256,20 @@ def validator_line(line: int, fields: list[str]) -> str | None:
 _HEX_TOKEN = st.integers(min_value=58, max_value=206).flatmap(
     lambda n: st.text(alphabet="0123456789abcdefABCDEFg", min_size=n, max_size=n)
 )
+# Exactly the strings of [A-Za-z]{1,8}(?:[-_][A-Za-z0-9]{1,8}){0,5}, composed from text strategies:
+# st.from_regex drew the same language, 3,000 examples in ~12 s here against ~5 s for these (the test
+# below went from ~21 s to ~11 s, with the same 3,000 examples).
+_LOCALE_SHAPED = st.builds(
+    lambda head, subtags: head + "".join(sep + tag for sep, tag in subtags),
+    st.text(alphabet=string.ascii_letters, min_size=1, max_size=8),
+    st.lists(
+        st.tuples(
+            st.sampled_from("-_"),
+            st.text(alphabet=string.ascii_letters + string.digits, min_size=1, max_size=8),
+        ),
+        max_size=5,
+    ),
+)
 _FIELDS = st.tuples(
     st.one_of(
         st.uuids().map(str),
@@ -276,7 +291,7 @@ _FIELDS = st.tuples(
     st.one_of(st.just([]), st.lists(st.text(max_size=40), min_size=1, max_size=4)),
     st.one_of(
         st.sampled_from(["", "en", "en-US", "pt_BR", "zh-Hant-TW", "en-", "e1", "x" * 36, "abcdefghi"]),
-        st.from_regex(r"[A-Za-z]{1,8}(?:[-_][A-Za-z0-9]{1,8}){0,5}", fullmatch=True),
+        _LOCALE_SHAPED,
     ),
 )
 

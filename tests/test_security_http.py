@@ -220,6 +220,7 @@ def _manage(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]
     )
 
 
+@pytest.mark.slow  # starts manage.py processes of its own (~2 s each): the slow lane
 @pytest.mark.parametrize(
     "secret",
     [None, "pushsvc-insecure-development-key-change-me", "short-but-set-" + uuid.uuid4().hex[:8]],
@@ -234,12 +235,14 @@ def test_debug_off_refuses_the_default_or_a_short_secret_key(secret) -> None:
     assert _manage("check", env={"DEBUG": "true"}).returncode == 0
 
 
+@pytest.mark.slow  # starts manage.py processes of its own (~2 s each): the slow lane
 def test_check_deploy_is_clean_under_the_documented_production_settings() -> None:
     done = _manage("check", "--deploy", "--fail-level", "WARNING", env=PRODUCTION_ENV)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "no issues" in done.stdout
 
 
+@pytest.mark.slow  # starts manage.py processes of its own (~2 s each): the slow lane
 @pytest.mark.parametrize(
     ("name", "value"),
     [("TRUSTED_PROXIES", "10.0.0.0/8,not-a-network"), ("SECURE_PROXY_SSL_HEADER", "X-Proto")],

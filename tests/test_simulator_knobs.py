@@ -166,6 +166,7 @@ def test_duplicates_limit(client, sim):
     assert sim.duplicates(limit=1) == {tok(2): 3}
 
 
+@pytest.mark.slow  # starts a simulator process of its own: the slow lane
 def test_initial_knobs_and_log_file(tmp_path):
     with SimulatorProcess(front="strict", tls=True, goaway_every=9) as sim:
         assert sim.config()["goaway_every"] == 9
@@ -173,6 +174,7 @@ def test_initial_knobs_and_log_file(tmp_path):
     assert sim.proc is None
 
 
+@pytest.mark.slow  # starts a Python process that starts a simulator: the slow lane
 def test_simulator_exits_with_its_parent(tmp_path):
     """A killed test run leaves no simulator behind (SimulatorProcess passes --exit-with-parent)."""
     script = (

@@ -532,6 +532,7 @@ def test_libcurl_requests_cut_by_resets_were_never_processed(simulator_strict):
     assert stats["requests"] == stats["delivered_total"]  # no cut request was even counted as a request
 
 
+@pytest.mark.slow  # starts a cleartext simulator process of its own per front: the slow lane
 @pytest.mark.parametrize("front", ["fast", "strict"])
 def test_cleartext_h2c_and_http1(tmp_path, front):
     with SimulatorProcess(front=front, tls=False) as sim:

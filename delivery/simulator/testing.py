@@ -119,14 +119,17 @@ class SimulatorProcess:
                 time.sleep(0.05)
         return self
 
-    def stop(self) -> None:
+    def stop(self, grace_s: float = 10.0) -> None:
+        """SIGTERM, then SIGKILL if the process is still there after grace_s. The fast front
+        (granian) waits on SIGTERM for its clients to close their connections: a client that keeps
+        one open (a warm pool in the test process) holds it for the whole grace period."""
         self._close_admin()
         proc, self.proc = self.proc, None
         if proc is None or proc.poll() is not None:
             return
         proc.send_signal(signal.SIGTERM)
         try:
-            proc.wait(timeout=10)
+            proc.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
