@@ -3,7 +3,7 @@
 import os
 
 from celery import Celery
-from celery.signals import task_prerun
+from celery.signals import task_prerun, worker_init
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "pushsvc.settings")
 
@@ -19,3 +19,21 @@ def _check_database_connections(**_: object) -> None:
     from django.db import close_old_connections
 
     close_old_connections()
+
+
+@worker_init.connect
+def _declare_every_task_queue(**_: object) -> None:
+    # RabbitMQ: a worker declares only the queues it consumes, but Celery's native delayed delivery
+    # (countdowns on quorum queues) binds every queue of the app at worker start, and one that does
+    # not exist yet stays unbound (logged as CRITICAL "Native delayed delivery will not be
+    # available"): a countdown message for it (a webhook retry before any webhooks worker ran)
+    # would be dropped as unroutable when its delay ends. Declaring them all first (idempotent).
+    from django.conf import settings
+
+    if not settings.BROKER_IS_RABBITMQ:
+        return
+    with app.connection_for_write() as conn:
+        conn.ensure_connection(max_retries=3)
+        channel = conn.default_channel
+        for queue in app.amqp.queues.values():
+            queue.bind(channel).declare()
