@@ -6,6 +6,8 @@ recovery sweep reads from it.
 - Publishing waits for the broker's confirm: a message RabbitMQ refuses (a queue over its length
   limit with `reject-publish`) makes the app's publish raise, where an unconfirmed publish of the
   same message returns as if it had been queued.
+- A countdown is never due early, and one under a second is published (rounded up to whole
+  seconds, pushsvc/celery.py) where Celery's native delayed delivery refused it.
 - The recovery sweep counts RabbitMQ's messages (delivery/broker.py): a lost shard is published
   again only when its queue holds nothing; under the Redis code it read an empty Redis list for
   every queue and published every pending shard past the grace on every sweep.
@@ -14,6 +16,7 @@ recovery sweep reads from it.
 from __future__ import annotations
 
 import json
+import time
 from datetime import timedelta
 
 import amqp
@@ -25,7 +28,7 @@ from kombu import Connection, Producer, Queue
 
 from campaigns import recovery
 from campaigns.models import Campaign, Shard
-from campaigns.testing import purge_rabbitmq, rabbitmq_vhost, rabbitmqctl
+from campaigns.testing import purge_rabbitmq, rabbitmq_vhost, rabbitmqctl, wait_for
 from delivery import broker, idempotency
 from tokens.testing import make_app
 
@@ -116,4 +119,32 @@ def test_recovery_reads_rabbitmq_queue_counts(redis_client) -> None:
     current_app.send_task("pushsvc.test.still-queued", queue="apns")
     assert recovery.republish_lost(redis_client) == 0
     assert _queued_shards("fcm") == [None], "behind was left alone: fcm had work in order"
+    purge_rabbitmq()
+
+
+def test_a_countdown_under_a_second_is_published_and_never_early(redis_client) -> None:
+    """Native delayed delivery (countdowns on quorum queues) delays in whole seconds and refused a
+    delay under one (ValueError at publish); pushsvc/celery.py rounds up instead."""
+    from kombu.transport.native_delayed_delivery import (
+        bind_queue_to_native_delayed_delivery_exchange,
+        declare_native_delayed_delivery_exchanges_and_queues,
+    )
+
+    purge_rabbitmq()
+    apns = current_app.amqp.queues["apns"]
+    with Connection(settings.CELERY_BROKER_URL) as conn:  # what a worker's start sets up
+        apns.bind(conn.default_channel).declare()
+        declare_native_delayed_delivery_exchanges_and_queues(conn, "quorum")
+        bind_queue_to_native_delayed_delivery_exchange(conn, apns)
+
+    published = time.monotonic()
+    current_app.send_task("pushsvc.test.soon", args=[1], queue="apns", countdown=0.3)
+    current_app.send_task("pushsvc.test.later", args=[2], queue="apns", countdown=1.4)
+    assert broker.ready_counts(["apns"])["apns"] == 0, "not before its countdown"
+    wait_for(lambda: broker.ready_counts(["apns"])["apns"] == 1, 10, 0.05, "the 0.3 s message (after 1 s)")
+    first = time.monotonic() - published
+    wait_for(lambda: broker.ready_counts(["apns"])["apns"] == 2, 10, 0.05, "the 1.4 s message (after 2 s)")
+    second = time.monotonic() - published
+    assert first >= 0.3 and second >= 1.4, (first, second)
+    assert sorted(_queued_shards("apns")) == [1, 2]
     purge_rabbitmq()
