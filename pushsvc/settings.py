@@ -226,9 +226,10 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 # Persistent messages (Celery's default, stated): a broker that keeps its queues on disk keeps them.
 CELERY_TASK_DEFAULT_DELIVERY_MODE = "persistent"
 if BROKER_IS_RABBITMQ:
-    # RabbitMQ: a publish returns once the broker has taken the message (publisher confirms, py-amqp
-    # waits for the basic.ack; a nack or a lost connection raises and Celery's publish retry sends
-    # it again). Unacknowledged messages come back when the consumer's connection closes (a worker
+    # RabbitMQ: a publish returns once the broker has taken the message (publisher confirms: py-amqp
+    # waits for the basic.ack; a nack raises to the publisher, a lost connection is retried by
+    # Celery's publish retry; a shard whose publish failed is a pending row the recovery sweep
+    # publishes later). Unacknowledged messages come back when the consumer's connection closes (a worker
     # killed outright: at once; a host that went silent: after two missed heartbeats), so there is
     # no visibility timeout to tune.
     CELERY_BROKER_TRANSPORT_OPTIONS: dict = {"confirm_publish": True}
