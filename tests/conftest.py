@@ -48,6 +48,10 @@ def _check_rabbitmq(url: str) -> None:
         first = exc
     vhost = rabbitmq_vhost(url)
     try:
+        # Only a broker that answered and refused the vhost (530 NOT_ALLOWED) gets one, and only
+        # through this machine's node: an unreachable one is reported as it is.
+        if getattr(first, "code", None) != 530 and getattr(first.__cause__, "code", None) != 530:
+            raise first
         names = rabbitmqctl("list_vhosts", "--quiet", "--no-table-headers").split()
         if vhost not in names:
             user = Connection(url).userid
