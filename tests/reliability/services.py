@@ -191,6 +191,7 @@ class PrivateRabbitMQ:
             self._ctl("wait", str(self.dir / "pid"), "--timeout", "90", timeout=120)
         except subprocess.CalledProcessError as exc:
             logs = "\n".join(p.read_text(errors="replace")[-3000:] for p in (self.dir / "log").glob("*.log"))
+            self.stop()  # whatever half-started, and its directory
             raise RuntimeError(f"RabbitMQ node {self.name} did not start: {exc.stderr!r}\n{logs}") from exc
         return self
 
