@@ -3,6 +3,7 @@
     .venv/bin/python bench/campaign.py [--devices 200000] [--workers 2] [--concurrency 1]
         [--front fast|strict] [--loop uvloop|asyncio]
         [--database postgres://postgres@127.0.0.1:5432/bench_campaign] [--redis redis://127.0.0.1:6379/5]
+        [--broker amqp://guest:guest@127.0.0.1:5672/VHOST]   (default: the --redis database)
     .venv/bin/python bench/campaign.py --plan-only --devices 10000000
 
 The database is recreated and migrated, the Redis database flushed. Devices are generated inside
@@ -111,7 +112,7 @@ def service_cpu_seconds() -> dict[str, float]:
     reaped children (a backend that exits hands its time to the postmaster's cutime/cstime), and
     Redis. Machine-wide: the benchmark must run alone."""
     ticks = os.sysconf("SC_CLK_TCK")
-    totals = {"postgres": 0, "redis-server": 0}
+    totals = {"postgres": 0, "redis-server": 0, "beam.smp": 0}  # beam.smp: RabbitMQ (the whole node)
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             raw = stat.read_text()
@@ -167,11 +168,13 @@ def main() -> None:
     parser.add_argument("--plan-only", action="store_true")
     parser.add_argument("--database", default="postgres://postgres@127.0.0.1:5432/bench_campaign")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/5")
+    parser.add_argument("--broker", default="", help="default: --redis; amqp://: RabbitMQ")
     args = parser.parse_args()
+    broker_url = args.broker or args.redis
 
     os.environ["DATABASE_URL"] = args.database
     os.environ["REDIS_URL"] = args.redis
-    os.environ["CELERY_BROKER_URL"] = args.redis
+    os.environ["CELERY_BROKER_URL"] = broker_url
     os.environ["LOG_LEVEL"] = "WARNING"
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "pushsvc.settings")
     recreate_database(args.database)
@@ -191,6 +194,15 @@ def main() -> None:
     call_command("migrate", verbosity=0)
     client = redis.Redis.from_url(args.redis)
     client.flushdb()
+    from django.conf import settings
+
+    from delivery import broker
+
+    if settings.BROKER_IS_RABBITMQ:
+        from campaigns.testing import purge_rabbitmq
+
+        purge_rabbitmq()  # the vhost's pushsvc queues: an earlier run's messages
+    print(f"broker: {'RabbitMQ (quorum queues, confirms)' if settings.BROKER_IS_RABBITMQ else 'Redis'}")
 
     print(f"devices: {args.devices:,} (60% iOS / 40% Android, 10% invalid, 3% throttled once)")
     if args.plan_only:
@@ -205,14 +217,17 @@ def main() -> None:
         elapsed = time.perf_counter() - t0
         campaign.refresh_from_db()
         shards = Shard.objects.filter(campaign=campaign).count()
-        queued = client.llen("apns") + client.llen("fcm")
+        queued = sum(broker.ready_counts(["apns", "fcm"], client).values())
         print(
             f"planning: {elapsed:.1f} s for {campaign.targeted:,} devices -> {shards:,} shards, "
             f"{queued:,} tasks queued"
         )
-        sample = client.lindex("apns", 0) or b""
-        print(f"broker message size: {len(sample)} bytes")
+        if not settings.BROKER_IS_RABBITMQ:
+            sample = client.lindex("apns", 0) or b""
+            print(f"broker message size: {len(sample)} bytes")
         client.flushdb()
+        if settings.BROKER_IS_RABBITMQ:
+            purge_rabbitmq()
         return
 
     with SimulatorProcess(front=args.front, tls=True, record_payloads=False) as sim:
@@ -225,7 +240,7 @@ def main() -> None:
         env = {
             "DATABASE_URL": args.database,
             "REDIS_URL": args.redis,
-            "CELERY_BROKER_URL": args.redis,
+            "CELERY_BROKER_URL": broker_url,
             "LOG_LEVEL": "WARNING",
             "PUSH_EVENT_LOOP": args.loop,
             **simulator_env(sim),
@@ -317,12 +332,13 @@ def main() -> None:
         f"CPU: workers {worker_cpu:.1f} s ({worker_cpu * per_k * 1000:.0f} ms per 1,000 requests), "
         f"simulator {sim_cpu:.1f} s ({sim_cpu * per_k * 1000:.0f} ms per 1,000 requests)"
     )
-    pushsvc_cpu = worker_cpu + services["postgres"] + services["redis-server"]
+    pushsvc_cpu = worker_cpu + services["postgres"] + services["redis-server"] + services["beam.smp"]
     per_device = 1e6 / max(campaign.delivered, 1)
     print(
         f"CPU per delivered device, everything but the simulator: {pushsvc_cpu * per_device:.0f} us "
         f"(workers {worker_cpu * per_device:.0f}, PostgreSQL {services['postgres'] * per_device:.0f}, "
-        f"Redis {services['redis-server'] * per_device:.0f})"
+        f"Redis {services['redis-server'] * per_device:.0f}, "
+        f"RabbitMQ {services['beam.smp'] * per_device:.0f})"
     )
     rss = sorted(peaks.values())
     if rss:

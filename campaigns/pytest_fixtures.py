@@ -14,7 +14,7 @@ import pytest
 from django.conf import settings
 from rest_framework.test import APIClient
 
-from campaigns.testing import CeleryWorker, database_url, simulator_env
+from campaigns.testing import CeleryWorker, database_url, purge_rabbitmq, simulator_env
 from delivery.simulator.testing import SimulatorProcess
 from tokens.models import ApiKey, App
 
@@ -43,7 +43,10 @@ def fresh_sim(sim: SimulatorProcess) -> SimulatorProcess:
 
 @pytest.fixture
 def worker_env(fresh_sim: SimulatorProcess, redis_client: Any) -> dict[str, str]:
-    """Environment for worker subprocesses; requesting it also empties the test Redis database."""
+    """Environment for worker subprocesses; requesting it also empties the test Redis database,
+    and with RabbitMQ as the broker the test vhost's queues."""
+    if settings.BROKER_IS_RABBITMQ:
+        purge_rabbitmq()
     env = {
         "DATABASE_URL": database_url(),
         "REDIS_URL": settings.REDIS_URL,

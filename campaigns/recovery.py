@@ -8,8 +8,9 @@ Redis was down exists only as a row. `republish_lost` publishes again every pend
 - is due for longer than CAMPAIGN_RECOVERY_GRACE_S (`not_before`, else `created_at`): a message
   with a countdown waits in a worker until then, so it cannot be judged lost before;
 - holds no lease (no run of it is going on), and
-- sits on a queue whose broker list is empty: a queue with messages still has work in order, and
-  a big campaign's backlog must not be published twice every sweep.
+- sits on a queue that holds no message ready for a consumer (delivery/broker.py: the Redis
+  lists, or RabbitMQ's count from a passive queue.declare): a queue with messages still has work
+  in order, and a big campaign's backlog must not be published twice every sweep.
 
 A run that died is found sooner (`republish_orphans`): a shard lease is registered while held
 (delivery/leases.py), so a registered lease that ran out is a run whose process died without
@@ -18,11 +19,15 @@ visibility timeout, an hour). Such a shard is published again on the next check,
 CAMPAIGN_RECOVERY_ORPHAN_INTERVAL_S across all workers, with no grace and behind whatever its
 queue holds: the lease is the proof that no run is going on, so the empty-queue test is not needed.
 
-A broker that lost its data (a flush, a restart without persistence) lost every message: the
-worker's thread keeps a mark in the broker's database, and when it is gone everything pending,
+A Redis broker that lost its data (a flush, a restart without persistence) lost every message:
+the worker's thread keeps a mark in the broker's database, and when it is gone everything pending,
 due and unleased is published without the grace, one lease period later (`_after_broker_loss`),
 and so is every unanswered provider of a topic send (campaigns/topics.py), whose only state
 between attempts is its message.
+RabbitMQ has no such mark: its quorum queues and persistent messages survive a restart, and the
+unacknowledged messages of a connection that closed are queued again by the broker itself; queues
+that lost messages all the same (purged, deleted, a node rebuilt empty) are empty queues, found by
+`republish_lost` after the grace. PostgreSQL's rows, not the broker, say what is left to send.
 
 A message published twice is harmless: the shard's lease keeps two runs from overlapping and the
 run that finds it no longer PENDING does nothing (campaigns/sending/run.py).
@@ -62,6 +67,7 @@ from django.utils import timezone
 
 from campaigns import canary, publish, topics
 from campaigns.models import Campaign, Shard
+from delivery import broker as broker_queues
 from delivery import idempotency, leases
 
 logger = logging.getLogger(__name__)
@@ -69,8 +75,6 @@ logger = logging.getLogger(__name__)
 LOCK_KEY = "pushsvc:lock:shard-recovery"
 ORPHAN_LOCK_KEY = "pushsvc:lock:shard-orphans"
 BROKER_MARK_KEY = "pushsvc:broker-mark"  # in the broker's database: its absence means it lost its data
-# kombu's Redis transport keeps one list per queue and priority step (0 is the plain name).
-_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 _BATCH = 1000
 
 
@@ -82,16 +86,9 @@ def interval_s() -> float:
     return settings.CAMPAIGN_RECOVERY_INTERVAL_S
 
 
-def _queue_empty(broker: redis.Redis, queue: str) -> bool:
-    pipe = broker.pipeline(transaction=False)
-    for suffix in _PRIORITY_SUFFIXES:
-        pipe.llen(queue + suffix)
-    return sum(pipe.execute()) == 0
-
-
 def republish_lost(client: redis.Redis, broker: redis.Redis | None = None, grace: float | None = None) -> int:
     """Publish again the pending shards the broker lost (see the module docstring); how many."""
-    broker = broker or client
+    broker = broker or client  # a Redis broker's database (ignored with RabbitMQ: delivery/broker.py)
     cutoff = timezone.now() - timedelta(seconds=grace_s() if grace is None else grace)
     stalled = (
         Shard.objects.filter(
@@ -115,11 +112,11 @@ def republish_lost(client: redis.Redis, broker: redis.Redis | None = None, grace
         pipe = client.pipeline(transaction=False)
         for shard_id, _, _ in rows:
             pipe.exists(idempotency.lease_key(shard_id))
-        for (shard_id, queue, lane), leased in zip(rows, pipe.execute(), strict=True):
-            if leased:
-                continue
-            if queue not in empty:
-                empty[queue] = _queue_empty(broker, queue)
+        unleased = [row for row, leased in zip(rows, pipe.execute(), strict=True) if not leased]
+        unknown = {queue for _, queue, _ in unleased} - empty.keys()
+        if unknown:
+            empty.update((q, n == 0) for q, n in broker_queues.ready_counts(unknown, broker).items())
+        for shard_id, queue, lane in unleased:
             if empty[queue]:
                 publish.shard(shard_id, queue, lane)
                 published += 1
@@ -165,8 +162,11 @@ def sweep_orphans(client: redis.Redis) -> int:
     if not client.set(ORPHAN_LOCK_KEY, "1", nx=True, px=max(int(orphan_interval_s() * 1000), 100)):
         return 0
     published = republish_orphans(client)
-    if not settings.CELERY_BROKER_URL.startswith("redis"):
-        return published  # the mark lives in a Redis broker's database; RabbitMQ is not watched
+    if settings.BROKER_IS_RABBITMQ:
+        # The mark lives in a Redis broker's database. RabbitMQ keeps its quorum queues on disk
+        # through a restart; queues that lost messages anyway (purged, deleted, a node rebuilt) are
+        # found empty by `republish_lost` after the grace.
+        return published
     return published + _after_broker_loss(client, _broker_client() or client)
 
 
@@ -234,7 +234,7 @@ def sweep(client: redis.Redis) -> int:
 @functools.cache
 def _broker_client() -> redis.Redis | None:
     url = settings.CELERY_BROKER_URL
-    if url == settings.REDIS_URL or not url.startswith("redis"):
+    if url == settings.REDIS_URL or settings.BROKER_IS_RABBITMQ:
         return None
     return redis.Redis.from_url(url)
 

@@ -308,3 +308,56 @@ def sim_counts(sim: Any, tokens: list[str], batch: int = 2_000) -> dict[str, int
     for part in iter_chunks(tokens, batch):
         counts.update(sim.counts(part))
     return counts
+
+
+# --- RabbitMQ as the broker (settings.BROKER_IS_RABBITMQ) ---------------------------------------
+# A test run owns its vhost (TEST_RABBITMQ_URL in the Makefile) as it owns its Redis database: it
+# empties every queue pushsvc declares there before each worker test, the task queues and Celery's
+# native delayed-delivery queues (a countdown published by an earlier test would land later).
+def broker_queue_names() -> list[str]:
+    from kombu.transport.native_delayed_delivery import level_name
+
+    return [*settings.TASK_QUEUE_NAMES, *(level_name(level) for level in range(28))]
+
+
+def purge_rabbitmq(url: str | None = None) -> int:
+    """Empty this vhost's pushsvc queues (those that exist); how many messages were dropped."""
+    from kombu import Connection
+
+    dropped = 0
+    with Connection(url or settings.CELERY_BROKER_URL, connect_timeout=5) as conn:
+        conn.ensure_connection(max_retries=1)
+        channel = conn.channel()
+        for name in broker_queue_names():
+            try:
+                dropped += channel.queue_purge(name) or 0
+            except conn.channel_errors as exc:
+                if getattr(exc, "code", None) != 404:
+                    raise
+                channel = conn.channel()  # no such queue (yet): the error closed the channel
+        channel.close()
+    return dropped
+
+
+def rabbitmqctl(*args: str, timeout: float = 60) -> str:
+    """`rabbitmqctl ARGS` on this machine's RabbitMQ node (the fault tests that act on the broker
+    itself need it, as the Redis ones need redis-server); its output, or RuntimeError."""
+    import shutil
+
+    if shutil.which("rabbitmqctl") is None:
+        raise RuntimeError(
+            "rabbitmqctl is not on PATH: the RabbitMQ fault tests act on the broker through it "
+            "(Debian: package rabbitmq-server)"
+        )
+    cmd = ["rabbitmqctl", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} exited {done.returncode}: {done.stderr or done.stdout}")
+    return done.stdout
+
+
+def rabbitmq_vhost(url: str | None = None) -> str:
+    from urllib.parse import unquote, urlparse
+
+    path = urlparse(url or settings.CELERY_BROKER_URL).path
+    return unquote(path[1:]) if len(path) > 1 else "/"

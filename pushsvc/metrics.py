@@ -12,9 +12,10 @@ hashes, and the web process exports those hashes with a custom collector at scra
 - per worker process, in that same pipeline: its providers' engine figures (connections opened,
   requests in flight) in a hash that expires when the process stops reporting, and the
   per-request latency its engines observed since the last report, added to a histogram;
-- at scrape time only (the web process reads, nothing is pushed): queue depths (LLEN of the Celery
-  queues), the progress of running/paused/halted campaigns, token churn per app (the hygiene
-  module's figure, cached for a minute because it counts active tokens).
+- at scrape time only (the web process reads, nothing is pushed): queue depths (messages ready
+  in the Celery queues, delivery/broker.py: Redis lists or RabbitMQ's counts), the progress of
+  running/paused/halted campaigns, token churn per app (the hygiene module's figure, cached for a
+  minute because it counts active tokens).
 
 Counters in Redis are monotonic, so Prometheus' rate() and increase() work as usual; a Redis flush
 looks like a counter reset, which rate() already handles. Nothing here is on a per-token path.
@@ -299,10 +300,7 @@ class RedisCollector:
         pipe.zremrangebyscore(PROCS, "-inf", time.time() - PROC_TTL_S)
         pipe.zrange(PROCS, 0, -1)
         pipe.hgetall(VERSION_SENDS)
-        queues = ("default", "priority", *settings.PUSH_QUEUES)
-        for queue in queues:
-            pipe.llen(queue)
-        sends, retries, shard_seconds, chunk_seconds, request_seconds, _, procs, version_sends, *depths = (
+        sends, retries, shard_seconds, chunk_seconds, request_seconds, _, procs, version_sends = (
             pipe.execute()
         )
         slugs = _app_slugs()
@@ -370,16 +368,29 @@ class RedisCollector:
         )
         yield from _breaker_families(self.client, slugs)
 
-        family = GaugeMetricFamily(
-            "pushsvc_queue_depth", "Messages waiting in a Celery queue.", labels=["queue"]
-        )
-        for queue, depth in zip(queues, depths, strict=True):
-            family.add_metric([queue], depth)
-        yield family
+        yield from _queue_depth_family(self.client)
 
         yield from _campaign_families(Campaign, slugs)
         yield from _churn_families()
         yield from _credential_families()
+
+
+def _queue_depth_family(client: redis.Redis) -> Iterator[Any]:
+    """Messages waiting in each Celery queue, from whichever broker carries them
+    (delivery/broker.py). A broker that does not answer leaves the family out of this scrape
+    (the `/readyz` probe and the worker alerts report it) instead of failing every other figure."""
+    from delivery import broker
+
+    queues = ("default", "priority", *settings.PUSH_QUEUES)
+    try:
+        depths = broker.ready_counts(queues, client)
+    except Exception as exc:  # RabbitMQ away: kombu's and py-amqp's errors vary
+        logger.warning("metrics: queue depths unavailable: %s", type(exc).__name__)
+        return
+    family = GaugeMetricFamily("pushsvc_queue_depth", "Messages waiting in a Celery queue.", labels=["queue"])
+    for queue in queues:
+        family.add_metric([queue], depths[queue])
+    yield family
 
 
 def _version_family(client: redis.Redis, raw: dict[bytes, bytes], slugs: dict[str, str]) -> Any:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import dj_database_url
 from celery.schedules import crontab
-from kombu import Queue
+from kombu import Exchange, Queue
 
 from delivery.providers.specs import SPECS as PROVIDER_SPECS
 from pushsvc import logging as _logging
@@ -208,6 +208,9 @@ DATA_UPLOAD_MAX_MEMORY_SIZE = _env_int("DATA_UPLOAD_MAX_MEMORY_SIZE", 1024 * 102
 # --- Redis and Celery ------------------------------------------------------------------------
 REDIS_URL = _env("REDIS_URL", "redis://127.0.0.1:6379/0")
 CELERY_BROKER_URL = _env("CELERY_BROKER_URL", REDIS_URL)
+# Two brokers are supported (README "Choosing a broker"): Redis (the default) and RabbitMQ
+# (amqp://, amqps://, pyamqp://). The options that differ are set below for the one in use.
+BROKER_IS_RABBITMQ = CELERY_BROKER_URL.split("://", 1)[0] in {"amqp", "amqps", "pyamqp"}
 CELERY_RESULT_BACKEND = None
 CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_SERIALIZER = "json"
@@ -220,11 +223,25 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 # Send tasks are long (a shard of ~1,000 requests); prefetching more would park shards on a busy
 # worker while another idles.
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
-# Redis broker: an unacknowledged message comes back after this many seconds. It must exceed the
-# longest task (a shard) plus its longest scheduled retry countdown.
-CELERY_BROKER_TRANSPORT_OPTIONS = {
-    "visibility_timeout": _env_int("CELERY_VISIBILITY_TIMEOUT", 3600),
-}
+# Persistent messages (Celery's default, stated): a broker that keeps its queues on disk keeps them.
+CELERY_TASK_DEFAULT_DELIVERY_MODE = "persistent"
+if BROKER_IS_RABBITMQ:
+    # RabbitMQ: a publish returns once the broker has taken the message (publisher confirms: py-amqp
+    # waits for the basic.ack; a nack raises to the publisher, a lost connection is retried by
+    # Celery's publish retry; a shard whose publish failed is a pending row the recovery sweep
+    # publishes later). Unacknowledged messages come back when the consumer's connection closes (a worker
+    # killed outright: at once; a host that went silent: after two missed heartbeats), so there is
+    # no visibility timeout to tune.
+    CELERY_BROKER_TRANSPORT_OPTIONS: dict = {"confirm_publish": True}
+    # Seconds between AMQP heartbeats (worker connections): a silent peer is dropped after about
+    # two, and its unacknowledged messages are handed to another worker.
+    CELERY_BROKER_HEARTBEAT = _env_int("CELERY_BROKER_HEARTBEAT", 30)
+else:
+    # Redis broker: an unacknowledged message comes back after this many seconds. It must exceed
+    # the longest task (a shard) plus its longest scheduled retry countdown.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "visibility_timeout": _env_int("CELERY_VISIBILITY_TIMEOUT", 3600),
+    }
 # Celery's Django fixup closes every database connection after each task unless this is set, and
 # a shard task then pays a new PostgreSQL backend (fork, catalog warm-up) per 1,000 devices. Kept
 # for 2 x this many tasks; pushsvc/celery.py checks them at each task start as Django does at
@@ -240,7 +257,30 @@ PUSH_QUEUES = tuple(spec.queue for spec in PROVIDER_SPECS)
 # Webhook deliveries wait on app backends (up to WEBHOOK_TIMEOUT_S each): a queue of their own
 # keeps a slow backend from delaying planning or sends.
 WEBHOOK_QUEUE = "webhooks"
-CELERY_TASK_QUEUES = tuple(Queue(name) for name in ("default", "priority", *PUSH_QUEUES, WEBHOOK_QUEUE))
+TASK_QUEUE_NAMES = ("default", "priority", *PUSH_QUEUES, WEBHOOK_QUEUE)
+if BROKER_IS_RABBITMQ:
+    # Quorum queues: replicated (Raft) and kept on disk, the queue type RabbitMQ recommends for
+    # data that must not be lost. They refuse a global QoS (prefetch per channel): Celery turns it
+    # off when it sees a quorum queue (worker_detect_quorum_queues, on by default, stated here), so
+    # the prefetch is per consumer. Countdowns (retries, deferred shards) use Celery's native
+    # delayed delivery (RabbitMQ-side delay queues, whole seconds) instead of holding the message in
+    # a worker, which with a static prefetch would block it: that needs a topic exchange, hence
+    # `pushsvc` (topic) with each queue bound under its own name.
+    # Priorities: RabbitMQ 3.x quorum queues are FIFO (they ignore a message's priority and refuse
+    # x-max-priority); RabbitMQ >= 4.0 quorum queues have two levels, priority > 4 high and 0-4 or
+    # none normal, high favoured 2:1 (not strict), with no queue argument (x-max-priority must not
+    # be set). docs/reliability.md "RabbitMQ" has what was measured.
+    CELERY_TASK_DEFAULT_QUEUE_TYPE = "quorum"
+    CELERY_WORKER_DETECT_QUORUM_QUEUES = True
+    CELERY_TASK_DEFAULT_EXCHANGE = "pushsvc"
+    CELERY_TASK_DEFAULT_EXCHANGE_TYPE = "topic"
+    TASK_EXCHANGE = Exchange(CELERY_TASK_DEFAULT_EXCHANGE, type="topic", durable=True)
+    CELERY_TASK_QUEUES = tuple(
+        Queue(name, TASK_EXCHANGE, routing_key=name, durable=True, queue_arguments={"x-queue-type": "quorum"})
+        for name in TASK_QUEUE_NAMES
+    )
+else:
+    CELERY_TASK_QUEUES = tuple(Queue(name) for name in TASK_QUEUE_NAMES)
 # Task routes, in one place. Send tasks choose their provider queue per call (queue=...), see
 # campaigns/targeting.py queue_for; the entries below are the defaults for everything else.
 CELERY_TASK_ROUTES: dict[str, dict[str, str]] = {
@@ -349,8 +389,9 @@ CAMPAIGN_SCHEDULER_INTERVAL_S = _env_float("CAMPAIGN_SCHEDULER_INTERVAL_S", 5.0)
 # (docs/architecture.md, "Fairness"; bench/fairness.py). 0 puts everything in one lane (FIFO).
 CAMPAIGN_HEAD_DEVICES = _env_int("CAMPAIGN_HEAD_DEVICES", 20_000)
 # The lanes as broker priorities. kombu's Redis transport serves 0 first (a list per priority
-# step); RabbitMQ serves the higher number first (quorum queues: above 4 is "high").
-SHARD_LANE_PRIORITIES = (0, 9) if CELERY_BROKER_URL.startswith("redis") else (9, 0)
+# step). RabbitMQ serves the higher number first: quorum queues from RabbitMQ 4.0 take above 4 as
+# "high" (served 2:1, not strictly first); 3.x quorum queues have no priorities, one FIFO lane.
+SHARD_LANE_PRIORITIES = (9, 0) if BROKER_IS_RABBITMQ else (0, 9)
 # CAMPAIGN_SHARD_LEASE_S: a running shard holds a Redis lease so that two runs of one shard never
 # overlap. It is refreshed at every chunk's checkpoint and, however long a chunk takes, every
 # CAMPAIGN_SHARD_LEASE_REFRESH_S by a heartbeat thread in the process that runs it

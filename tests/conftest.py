@@ -26,6 +26,8 @@ def pytest_configure(config: pytest.Config) -> None:
     # (processes a test starts, e.g. the web server in the slow lane, keep the production hasher).
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
     _flush_by_delete()
+    if settings.BROKER_IS_RABBITMQ:
+        _check_rabbitmq(settings.CELERY_BROKER_URL)
 
 
 # --- transactional tests: emptied with DELETE, not TRUNCATE ----------------------------------------
@@ -66,6 +68,49 @@ def _flush_by_delete() -> None:
     DatabaseOperations.sql_flush = sql_flush
 
 
+
+# --- the broker: Redis (`make test`) or RabbitMQ (`make test-rabbitmq`, CELERY_BROKER_URL=amqp://) ---
+# Under RabbitMQ the run fails at once, never skips, when the broker does not answer. Its vhost is
+# the run's own (like the Redis database: emptied before each worker test); a missing one is created
+# with rabbitmqctl when this machine has it.
+RABBITMQ_ONLY = "tests/rabbitmq/"
+
+
+def _check_rabbitmq(url: str) -> None:
+    from kombu import Connection
+    from kombu.utils.url import maybe_sanitize_url
+
+    from campaigns.testing import rabbitmq_vhost, rabbitmqctl
+
+    def connect() -> None:
+        with Connection(url, connect_timeout=5) as conn:
+            conn.ensure_connection(max_retries=1)
+
+    try:
+        connect()
+        return
+    except Exception as exc:  # refused, unreachable, or the vhost missing (access refused)
+        first = exc
+    vhost = rabbitmq_vhost(url)
+    try:
+        # Only a broker that answered and refused the vhost (530 NOT_ALLOWED) gets one, and only
+        # through this machine's node: an unreachable one is reported as it is.
+        if getattr(first, "code", None) != 530 and getattr(first.__cause__, "code", None) != 530:
+            raise first
+        names = rabbitmqctl("list_vhosts", "--quiet", "--no-table-headers").split()
+        if vhost not in names:
+            user = Connection(url).userid
+            rabbitmqctl("add_vhost", vhost)
+            rabbitmqctl("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
+        connect()
+    except Exception as exc:
+        raise pytest.UsageError(
+            f"RabbitMQ at {maybe_sanitize_url(url)} is unreachable or refuses the connection: "
+            f"{type(first).__name__}: {first} (then: {type(exc).__name__}: {exc}). Start it (rabbitmq-server "
+            f"-detached) and make sure vhost {vhost!r} exists and allows the user; the tests never skip it."
+        ) from exc
+
+
 # --- two lanes: `make test-fast` runs what is not slow (in-process, a couple of minutes) ------------
 # Slow: whatever starts Celery workers (the start_worker / worker_env fixtures), the fault tests,
 # the browser and schemathesis. Marked here, from what a test uses, so a new worker test cannot
@@ -74,6 +119,7 @@ def _flush_by_delete() -> None:
 SLOW_FIXTURES = frozenset({"start_worker", "worker_env"})
 SLOW_PATHS = (
     "tests/reliability/",
+    "tests/rabbitmq/",
     "tests/browser/",
     "tests/test_schemathesis.py",
     "tests/test_health_flower.py",  # starts a worker and Flower
@@ -104,6 +150,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if item.nodeid.startswith(SLOW_PATHS) or SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    if not settings.BROKER_IS_RABBITMQ:
+        # tests/rabbitmq/ is about RabbitMQ as the broker: `make test-rabbitmq` runs it. Under Redis it
+        # is deselected, which pytest reports in its closing line ("N deselected"), never a skip.
+        rabbit = [item for item in items if item.nodeid.startswith(RABBITMQ_ONLY)]
+        if rabbit:
+            config.hook.pytest_deselected(items=rabbit)
+            items[:] = [item for item in items if not item.nodeid.startswith(RABBITMQ_ONLY)]
 
 
 # --- test database: one of its own per pytest run -------------------------------------------------

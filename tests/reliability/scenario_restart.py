@@ -1,8 +1,10 @@
 """Inner scenario of test_restarts.py, run in its own pytest process whose DATABASE_URL and
 REDIS_URL point at a private server (not collected by the suite: the name is not test_*).
 
-RELIABILITY_RESTART names what to restart ("redis" or "postgres"); RELIABILITY_SERVICE carries
-how to reach its control (port for Redis, data dir and binaries for PostgreSQL).
+RELIABILITY_RESTART names what to restart ("redis", "postgres" or "rabbitmq": the broker then is
+a private RabbitMQ node, tests/rabbitmq/test_rabbitmq_faults.py); RELIABILITY_SERVICE carries how
+to reach its control (port for Redis, data dir and binaries for PostgreSQL, node name, ports and
+data dir for RabbitMQ).
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ def _restart() -> float:
         server = services.PrivateRedis(info["port"], appendonly=info["appendonly"])
         server.dir = services.Path(info["dir"])
         server.restart()
+    elif kind == "rabbitmq":
+        node = services.PrivateRabbitMQ.__new__(services.PrivateRabbitMQ)
+        node.name, node.port, node.dist_port = info["name"], info["port"], info["dist_port"]
+        node.dir = services.Path(info["dir"])
+        node.restart()
     else:
         server = services.PrivatePostgres.__new__(services.PrivatePostgres)
         server.bin, server.port = services.Path(info["bin"]), info["port"]
