@@ -70,9 +70,9 @@ def unavailable_reason() -> str | None:
     """Why this machine cannot run the multi-host tests, or None if it can."""
     if os.geteuid() != 0:
         return "needs root (network namespaces, veth, a bridge)"
-    for tool in ("ip", "socat"):
+    for tool in ("ip", "socat", "unshare"):
         if shutil.which(tool) is None:
-            return f"`{tool}` is not installed (iproute2, socat)"
+            return f"`{tool}` is not installed (iproute2, socat, util-linux)"
     probe = f"{NS_PREFIX}probe-{secrets.token_hex(3)}"
     made = ip("netns", "add", probe, check=False)
     if made.returncode != 0:
@@ -119,7 +119,14 @@ class Host:
 
     @property
     def prefix(self) -> list[str]:
-        return ["ip", "netns", "exec", self.ns]
+        """Run a command on this host: its network namespace, and a hostname of its own (a UTS
+        namespace named after the host), so what processes record about themselves names it, e.g.
+        a shard lease's owner token `host:pid:random`. Every step execs: the pid is the command's."""
+        return ["ip", "netns", "exec", self.ns, *self.uts_prefix]
+
+    @property
+    def uts_prefix(self) -> list[str]:
+        return ["unshare", "--uts", "--", "sh", "-c", 'hostname "$0" && exec "$@"', self.ns]
 
     def run(self, *cmd: str) -> subprocess.CompletedProcess[str]:
         return subprocess.run([*self.prefix, *cmd], capture_output=True, text=True, check=False)

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -30,6 +30,7 @@ from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+import redis
 from django.conf import settings
 
 from bench.campaign import generate_devices
@@ -48,7 +49,6 @@ DEVICES = int(os.environ.get("MULTIHOST_DEVICES", "200000"))
 WORKER_CONCURRENCY = 1  # per worker host: 2 pool processes for the 2 cores
 WEB_PORT = 8000
 INVALID_PREFIX = "fa017501"  # generate_devices: 10 % answer Unregistered and are deactivated
-SHARD_DONE = re.compile(r"Task delivery\.tasks\.send_shard\[[^\]]+\] succeeded")
 
 
 @pytest.fixture(scope="module")
@@ -63,10 +63,9 @@ def net() -> Iterator[Network]:
     except Unavailable as exc:  # pragma: no cover - raced with the check above
         pytest.skip(str(exc))
     try:
-        pg = urlsplit(database_url())
-        network.forward(pg.port or 5432, pg.hostname or "127.0.0.1")
-        redis = urlsplit(settings.REDIS_URL)
-        network.forward(redis.port or 6379, redis.hostname or "127.0.0.1")
+        targets = {urlsplit(url) for url in (database_url(), settings.REDIS_URL, settings.CELERY_BROKER_URL)}
+        for target in {(t.hostname or "127.0.0.1", t.port) for t in targets}:
+            network.forward(target[1], target[0])
         yield network
     finally:
         network.stop()
@@ -219,21 +218,43 @@ def tally(sim: SimulatorProcess, campaign: Campaign) -> tuple[int, int]:
     return lost, duplicates
 
 
-def shards_run(worker: CeleryWorker) -> int:
-    return len(SHARD_DONE.findall(worker.log_file.read_text(errors="replace")))
+class ShardWatcher(threading.Thread):
+    """Which host ran which shard: every 20 ms, the register of held shard leases
+    (delivery/leases.py, shard -> `host:pid:random`; each host has a hostname of its own)."""
+
+    def __init__(self, redis_client) -> None:
+        super().__init__(daemon=True)
+        self.redis = redis_client
+        self.seen: dict[str, set[int]] = {}
+        self.stopped = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopped.wait(0.02):
+            for shard, token in self.redis.hgetall(leases.REGISTER_KEY).items():
+                self.seen.setdefault(token.decode().split(":", 1)[0], set()).add(int(shard))
+
+    def per_host(self, net: Network) -> dict[str, int]:
+        return {name: len(self.seen.get(host.ns, ())) for name, host in net.hosts.items() if name != "web"}
+
+    def __enter__(self) -> ShardWatcher:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stopped.set()
+        self.join(5)
 
 
-def _held_by(redis_client, pids: list[int]) -> dict[int, str]:
-    """Shards whose registered lease token (host:pid:random) names one of `pids`."""
-    marks = tuple(f":{pid}:" for pid in pids)
+def held_by(redis_client, hostname: str) -> dict[int, str]:
+    """Shards whose registered lease token names `hostname` (tokens are host:pid:random)."""
     return {
         int(shard): token.decode()
         for shard, token in redis_client.hgetall(leases.REGISTER_KEY).items()
-        if any(mark in token.decode() for mark in marks)
+        if token.decode().startswith(hostname + ":")
     }
 
 
-def _taken_over(redis_client, dead: dict[int, str]) -> bool:
+def taken_over(redis_client, dead: dict[int, str]) -> bool:
     """Every shard of the cut host is registered under another run, or done."""
     register = {int(k): v.decode() for k, v in redis_client.hgetall(leases.REGISTER_KEY).items()}
     pending = set(
@@ -246,18 +267,24 @@ def load() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
 
+def watcher() -> ShardWatcher:
+    return ShardWatcher(redis.Redis.from_url(settings.REDIS_URL))
+
+
 def test_campaign_across_two_worker_hosts(net, sim, web, worker_hosts) -> None:
     sim.reset()
-    campaign_id, valid, launched = launch_through_web(web, sim)
-    campaign = wait_done(campaign_id)
-    wall = time.monotonic() - launched
+    with watcher() as seen:
+        campaign_id, valid, launched = launch_through_web(web, sim)
+        campaign = wait_done(campaign_id)
+        wall = time.monotonic() - launched
     assert campaign.status == "completed", (campaign.status, campaign.status_reason)
     lost, duplicates = tally(sim, campaign)
-    per_host = {name: shards_run(w) for name, w in worker_hosts.items()}
+    per_host = seen.per_host(net)
     print(
         f"two worker hosts, {DEVICES:,} devices ({valid:,} valid): wall {wall:.1f} s "
         f"({campaign.delivered / wall:,.0f} deliveries/s), lost={lost} duplicates={duplicates}, "
-        f"shards run per host {per_host}, load {load()}"
+        f"shards run per host {per_host} of {Shard.objects.filter(campaign_id=campaign_id).count()}, "
+        f"load {load()}"
     )
     assert lost == 0
     assert duplicates == 0, "no process died: nothing was in flight to repeat"
@@ -267,33 +294,36 @@ def test_campaign_across_two_worker_hosts(net, sim, web, worker_hosts) -> None:
 
 def test_worker_host_cut_off_mid_campaign(net, sim, web, worker_hosts, redis_client) -> None:
     sim.reset()
-    campaign_id, valid, launched = launch_through_web(web, sim)
-    victim = worker_hosts["w2"]
-    at_cut = wait_delivered(sim, int(valid * 0.3), timeout=180)
-    pool = victim.child_pids()
-    held = wait_for(lambda: _held_by(redis_client, pool), 60, 0.01, "a shard run on w2")
-    net.hosts["w2"].cut()
-    cut_at = time.monotonic()
-    shards_before_cut = shards_run(victim)
-    held.update(_held_by(redis_client, pool))
-    dead = {s: t for s, t in held.items() if Shard.objects.filter(pk=s, status=Shard.Status.PENDING).exists()}
-    assert dead, "w2 was running a shard when its link went down"
-
-    wait_for(lambda: _taken_over(redis_client, dead), 120, 0.05, "w2's shards taken over")
-    takeover = time.monotonic() - cut_at
-    campaign = wait_done(campaign_id)
-    wall = time.monotonic() - launched
+    victim = net.hosts["w2"]
+    pool = worker_hosts["w2"].child_pids()  # what it may have had in flight: a chunk per pool process
+    with watcher() as seen:
+        campaign_id, valid, launched = launch_through_web(web, sim)
+        at_cut = wait_delivered(sim, int(valid * 0.3), timeout=180)
+        held = wait_for(lambda: held_by(redis_client, victim.ns), 60, 0.01, "a shard run on w2")
+        victim.cut()
+        cut_at = time.monotonic()
+        w2_before_cut = seen.per_host(net)["w2"]
+        held.update(held_by(redis_client, victim.ns))
+        dead = {
+            s: t for s, t in held.items() if Shard.objects.filter(pk=s, status=Shard.Status.PENDING).exists()
+        }
+        assert dead, "w2 was running a shard when its link went down"
+        wait_for(lambda: taken_over(redis_client, dead), 120, 0.05, "w2's shards taken over")
+        takeover = time.monotonic() - cut_at
+        campaign = wait_done(campaign_id)
+        wall = time.monotonic() - launched
     assert campaign.status == "completed", (campaign.status, campaign.status_reason)
     lost, duplicates = tally(sim, campaign)
     bound = len(pool) * int(PRODUCTION["CAMPAIGN_CHUNK_SIZE"])
-    per_host = {name: shards_run(w) for name, w in worker_hosts.items()}
+    per_host = seen.per_host(net)
     print(
         f"w2's link cut at {at_cut:,}/{valid:,} delivered ({len(dead)} shard(s) in progress there): "
         f"taken over {takeover:.1f} s after the cut (lease {PRODUCTION['CAMPAIGN_SHARD_LEASE_S']} s); "
         f"wall {wall:.1f} s, lost={lost} duplicates={duplicates} (bound {len(pool)} x "
         f"{PRODUCTION['CAMPAIGN_CHUNK_SIZE']}), skipped_duplicate={campaign.skipped_duplicate}; shards run "
-        f"per host {per_host} (w2 before the cut: {shards_before_cut}), load {load()}"
+        f"per host {per_host} (w2 up to the cut: {w2_before_cut}), load {load()}"
     )
     assert lost == 0
     assert duplicates <= bound, "only what the cut host had in flight may repeat"
     assert campaign.delivered == valid
+    assert per_host["w2"] == w2_before_cut, "the cut host started nothing after the cut"
