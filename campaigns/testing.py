@@ -221,6 +221,7 @@ class CeleryWorker:
         log_dir: Path | None = None,
         loglevel: str = "INFO",
         beat: bool = False,
+        prefix: Iterable[str] = (),
     ) -> None:
         self.queues = list(queues)
         self.concurrency = concurrency
@@ -230,13 +231,14 @@ class CeleryWorker:
         self.log_dir = log_dir or BASE_DIR / "var" / "workers"
         self.loglevel = loglevel
         self.beat = beat
+        self.prefix = list(prefix)  # e.g. ["ip", "netns", "exec", ns]: run it on another host
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_file = self.log_dir / f"{self.name}.log"
 
     def start(self, timeout: float = 60.0) -> CeleryWorker:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         cmd = [
-            sys.executable, "-m", "celery", "-A", "pushsvc", "worker",
+            *self.prefix, sys.executable, "-m", "celery", "-A", "pushsvc", "worker",
             "-P", self.pool, "-c", str(self.concurrency), "-Q", ",".join(self.queues),
             "-n", f"{self.name}@%h", "--loglevel", self.loglevel,
             "--without-gossip", "--without-mingle", "-O", "fair",

@@ -121,6 +121,7 @@ SLOW_PATHS = (
     "tests/reliability/",
     "tests/rabbitmq/",
     "tests/browser/",
+    "tests/multihost/",  # network namespaces, workers on two hosts
     "tests/test_schemathesis.py",
     "tests/test_health_flower.py",  # starts a worker and Flower
     "tests/test_hygiene_celery.py",  # starts workers and beat

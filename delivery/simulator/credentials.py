@@ -79,7 +79,7 @@ def _write_once(path: Path, make: Callable[[], bytes]) -> bytes:
     return data
 
 
-def _make_ca(workdir: Path) -> None:
+def _make_ca(workdir: Path, extra_hosts: tuple[str, ...] = ()) -> None:
     if (workdir / "ca.pem").exists() and (workdir / "server.pem").exists():
         return
     now = dt.datetime.now(dt.UTC) - dt.timedelta(days=1)
@@ -128,6 +128,7 @@ def _make_ca(workdir: Path) -> None:
                     x509.DNSName("localhost"),
                     x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
                     x509.IPAddress(ipaddress.ip_address("::1")),
+                    *(_san(host) for host in extra_hosts),
                 ]
             ),
             critical=False,
@@ -157,13 +158,26 @@ def _ids(workdir: Path) -> dict[str, str]:
     return json.loads(_write_once(workdir / "ids.json", make))
 
 
-def ensure_credentials(workdir: str | os.PathLike[str], base_url: str) -> SimCredentials:
-    """Create (first call) or load the simulator's secrets; safe to call from several processes."""
+def _san(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def ensure_credentials(
+    workdir: str | os.PathLike[str], base_url: str, extra_hosts: tuple[str, ...] = ()
+) -> SimCredentials:
+    """Create (first call) or load the simulator's secrets; safe to call from several processes.
+
+    The server certificate names localhost, 127.0.0.1 and ::1, plus `extra_hosts` (addresses or
+    names) when this call creates it: a simulator listening on another address (the multi-host
+    tests' bridge, tests/multihost) gets a workdir of its own, created with that address."""
     wd = Path(workdir).resolve()
     wd.mkdir(parents=True, exist_ok=True)
     with open(wd / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        _make_ca(wd)
+        _make_ca(wd, tuple(extra_hosts))
         ids = _ids(wd)
         apns_p8 = _write_once(
             wd / "apns_key.p8", lambda: _pem_private(ec.generate_private_key(ec.SECP256R1()))
