@@ -51,7 +51,6 @@ from datetime import datetime, timedelta
 from typing import Any
 
 import redis
-from django.conf import settings
 from django.db import transaction
 from django.db.models import Exists, F, OuterRef, QuerySet, Window
 from django.db.models.functions import RowNumber
@@ -59,7 +58,7 @@ from django.utils import timezone
 
 from campaigns import control, publish
 from campaigns.models import Campaign, CanaryMember, Shard
-from campaigns.targeting import queue_for, target_queryset
+from campaigns.targeting import list_shards, target_queryset
 from campaigns.webhook_events import campaign_changed
 from tokens.models import DeviceToken
 
@@ -162,21 +161,7 @@ def start_sample(campaign: Campaign, rng: random.Random | None = None) -> bool:
     assert cfg is not None
     base = target_queryset(campaign)
     total, sample = draw_sample(base, cfg.size, rng)
-    shard_size = settings.CAMPAIGN_SHARD_SIZE
-    by_platform: dict[str, list[int]] = {}
-    for pk, platform in sample:
-        by_platform.setdefault(platform, []).append(pk)
-    shards = [
-        Shard(
-            campaign_id=campaign.pk,
-            platform=platform,
-            queue=queue_for(campaign, platform),
-            device_ids=ids[i : i + shard_size],
-            planned=len(ids[i : i + shard_size]),
-        )
-        for platform, ids in sorted(by_platform.items())
-        for i in range(0, len(ids), shard_size)
-    ]
+    shards = list_shards(campaign, ((platform, pk) for pk, platform in sample))
     with transaction.atomic():
         # The row lock makes two planners (one with a stale lease) draw one sample, not two.
         locked = (

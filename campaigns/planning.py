@@ -23,7 +23,7 @@ from django.utils import timezone
 
 from campaigns import canary, control, publish
 from campaigns.models import Campaign, Shard
-from campaigns.targeting import PRIORITY_QUEUE, queue_for, target_platforms, target_queryset
+from campaigns.targeting import list_shards, queue_for, target_platforms, target_queryset
 from delivery import idempotency, runtime
 from tokens import hygiene
 from tokens.models import DeviceToken
@@ -204,22 +204,8 @@ def _publish(shards: list[tuple[int, str, int]]) -> None:
 def plan_direct(campaign: Campaign) -> int:
     """Plan a direct send in the request: its devices (at most 10,000) as list shards on the
     priority queue. Returns the number of devices targeted."""
-    size = settings.CAMPAIGN_SHARD_SIZE
     rows = list(target_queryset(campaign).order_by("platform", "id").values_list("platform", "id"))
-    by_platform: dict[str, list[int]] = {}
-    for platform, pk in rows:
-        by_platform.setdefault(platform, []).append(pk)
-    shards = [
-        Shard(
-            campaign_id=campaign.pk,
-            platform=platform,
-            queue=PRIORITY_QUEUE,
-            device_ids=ids[i : i + size],
-            planned=len(ids[i : i + size]),
-        )
-        for platform, ids in by_platform.items()
-        for i in range(0, len(ids), size)
-    ]
+    shards = list_shards(campaign, rows)  # direct: on the priority queue (targeting.queue_for)
     now = timezone.now()
     with transaction.atomic():
         Shard.objects.bulk_create(shards)

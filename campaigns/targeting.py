@@ -7,12 +7,14 @@ exactly the same filters.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import timedelta
 
+from django.conf import settings
 from django.db.models import QuerySet
 from django.utils import timezone
 
-from campaigns.models import Campaign
+from campaigns.models import Campaign, Shard
 from delivery.providers.registry import provider_class
 from tokens.models import DeviceToken, Platform
 
@@ -58,3 +60,23 @@ def queue_for(campaign: Campaign, platform: str) -> str:
     if campaign.kind == Campaign.Kind.DIRECT:
         return PRIORITY_QUEUE
     return provider_class(platform).queue
+
+
+def list_shards(campaign: Campaign, devices: Iterable[tuple[str, int]]) -> list[Shard]:
+    """Unsaved list shards for explicit (platform, device id) pairs (a direct send, a canary
+    sample): per platform, in slices of CAMPAIGN_SHARD_SIZE, on the platform's queue."""
+    size = settings.CAMPAIGN_SHARD_SIZE
+    by_platform: dict[str, list[int]] = {}
+    for platform, pk in devices:
+        by_platform.setdefault(platform, []).append(pk)
+    return [
+        Shard(
+            campaign_id=campaign.pk,
+            platform=platform,
+            queue=queue_for(campaign, platform),
+            device_ids=ids[i : i + size],
+            planned=len(ids[i : i + size]),
+        )
+        for platform, ids in sorted(by_platform.items())
+        for i in range(0, len(ids), size)
+    ]
