@@ -28,6 +28,21 @@ def _next_shard_id(queue: str) -> int:
         return args[0]
 
 
+def _planned(population: dict[str, int]) -> Campaign:
+    """A running broadcast to a new app's devices, planned in this process (its tasks published)."""
+    app = make_app()
+    load_devices(app, build_population(population, {}))
+    campaign = Campaign.objects.create(
+        app=app,
+        message={"title": "x"},
+        status=Campaign.Status.RUNNING,
+        started_at=timezone.now(),
+        outstanding=1,
+    )
+    planning.plan(campaign.pk)
+    return campaign
+
+
 def _queued_ids(redis_client, key: str) -> list[int]:
     ids = []
     for raw in redis_client.lrange(key, 0, -1):
@@ -40,16 +55,7 @@ def test_planning_puts_the_first_devices_of_each_platform_in_the_head_lane(redis
     assert settings.CELERY_BROKER_URL == settings.REDIS_URL  # the lists below are the broker's
     settings.CAMPAIGN_SHARD_SIZE = 10
     settings.CAMPAIGN_HEAD_DEVICES = 25
-    app = make_app()
-    load_devices(app, build_population({"ios": 60, "android": 15}, {}))
-    campaign = Campaign.objects.create(
-        app=app,
-        message={"title": "x"},
-        status=Campaign.Status.RUNNING,
-        started_at=timezone.now(),
-        outstanding=1,
-    )
-    planning.plan(campaign.pk)
+    campaign = _planned({"ios": 60, "android": 15})
 
     lanes = {
         platform: [
@@ -87,15 +93,6 @@ def test_a_head_shard_published_after_a_broadcast_s_bulk_is_served_first(redis_c
 def test_one_lane_when_the_head_is_zero(redis_client, settings) -> None:
     settings.CAMPAIGN_SHARD_SIZE = 10
     settings.CAMPAIGN_HEAD_DEVICES = 0
-    app = make_app()
-    load_devices(app, build_population({"ios": 30}, {}))
-    campaign = Campaign.objects.create(
-        app=app,
-        message={"title": "x"},
-        status=Campaign.Status.RUNNING,
-        started_at=timezone.now(),
-        outstanding=1,
-    )
-    planning.plan(campaign.pk)
+    campaign = _planned({"ios": 30})
     assert set(Shard.objects.filter(campaign=campaign).values_list("lane", flat=True)) == {Shard.Lane.BULK}
     assert settings.SHARD_LANE_PRIORITIES == (0, 9)
