@@ -521,6 +521,10 @@ AXES_VERBOSE = False
 REGISTRY_SYNCHRONOUS_COMMIT = _env_bool("REGISTRY_SYNCHRONOUS_COMMIT", False)
 # Server-side prepared statements for the upsert; turn off behind PgBouncer in transaction mode.
 REGISTRY_PREPARED_STATEMENTS = _env_bool("REGISTRY_PREPARED_STATEMENTS", True)
+# PostgreSQL: the device table is hash-partitioned on (app_id, device_id) into this many
+# partitions (docs/scaling.md, "The partitioned registry"). Read once, by the migration that
+# partitions the table (tokens 0007); changing it later means re-partitioning, not a restart.
+REGISTRY_PARTITIONS = _env_int("REGISTRY_PARTITIONS", 16)
 
 # --- REST framework ---------------------------------------------------------------------------
 REST_FRAMEWORK = {

@@ -321,8 +321,11 @@ class EstimatedCountPaginator(Paginator):
         query = getattr(self.object_list, "query", None)
         if connection.vendor == "postgresql" and query is not None and not query.where:
             with connection.cursor() as cursor:
+                # The partitioned table's estimate is its partitions' (autovacuum analyzes those).
                 cursor.execute(
-                    "SELECT reltuples::bigint FROM pg_class WHERE oid = %s::regclass",
+                    "SELECT COALESCE((SELECT sum(greatest(p.reltuples, 0)) FROM pg_inherits i "
+                    "JOIN pg_class p ON p.oid = i.inhrelid WHERE i.inhparent = t.oid), t.reltuples)::bigint "
+                    "FROM pg_class t WHERE t.oid = %s::regclass",
                     [DeviceToken._meta.db_table],
                 )
                 row = cursor.fetchone()

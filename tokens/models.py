@@ -183,7 +183,13 @@ class DeviceToken(models.Model):
 
     `updated_at` is the last registration time; the APNs 410 rule compares it with the provider's
     timestamp, so only registrations (not deliveries) may move it.
+
+    On PostgreSQL the table is hash-partitioned on (app_id, device_id) (tokens 0007): the primary
+    key there is (app_id, device_id), `id` has a plain index, and the token's uniqueness is the
+    primary key of CLAIMS_TABLE, kept by triggers. The constraints below are what SQLite gets.
     """
+
+    CLAIMS_TABLE = "tokens_tokenclaim"
 
     # No index of its own: every composite index below starts with app_id and serves it, and a
     # sixth index would cost every registration and bulk import one more btree insert.

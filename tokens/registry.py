@@ -43,7 +43,11 @@ _RETRYABLE_PG = {"23505", "40001", "40P01"}
 
 _TABLE = DeviceToken._meta.db_table
 _DELETE_MOVED = (
-    f"DELETE FROM {_TABLE} WHERE app_id = %s AND platform = %s AND token_hash = %s AND device_id <> %s"
+    # The partitioned table (PostgreSQL) has no index on the token: its claim names the device.
+    f"DELETE FROM {_TABLE} d USING {DeviceToken.CLAIMS_TABLE} c WHERE c.app_id = %s AND c.platform = %s "
+    "AND c.token_hash = %s AND c.device_id <> %s AND d.app_id = c.app_id AND d.device_id = c.device_id"
+    if connection.vendor == "postgresql"
+    else f"DELETE FROM {_TABLE} WHERE app_id = %s AND platform = %s AND token_hash = %s AND device_id <> %s"
 )
 # The update half of every upsert (API and import_tokens): the same registration semantics.
 UPSERT_CONFLICT_CLAUSE = f"""ON CONFLICT (app_id, device_id) DO UPDATE SET
