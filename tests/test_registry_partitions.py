@@ -196,11 +196,19 @@ def test_a_shard_load_reads_its_range_through_the_fanout_index(populated: App) -
 def test_a_registration_finds_the_tokens_old_device_through_its_claim(populated: App) -> None:
     app = populated
     token_hash = _sql(f"SELECT token_hash FROM {DEVICES} LIMIT 1")[0][0]
-    plan = _plan(registry._DELETE_MOVED, [app.pk, "ios", token_hash, str(uuid.uuid4())])
+    assert registry.claims_in_use()
+    plan = _plan(registry._DELETE_MOVED_CLAIMED, [app.pk, "ios", token_hash, str(uuid.uuid4())])
     assert "Seq Scan" not in plan, plan
     assert f"{CLAIMS}_p" in plan and "_pkey" in plan, plan
     # Only the claim's own partition is searched for the token.
     assert plan.count(f"on {CLAIMS}_p") == 1, plan
+
+
+def _layout_changed() -> None:
+    """What a restart after the migration does: a new session (its prepared statements name the
+    old table's way) and a fresh look at the layout."""
+    connection.close()
+    registry.claims_in_use.cache_clear()
 
 
 @pytest.mark.django_db(transaction=True)
@@ -209,7 +217,6 @@ def test_the_migration_turns_a_filled_table_into_partitions_and_back() -> None:
     for n in range(50):
         _register(app, uuid.uuid4(), _ios_token(n), platform="ios" if n % 2 else "android")
     before = set(_sql(f"SELECT id, app_id, device_id, platform, token_hash FROM {DEVICES}"))
-    top = max(row[0] for row in before)
     executor = MigrationExecutor(connection)
     try:
         executor.migrate([("tokens", "0006_signed_webhooks")])
@@ -219,16 +226,22 @@ def test_the_migration_turns_a_filled_table_into_partitions_and_back() -> None:
         constraints = _sql("SELECT conname FROM pg_constraint WHERE conrelid = %s::regclass", [DEVICES])
         expected = {"uniq_device_per_app", "uniq_token_per_app_platform", f"{DEVICES}_pkey"}
         assert expected <= {name for (name,) in constraints}
+        _layout_changed()
+        _register(app, uuid.uuid4(), _ios_token(98))  # the registry works on the plain table
+        assert not registry.claims_in_use()
+        before = set(_sql(f"SELECT id, app_id, device_id, platform, token_hash FROM {DEVICES}"))
     finally:
         executor = MigrationExecutor(connection)
         executor.loader.build_graph()
         executor.migrate(executor.loader.graph.leaf_nodes())
+        _layout_changed()
     assert _sql("SELECT relkind FROM pg_class WHERE relname = %s", [DEVICES]) == [("p",)]
     assert set(_sql(f"SELECT id, app_id, device_id, platform, token_hash FROM {DEVICES}")) == before
-    assert _claims() == _devices_as_claims() and len(_claims()) == 50
+    assert _claims() == _devices_as_claims() and len(_claims()) == 51
     # Ids go on from where the sequence stood, and the registry works on the new table.
+    top = max(row[0] for row in before)
     _register(app, uuid.uuid4(), _ios_token(99))
-    assert DeviceToken.objects.latest("id").id > top
+    assert DeviceToken.objects.latest("id").id > top and registry.claims_in_use()
 
 
 def test_the_admins_device_count_is_the_partitions_estimate(app: App) -> None:

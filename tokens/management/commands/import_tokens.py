@@ -212,14 +212,21 @@ class Command(BaseCommand):
         return good
 
     def _apply(self, cursor: Any, app_id: int, source: str, staged: int, now: datetime) -> int:
-        # Tokens that moved to another device leave their old device (as in the API).
-        # A token's device is found through its claim (the partitioned table, tokens 0007).
-        cursor.execute(
-            f"DELETE FROM {_TABLE} d USING {source} s, {DeviceToken.CLAIMS_TABLE} c WHERE c.app_id = %s "
-            "AND c.platform = s.platform AND c.token_hash = s.token_hash AND c.device_id <> s.device_id "
-            "AND d.app_id = c.app_id AND d.device_id = c.device_id",
-            [app_id],
-        )
+        # Tokens that moved to another device leave their old device (as in the API); on the
+        # partitioned table the token's device is found through its claim (tokens 0007).
+        if registry.claims_in_use():
+            cursor.execute(
+                f"DELETE FROM {_TABLE} d USING {source} s, {DeviceToken.CLAIMS_TABLE} c "
+                "WHERE c.app_id = %s AND c.platform = s.platform AND c.token_hash = s.token_hash "
+                "AND c.device_id <> s.device_id AND d.app_id = c.app_id AND d.device_id = c.device_id",
+                [app_id],
+            )
+        else:
+            cursor.execute(
+                f"DELETE FROM {_TABLE} d USING {source} s WHERE d.app_id = %s "
+                "AND d.platform = s.platform AND d.token_hash = s.token_hash AND d.device_id <> s.device_id",
+                [app_id],
+            )
         # The file's registration time is the row's `updated_at` (the APNs 410 rule compares it
         # with Apple's timestamp); created_at stays the time pushsvc first stored the device.
         select = f"""
