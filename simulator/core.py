@@ -127,7 +127,9 @@ def json_response(status: int, doc: Any) -> SimResponse:
 
 
 class Core:
-    """State and fault injection shared by the providers; the provider classes add their protocol."""
+    """State and fault injection shared by the providers. Each provider class (apns.py, ...) extends
+    it, setting up its own state before `super().__init__` and clearing it in `reset` before
+    `super().reset`, so `Simulator(Apns, Fcm, Hms, WebPush)` is one object with one state."""
 
     def __init__(self, creds: SimCredentials, front: str = "") -> None:
         self.creds = creds
