@@ -252,7 +252,7 @@ def db_vendor() -> str:
     return connection.vendor
 
 
-# --- provider simulator (simulator/, docs/simulator.md) ----------------------------------
+# --- provider simulator (simulator/, docs/simulator.md) ------------------------------------------
 # One simulator process per front for the whole session; each test gets it reset (counters, per-token
 # attempts and knobs), so tests stay independent without paying a start per test.
 # At the end of the session the fast front would wait out its whole 10 s grace period for the warm
