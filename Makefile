@@ -63,7 +63,7 @@ migrate: venv
 	$(PY) manage.py migrate
 
 simulator: venv
-	$(PY) manage.py run_simulator
+	$(PY) -m simulator
 
 web: venv
 	# granian served 1.5x the registrations/s of gunicorn sync workers in bench/register.py

@@ -188,7 +188,7 @@ def main() -> None:
     from campaigns import control, planning
     from campaigns.models import Campaign, Shard
     from campaigns.testing import CeleryWorker, simulator_app, simulator_env
-    from delivery.simulator.testing import SimulatorProcess
+    from simulator.testing import SimulatorProcess
     from tokens.models import App
 
     call_command("migrate", verbosity=0)

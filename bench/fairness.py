@@ -54,7 +54,7 @@ def main() -> None:
     from campaigns import control, planning
     from campaigns.models import Campaign
     from campaigns.testing import CeleryWorker, simulator_app, simulator_env
-    from delivery.simulator.testing import SimulatorProcess
+    from simulator.testing import SimulatorProcess
 
     call_command("migrate", verbosity=0)
     client = redis.Redis.from_url(args.redis)

@@ -140,7 +140,7 @@ def main() -> None:
     import django
 
     django.setup()
-    from delivery.simulator.testing import SimulatorProcess
+    from simulator.testing import SimulatorProcess
 
     PEER_DIR.mkdir(parents=True, exist_ok=True)
     if skip != {"dpn", "send_each"}:

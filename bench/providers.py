@@ -43,7 +43,7 @@ django.setup()
 from django.conf import settings  # noqa: E402
 
 from delivery.engine import Engine, HttpRequest, create_engine  # noqa: E402
-from delivery.simulator.testing import SimulatorProcess, apns_jwt  # noqa: E402
+from simulator.testing import SimulatorProcess, apns_jwt  # noqa: E402
 
 WARMUP = 2_000
 APNS_BODY = b'{"aps":{"alert":{"title":"Hello","body":"from bench/providers.py"}}}'

@@ -29,8 +29,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from delivery.simulator.credentials import SimCredentials
-from delivery.simulator.testing import SimulatorProcess, apns_jwt, fcm_assertion
+from simulator.credentials import SimCredentials
+from simulator.testing import SimulatorProcess, apns_jwt, fcm_assertion
 
 _FINISHED = re.compile(r"finished in ([\d.]+)(m?s), ([\d.]+) req/s")
 _REQUESTS = re.compile(

@@ -15,7 +15,7 @@ from django.conf import settings
 from rest_framework.test import APIClient
 
 from campaigns.testing import CeleryWorker, database_url, purge_rabbitmq, simulator_env
-from delivery.simulator.testing import SimulatorProcess
+from simulator.testing import SimulatorProcess
 from tokens.models import ApiKey, App
 
 # Fast retries so a test sees a device through all its attempts in seconds.

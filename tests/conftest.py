@@ -252,7 +252,7 @@ def db_vendor() -> str:
     return connection.vendor
 
 
-# --- provider simulator (delivery/simulator, docs/simulator.md) ----------------------------------
+# --- provider simulator (simulator/, docs/simulator.md) ------------------------------------------
 # One simulator process per front for the whole session; each test gets it reset (counters, per-token
 # attempts and knobs), so tests stay independent without paying a start per test.
 # At the end of the session the fast front would wait out its whole 10 s grace period for the warm
@@ -262,7 +262,7 @@ SESSION_SIMULATOR_GRACE_S = 1.0
 
 @pytest.fixture(scope="session")
 def _simulator_fast_process():
-    from delivery.simulator.testing import SimulatorProcess
+    from simulator.testing import SimulatorProcess
 
     sim = SimulatorProcess(front="fast", tls=True).start()
     try:
@@ -273,7 +273,7 @@ def _simulator_fast_process():
 
 @pytest.fixture(scope="session")
 def _simulator_strict_process():
-    from delivery.simulator.testing import SimulatorProcess
+    from simulator.testing import SimulatorProcess
 
     sim = SimulatorProcess(front="strict", tls=True).start()
     try:

@@ -25,9 +25,9 @@ from delivery.credentials import shared_cache
 from delivery.payload import PushMessage
 from delivery.providers.apns import ApnsProvider
 from delivery.providers.base import Outcome, Target
-from delivery.simulator.credentials import apns_client_certificate, load_ca, new_ca
-from delivery.simulator.testing import SimulatorProcess
 from pushsvc import metrics
+from simulator.credentials import apns_client_certificate, load_ca, new_ca
+from simulator.testing import SimulatorProcess
 from tokens import credentials
 from tokens.models import App
 

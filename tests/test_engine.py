@@ -20,7 +20,7 @@ import pytest
 from delivery.engine import Engine, HttpRequest, HttpResponse, TransportError, create_engine
 from delivery.engine.base import LATENCY_BOUNDS
 from delivery.engine.curl import _parse_headers
-from delivery.simulator.testing import SimulatorProcess
+from simulator.testing import SimulatorProcess
 
 T = TypeVar("T")
 KINDS = ["curl", "httpx"]

@@ -21,8 +21,8 @@ from delivery.credentials import ApnsTokens, FcmTokens, ServiceAccount, shared_c
 from delivery.payload import MESSAGE_ID_KEY, TRUNCATED_KEY, PushMessage
 from delivery.providers.base import Outcome, Provider, Result, Target
 from delivery.providers.registry import provider_class
-from delivery.simulator.testing import SimulatorProcess
-from delivery.simulator.webpush_keys import subscription
+from simulator.testing import SimulatorProcess
+from simulator.webpush_keys import subscription
 from tokens.models import App
 
 

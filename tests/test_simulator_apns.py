@@ -10,7 +10,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from delivery.simulator.testing import SimulatorProcess, apns_jwt
+from simulator.testing import SimulatorProcess, apns_jwt
 
 GOOD = "ab" * 32
 PAYLOAD = b'{"aps":{"alert":"hello"}}'

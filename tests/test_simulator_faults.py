@@ -9,8 +9,8 @@ from collections.abc import Callable, Iterator
 import httpx
 import pytest
 
-from delivery.simulator import webpush_keys
-from delivery.simulator.testing import (
+from simulator import webpush_keys
+from simulator.testing import (
     SimulatorProcess,
     apns_jwt,
     fcm_assertion,

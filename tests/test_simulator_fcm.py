@@ -11,7 +11,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from delivery.simulator.testing import SimulatorProcess, fcm_assertion
+from simulator.testing import SimulatorProcess, fcm_assertion
 
 GRANT = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 

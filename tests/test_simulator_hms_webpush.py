@@ -9,8 +9,8 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from delivery.simulator import webpush_keys
-from delivery.simulator.testing import SimulatorProcess, vapid_authorization, webpush_encrypt
+from simulator import webpush_keys
+from simulator.testing import SimulatorProcess, vapid_authorization, webpush_encrypt
 
 
 @pytest.fixture(params=["fast", "strict"])

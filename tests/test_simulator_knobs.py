@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from delivery.simulator.testing import SimulatorError, SimulatorProcess, apns_jwt
+from simulator.testing import SimulatorError, SimulatorProcess, apns_jwt
 
 PAYLOAD = b'{"aps":{"alert":"hello"}}'
 
@@ -179,7 +179,7 @@ def test_simulator_exits_with_its_parent(tmp_path):
     """A killed test run leaves no simulator behind (SimulatorProcess passes --exit-with-parent)."""
     script = (
         "import os, sys\n"
-        "from delivery.simulator.testing import SimulatorProcess\n"
+        "from simulator.testing import SimulatorProcess\n"
         "sim = SimulatorProcess(front='strict', tls=False).start()\n"
         "print(sim.proc.pid, flush=True)\n"
         "os._exit(0)\n"

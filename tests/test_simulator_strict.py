@@ -23,8 +23,8 @@ import httpx
 import pycurl
 import pytest
 
-from delivery.simulator.strict import _SelfEnforcedSettings
-from delivery.simulator.testing import SimulatorError, SimulatorProcess, apns_jwt
+from simulator.strict import _SelfEnforcedSettings
+from simulator.testing import SimulatorError, SimulatorProcess, apns_jwt
 
 PAYLOAD = b'{"aps":{"alert":"hello"}}'
 # tcpi_state after a RST (Linux include/net/tcp_states.h); a FIN leaves the socket in CLOSE_WAIT (8).

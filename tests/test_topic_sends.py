@@ -18,8 +18,8 @@ from delivery import runtime
 from delivery.payload import PushMessage
 from delivery.providers.base import Outcome, Target
 from delivery.providers.registry import provider_class
-from delivery.simulator.core import topic_key
 from delivery.topics import TopicError, condition_topics, normalize_topic
+from simulator.core import topic_key
 from tokens.testing import make_app
 
 pytestmark = pytest.mark.django_db(transaction=True)

@@ -37,8 +37,8 @@ from bench.campaign import generate_devices
 from campaigns.models import Campaign, Shard
 from campaigns.testing import CeleryWorker, database_url, sim_counts, simulator_app, simulator_env, wait_for
 from delivery import leases
-from delivery.simulator.credentials import ensure_credentials
-from delivery.simulator.testing import SimulatorProcess
+from simulator.credentials import ensure_credentials
+from simulator.testing import SimulatorProcess
 from tests.multihost.netns import Network, Unavailable, unavailable_reason
 from tests.reliability.harness import PRODUCTION, wait_delivered
 from tokens.models import ApiKey, DeviceToken

@@ -75,7 +75,7 @@ class Command(BaseCommand):
         say(f"Redis: {redis_url}")
         call_command("migrate", verbosity=0)
 
-        from delivery.simulator.testing import SimulatorError, SimulatorProcess
+        from simulator.testing import SimulatorError, SimulatorProcess
 
         try:
             sim = stack.enter_context(SimulatorProcess(front="fast", tls=True, record_payloads=False))

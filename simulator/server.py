@@ -1,7 +1,12 @@
-"""Starting the simulator: bind, pick a front, announce readiness, serve until SIGTERM/SIGINT."""
+"""Starting the simulator: bind, pick a front, announce readiness, serve until SIGTERM/SIGINT.
+
+The command-line options live here too, so `python -m simulator` and `python manage.py run_simulator`
+take the same ones and start the same server.
+"""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import logging
@@ -11,12 +16,14 @@ import socket
 from pathlib import Path
 from typing import Any
 
-from delivery.simulator.core import Simulator
-from delivery.simulator.credentials import ensure_credentials
+from simulator.credentials import ensure_credentials
+from simulator.world import Simulator
 
-log = logging.getLogger("delivery.simulator")
+log = logging.getLogger("simulator")
 
 FRONTS = ("fast", "strict")
+# The checkout's var/simulator: where both commands and the test helper keep the generated CA and keys.
+DEFAULT_WORKDIR = Path(__file__).resolve().parent.parent / "var" / "simulator"
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -81,7 +88,7 @@ async def run(
             tmp.replace(ready_file)
 
     if front == "strict":
-        from delivery.simulator import strict
+        from simulator import strict
 
         # APNs certificate authentication: client certificates must chain to this CA (the
         # generated one unless --apns-client-ca names another). The fast front does not check them.
@@ -93,7 +100,7 @@ async def run(
         server.close()
         return
 
-    from delivery.simulator import fast
+    from simulator import fast
 
     granian, _app = fast.build_server(
         sim,
@@ -129,3 +136,52 @@ def main(**kwargs: Any) -> None:
     except ImportError:  # pragma: no cover - uvloop is in requirements
         pass
     asyncio.run(run(**kwargs))
+
+
+def add_arguments(parser: argparse.ArgumentParser, workdir: str | os.PathLike[str] = DEFAULT_WORKDIR) -> None:
+    """The command-line options (docs/simulator.md), for `python -m simulator` and run_simulator."""
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8443, help="0 picks a free port")
+    parser.add_argument("--front", choices=FRONTS, default="fast")
+    parser.add_argument("--tls", action="store_true", default=True)
+    parser.add_argument("--no-tls", dest="tls", action="store_false", help="cleartext h2c and HTTP/1.1")
+    parser.add_argument("--workdir", default=str(workdir))
+    parser.add_argument("--knobs", default="", help="initial knobs as JSON, e.g. '{\"latency_ms\": 5}'")
+    parser.add_argument("--ready-file", default="", help="write {base_url, port, pid} here once serving")
+    parser.add_argument("--exit-with-parent", action="store_true", help="stop when the parent process dies")
+    parser.add_argument(
+        "--apns-client-ca",
+        default="",
+        help="PEM CA whose client certificates the APNs front accepts (strict front; default: "
+        "the generated apns_client_ca.pem in the workdir)",
+    )
+    # Tuning of the fast front, for measuring alternatives (bench/simulator_ceiling.py).
+    parser.add_argument("--fast-threads", type=int, default=1, help="granian runtime threads")
+    parser.add_argument("--fast-task-impl", choices=("asyncio", "rust"), default="asyncio")
+    parser.add_argument("--fast-interface", choices=("rsgi", "asgi"), default="rsgi")
+
+
+def main_options(opts: dict[str, Any]) -> dict[str, Any]:
+    """`main`'s keyword arguments from the parsed options; ValueError if --knobs is not a JSON object."""
+    try:
+        knobs = json.loads(opts["knobs"]) if opts["knobs"] else {}
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--knobs is not JSON: {exc}") from exc
+    if not isinstance(knobs, dict):
+        raise ValueError("--knobs must be a JSON object")
+    return {
+        "front": opts["front"],
+        "host": opts["host"],
+        "port": opts["port"],
+        "tls": opts["tls"],
+        "workdir": opts["workdir"],
+        "knobs": knobs,
+        "ready_file": opts["ready_file"] or None,
+        "exit_with_parent": opts["exit_with_parent"],
+        "apns_client_ca": opts["apns_client_ca"] or None,
+        "fast_options": {
+            "runtime_threads": opts["fast_threads"],
+            "task_impl": opts["fast_task_impl"],
+            "interface": opts["fast_interface"],
+        },
+    }

@@ -23,7 +23,7 @@ from granian.constants import HTTPModes, Interfaces, SSLProtocols, TaskImpl
 from granian.http import HTTP1Settings, HTTP2Settings
 from granian.server.embed import Server
 
-from delivery.simulator.core import Simulator
+from simulator.world import Simulator
 
 try:
     from granian._granian import SocketHolder

@@ -29,11 +29,11 @@ import http_ece
 import jwt
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from delivery.simulator.credentials import SimCredentials, ensure_credentials
-from delivery.simulator.webpush_keys import b64decode
+from simulator.credentials import SimCredentials, ensure_credentials
+from simulator.server import DEFAULT_WORKDIR
+from simulator.webpush_keys import b64decode
 
-BASE_DIR = Path(__file__).resolve().parents[2]
-DEFAULT_WORKDIR = BASE_DIR / "var" / "simulator"
+BASE_DIR = Path(__file__).resolve().parent.parent  # the checkout: `python -m simulator` runs from here
 
 
 class SimulatorError(RuntimeError):
@@ -57,7 +57,7 @@ class SimulatorProcess:
         self.host = host
         self.startup_timeout = startup_timeout
         self.initial_knobs = knobs
-        self.extra_args = list(extra_args or [])  # further run_simulator options, e.g. --fast-threads 2
+        self.extra_args = list(extra_args or [])  # further simulator options, e.g. --fast-threads 2
         self.proc: subprocess.Popen[bytes] | None = None
         self.base_url = ""
         self.port = 0
@@ -78,8 +78,7 @@ class SimulatorProcess:
         ensure_credentials(self.workdir, "http://127.0.0.1:0")
         cmd = [
             sys.executable,
-            str(BASE_DIR / "manage.py"),
-            "run_simulator",
+            "-m", "simulator",
             "--host", self.host,
             "--port", "0",
             "--front", self.front,
@@ -91,10 +90,8 @@ class SimulatorProcess:
         if self.initial_knobs:
             cmd += ["--knobs", json.dumps(self.initial_knobs)]
         cmd += self.extra_args
-        env = dict(os.environ)
-        env.setdefault("DJANGO_SETTINGS_MODULE", "pushsvc.settings")
         with open(self.log_file, "wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=BASE_DIR)
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=BASE_DIR)
         deadline = time.monotonic() + self.startup_timeout
         while not ready.exists():
             if self.proc.poll() is not None:

@@ -36,9 +36,11 @@ import h2.exceptions
 import h2.settings
 from hyperframe.frame import GoAwayFrame
 
-from delivery.simulator.core import ClientCert, Knobs, SimResponse, Simulator
+from simulator.apns import ClientCert
+from simulator.core import Knobs, SimResponse
+from simulator.world import Simulator
 
-log = logging.getLogger("delivery.simulator.strict")
+log = logging.getLogger("simulator.strict")
 
 _PREFACE = b"PRI * HTTP/2.0"
 _MAX_H1_HEADER = 64 * 1024
