@@ -13,7 +13,9 @@ is timed, and again on the partitioned table:
 - a shard load (the send path's read: campaigns.sending.run._load) of 30 planned shards;
 - registrations through tokens.registry.upsert_device, `--registrations` of each kind: a new
   device, the same registration again, a token rotation, a token moved to a new device;
-- lookups by id alone, 500 at a time (what token invalidation reads);
+- lookups by id alone, 500 at a time (the admin's and the API's reads by primary key);
+- token invalidation (tokens.invalidation.apply_invalidations, rolled back), 500 at a time, with
+  the device's key (what the shard run passes) and by id alone;
 - the table's size with its indexes (and the claims').
 Times are wall clock in this process; "PG CPU" is every PostgreSQL process's CPU from /proc over the
 step (the server must be on this host and the machine otherwise idle).
@@ -49,12 +51,13 @@ def timed(step: Callable[[], object]) -> tuple[float, float, object]:
 
 
 def measure(label: str, app_id: int, registrations: int, redis_client) -> dict[str, str]:
-    from django.db import connection
+    from django.db import connection, transaction
 
     from campaigns import control, planning
     from campaigns.models import Campaign, Shard
     from campaigns.sending.run import _load
     from tokens import registry
+    from tokens.invalidation import Invalidation, apply_invalidations
     from tokens.models import DeviceToken
     from tokens.validation import Registration
 
@@ -117,6 +120,29 @@ def measure(label: str, app_id: int, registrations: int, redis_client) -> dict[s
 
     wall, cpu, _ = timed(lookups)
     out["lookup by id"] = f"{wall / len(ids) * 1e6:.1f} us wall, {cpu / len(ids) * 1e6:.1f} us PG CPU per id"
+    sample = list(
+        DeviceToken.objects.filter(app_id=app_id, is_active=True)
+        .order_by("?")
+        .values_list("id", "token_hash", "device_id")[:5000]
+    )
+    for label, keyed in (("invalidation, by key", True), ("invalidation, by id", False)):
+
+        def invalidate(keyed=keyed) -> None:
+            for start in range(0, len(sample), 500):
+                items = [
+                    Invalidation(
+                        pk, token_hash, app_id, "apns", "Unregistered", device_key=key if keyed else None
+                    )
+                    for pk, token_hash, key in sample[start : start + 500]
+                ]
+                with transaction.atomic():  # undone: both variants see the same active rows
+                    apply_invalidations(items)
+                    transaction.set_rollback(True)
+
+        wall, cpu, _ = timed(invalidate)
+        out[label] = (
+            f"{wall / len(sample) * 1e6:.0f} us wall, {cpu / len(sample) * 1e6:.0f} us PG CPU per device"
+        )
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT pg_size_pretty(sum(pg_total_relation_size(c.oid))) FROM pg_class c "

@@ -106,6 +106,19 @@ def test_bulk_application_is_one_statement_with_an_audit_row_each():
     assert len({a["stream_id"] for a in audit}) == 2600  # every audit row has its own id
 
 
+def test_keyed_invalidations_find_each_row_by_its_key_and_check_its_id():
+    # The shard run passes each device's device_id (its partition key): PostgreSQL then reads one
+    # partition per answer. The key must belong to the same row as the id.
+    app = make_app()
+    rows = make_tokens(app, 40, "ios")
+    right = [invalidation(r, device_key=r.device_id) for r in rows[:20]]
+    crossed = [invalidation(r, device_key=o.device_id) for r, o in zip(rows[20:30], rows[30:40], strict=True)]
+    assert apply_invalidations(right + crossed) == (20, 30)
+    assert active_ids(app) == {r.pk for r in rows[20:]}
+    applied = {a["device_id"]: a["applied"] for a in audit_rows()}
+    assert applied == {r.pk: r in rows[:20] for r in rows[:30]}
+
+
 def test_apns_410_timestamp_race():
     app = make_app()
     now = timezone.now()

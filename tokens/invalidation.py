@@ -45,6 +45,9 @@ class Invalidation:
     provider_ts: datetime | None = None  # APNs 410 timestamp
     campaign_id: int | None = None
     observed_at: datetime | None = None  # when the answer arrived; apply_invalidations fills in now
+    # The device's device_id: with it PostgreSQL finds the row in its one partition of the device
+    # table (tokens 0007) instead of probing every partition's id index (~7x the CPU at 16).
+    device_key: uuid.UUID | None = None
 
 
 @dataclass(slots=True)
@@ -80,14 +83,14 @@ WITH v AS (
     SELECT * FROM json_to_recordset(%s::json) AS v(
         audit_id text, device_id bigint, token_hash text, app_id bigint, provider text,
         reason text, provider_ts timestamptz, observed_at timestamptz, campaign_id bigint,
-        keep boolean)
+        keep boolean, device_key uuid)
 ),
 upd AS (
     UPDATE {_TOKENS} AS d
        SET is_active = FALSE, deactivated_at = %s, deactivation_reason = v.reason
       FROM v
      WHERE v.keep
-       AND d.id = v.device_id
+       AND {{match}}
        AND d.token_hash = v.token_hash
        AND d.is_active
        AND d.updated_at <= COALESCE(v.provider_ts, v.observed_at)
@@ -107,6 +110,8 @@ SELECT (SELECT count(*) FROM upd), (SELECT count(*) FROM ins),
 # What the token.invalidated webhook reports of each deactivated device; only built when one of
 # the batch's apps has a webhook (tokens/webhooks.py).
 _PG_DEVICES = "(SELECT json_agg(json_build_array(app_id, device_id, user_id, platform, reason)) FROM upd)"
+_PG_MATCH_BY_KEY = "d.app_id = v.app_id AND d.device_id = v.device_key AND d.id = v.device_id"
+_PG_MATCH_BY_ID = "d.id = v.device_id"
 
 
 Deactivated = list[tuple[int, str, str, str, str]]  # (app_id, device_id, user_id, platform, reason)
@@ -127,10 +132,14 @@ def _apply_postgresql(rows: list[_Row], now: datetime, report: bool) -> tuple[in
             "observed_at": row.item.observed_at,
             "campaign_id": row.item.campaign_id,
             "keep": row.keep,
+            "device_key": row.item.device_key and str(row.item.device_key),
         }
         for row in sorted(rows, key=lambda r: r.item.device_id)
     ]
-    sql = _PG_APPLY.replace("{devices}", _PG_DEVICES if report else "NULL")
+    keyed = all(row.item.device_key is not None for row in rows)
+    sql = _PG_APPLY.replace("{devices}", _PG_DEVICES if report else "NULL").replace(
+        "{match}", _PG_MATCH_BY_KEY if keyed else _PG_MATCH_BY_ID
+    )
     with transaction.atomic(), connection.cursor() as cursor:
         cursor.execute(sql, [orjson.dumps(document).decode(), now, now])
         deactivated, audited, devices = cursor.fetchone()

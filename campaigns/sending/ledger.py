@@ -85,7 +85,8 @@ class ShardResults:
     sent: int = 0
     delivered: list[int] = field(default_factory=list)
     # (device pk, hash of the token sent to, reason, APNs 410 timestamp, when the answer came)
-    invalid: list[tuple[int, str, str, datetime | None, datetime]] = field(default_factory=list)
+    # (pk, token_hash, reason, invalid_since, observed_at, device_id)
+    invalid: list[tuple[int, str, str, datetime | None, datetime, object]] = field(default_factory=list)
     rejected: list[tuple[int, str]] = field(default_factory=list)
     dead: list[tuple[Device, str, int | None, str]] = field(default_factory=list)  # + provider message id
     retry: list[int] = field(default_factory=list)
@@ -136,7 +137,9 @@ class ShardResults:
                     self.held_invalid += 1
                     continue
                 token_hash = hashlib.sha256(device.token.encode()).hexdigest()
-                self.invalid.append((device.pk, token_hash, reason, result.invalid_since, observed_at))
+                self.invalid.append(
+                    (device.pk, token_hash, reason, result.invalid_since, observed_at, device.device_id)
+                )
             elif outcome == Outcome.REJECTED:
                 self.rejected.append((device.pk, detail))
             elif outcome == Outcome.RETRY:
@@ -410,7 +413,7 @@ def _deactivate(
     app_id: int,
     platform: str,
     campaign_id: int,
-    invalid: list[tuple[int, str, str, datetime | None, datetime]],
+    invalid: list[tuple[int, str, str, datetime | None, datetime, object]],
     now: datetime,
 ) -> int:
     """The shard's invalid tokens, deactivated and audited in one statement (tokens/invalidation.py)."""
@@ -427,8 +430,9 @@ def _deactivate(
             provider_ts=since,
             campaign_id=campaign_id,
             observed_at=observed_at,
+            device_key=device_key,
         )
-        for pk, token_hash, reason, since, observed_at in invalid
+        for pk, token_hash, reason, since, observed_at, device_key in invalid
     ]
     deactivated, _audited = apply_invalidations(items, now=now)
     return deactivated
