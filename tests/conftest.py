@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import secrets
 from collections.abc import Iterator
@@ -25,9 +26,27 @@ def pytest_configure(config: pytest.Config) -> None:
     # attempt. The tests exercise Django's auth, not the hasher's strength: a fast one, in tests only
     # (processes a test starts, e.g. the web server in the slow lane, keep the production hasher).
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    _check_xdist_worker()
     _flush_by_delete()
     if settings.BROKER_IS_RABBITMQ:
         _check_rabbitmq(settings.CELERY_BROKER_URL)
+
+
+def _check_xdist_worker() -> None:
+    """An xdist worker (`make test-fast`) must have a Redis database of its own: tests/xdist_workers.py
+    gives it one, when loaded (`-p tests.xdist_workers`); without it the workers would flush each
+    other's database and take each other's queued tasks."""
+    from tests import xdist_workers
+
+    index = xdist_workers.worker_index()
+    if index is None:
+        return
+    db = os.environ.get(xdist_workers.ENV_MARK)
+    if db is None or settings.REDIS_URL.rstrip("/").rsplit("/", 1)[-1] != db:
+        raise pytest.UsageError(
+            "pytest-xdist workers need `-p tests.xdist_workers` (a Redis database each): use "
+            "`make test-fast`, or add that option to the pytest command line."
+        )
 
 
 # --- transactional tests: emptied with DELETE, not TRUNCATE ----------------------------------------
