@@ -3,10 +3,11 @@
 Each worker process (PYTEST_XDIST_WORKER=gw0, gw1, ...) gets a Redis database of its own: the
 tests flush it, and Celery's queues, the rate limiter and the caches keep fixed keys in it. Worker
 gwN uses REDIS_URL's database number plus N (TEST_REDIS_URL=redis://.../12 with two workers: 12 and
-13), for the broker too when it is the same Redis. This has to happen before pushsvc.settings is read
-(pytest-django reads it before any conftest), hence a plugin of its own, run ahead of pytest-django's
-hook. The worker's PostgreSQL test database is its own already (tests/conftest.py adds the `_gwN`
-suffix pytest-django gives it, then a run suffix).
+13), and so does a Redis CELERY_BROKER_URL; a RabbitMQ broker is refused (its vhost would be shared).
+This has to happen before pushsvc.settings is read (pytest-django reads it before any conftest), hence
+a plugin of its own, run ahead of pytest-django's hook; the processes a test starts inherit it. The
+worker's PostgreSQL test database is its own already (pytest-django's `_gwN` suffix, then the run
+suffix tests/conftest.py adds).
 
 tests/conftest.py refuses to run in an xdist worker that did not go through this plugin.
 """
@@ -47,7 +48,7 @@ def pytest_load_initial_conftests(early_config, parser, args):
         redis_url = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
         broker = os.environ.get("CELERY_BROKER_URL")
         if broker and not broker.startswith(("redis://", "rediss://")):
-            # A RabbitMQ vhost would be shared by the workers; the RabbitMQ pass runs serially.
+            # `make test-rabbitmq` runs in one process.
             scheme = broker.split(":", 1)[0]
             raise pytest.UsageError(f"xdist workers need a Redis broker of their own, not {scheme}")
         os.environ["REDIS_URL"] = redis_url_for_worker(redis_url, index)
