@@ -3,9 +3,12 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat requirements.txt requirements-dev.txt | cksum | cut -d' ' -f1)
-# Tests always run on PostgreSQL and a Redis database of their own (they flush it).
+# Tests always run on PostgreSQL and a Redis database of their own (they flush it). `make test-fast`
+# runs on TEST_FAST_WORKERS processes (pytest-xdist), worker N on TEST_REDIS_URL's database + N: with
+# the defaults, databases 14 and 15 (Redis has 0-15).
 TEST_DATABASE_URL ?= postgres://postgres@127.0.0.1:5432/test
-TEST_REDIS_URL ?= redis://127.0.0.1:6379/15
+TEST_REDIS_URL ?= redis://127.0.0.1:6379/14
+TEST_FAST_WORKERS ?= 2
 # `make test-rabbitmq`: the broker-sensitive worker tests again with RabbitMQ as the broker, in a
 # vhost of the run's own (created with rabbitmqctl if missing; its queues are emptied per test).
 TEST_RABBITMQ_URL ?= amqp://guest:guest@127.0.0.1:5672/pushsvc_test
@@ -35,8 +38,12 @@ test: venv browser-deps
 # The two lanes of `make test` (tests/conftest.py marks what is slow): in-process tests only, and
 # the rest (Celery workers, fault tests, browser, schemathesis, tests that start processes of their
 # own). With exactly -m "not slow", the files holding only slow tests are not even imported.
+# The fast lane runs on TEST_FAST_WORKERS xdist processes (tests/xdist_workers.py: a Redis database
+# and a PostgreSQL test database each); TEST_FAST_WORKERS=0 runs it in one process. `make test` and
+# the slow lane stay in one process (their tests start workers and servers of their own).
 test-fast: venv
-	DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) $(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) $(PY) -m pytest -m "not slow" \
+		-p tests.xdist_workers -n $(TEST_FAST_WORKERS) $(PYTEST_ARGS)
 
 test-slow: venv browser-deps
 	DATABASE_URL=$(TEST_DATABASE_URL) REDIS_URL=$(TEST_REDIS_URL) $(PY) -m pytest -m slow $(PYTEST_ARGS)
