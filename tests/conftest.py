@@ -55,8 +55,9 @@ def _check_xdist_worker() -> None:
 # commit), after each of the ~170 transactional tests of the fast lane. DELETE FROM each table, in one
 # transaction with every foreign key deferred (Django makes them DEFERRABLE INITIALLY DEFERRED; a
 # constraint that is not would fail the flush loudly, not leave rows), leaves the same empty tables in
-# ~0.01 s: a test's tables hold a few rows. No trigger is defined (DELETE would fire one, TRUNCATE an
-# ON TRUNCATE one; tests/test_flush.py checks there is none). Sequences are not reset either way
+# ~0.01 s: a test's tables hold a few rows. The only triggers are the device table's (tokens 0007):
+# they keep the token claims, a table Django does not know, equal to the devices under DELETE and
+# TRUNCATE alike (tests/test_flush.py checks there is no other). Sequences are not reset either way
 # (pytest-django's reset_sequences=False); a flush asked to reset them (or to cascade) keeps Django's
 # own TRUNCATE.
 #
@@ -64,8 +65,9 @@ def _check_xdist_worker() -> None:
 # one TRUNCATE instead: DELETE itself is quick there (0.03 s, TRUNCATE 0.06-0.1 s, measured), but it
 # leaves the file at its size, full of dead rows until autovacuum gets to it, and every later flush
 # and scan of the table reads them (each later flush took 0.012 s instead of 0.004 s). Big: a heap over
-# FLUSH_TRUNCATE_BYTES (pg_relation_size, the file's size: exact at once, unlike the planner's row
-# estimates, which wait for ANALYZE; 8 MiB is ~25,000 devices). The TRUNCATE names every table but the
+# FLUSH_TRUNCATE_BYTES (pg_relation_size, summed over a partitioned table's partitions: the files' size,
+# exact at once, unlike the planner's row estimates, which wait for ANALYZE; 8 MiB is ~25,000
+# devices). The TRUNCATE names every table but the
 # two kept below, in the same transaction: nothing kept references a truncated table, and every table
 # that references one is truncated with it, as TRUNCATE requires (tests/test_flush.py runs it).
 #
@@ -79,8 +81,9 @@ FLUSH_TRUNCATE_BYTES = 8 * 1024 * 1024
 def _big_tables(connection, tables: list[str]) -> list[str]:
     with connection.cursor() as cursor:
         cursor.execute(
-            "SELECT name FROM unnest(%s::text[]) AS t(name)"
-            " WHERE pg_relation_size(to_regclass(quote_ident(name))) > %s",
+            "SELECT name FROM unnest(%s::text[]) AS t(name), to_regclass(quote_ident(name)) AS r"
+            " WHERE COALESCE((SELECT sum(pg_relation_size(relid)) FROM pg_partition_tree(r)),"
+            " pg_relation_size(r)) > %s",
             [tables, FLUSH_TRUNCATE_BYTES],
         )
         return [name for (name,) in cursor.fetchall()]

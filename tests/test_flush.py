@@ -1,14 +1,16 @@
 """tests/conftest.py's flush after transactional tests: DELETE while the tables are small, one TRUNCATE
-when one is big, and no trigger for either to fire."""
+when one is big, and either keeps the token claims (the device table's triggers) equal to the devices."""
 
 from __future__ import annotations
+
+import uuid
 
 import pytest
 from django.core.management.color import no_style
 from django.db import connection
 
 from tests import conftest
-from tokens.models import App
+from tokens.models import App, DeviceToken
 
 pytestmark = pytest.mark.django_db
 
@@ -17,14 +19,44 @@ def _tables() -> list[str]:
     return connection.introspection.django_table_names(only_existing=True, include_views=False)
 
 
-def test_no_trigger_is_defined():
+def test_the_only_triggers_keep_the_token_claims():
     with connection.cursor() as cursor:
         cursor.execute(
             "SELECT c.relname, t.tgname FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid"
             " JOIN pg_namespace n ON n.oid = c.relnamespace"
-            " WHERE NOT t.tgisinternal AND n.nspname = current_schema()"
+            " WHERE NOT t.tgisinternal AND t.tgparentid = 0 AND n.nspname = current_schema()"
         )
-        assert cursor.fetchall() == []
+        triggers = cursor.fetchall()
+    assert {table for table, _ in triggers} == {DeviceToken._meta.db_table}
+    assert {name for _, name in triggers} == {
+        "tokens_claims_insert",
+        "tokens_claims_delete",
+        "tokens_claims_update",
+        "tokens_claims_truncate",
+    }
+
+
+def _claims() -> int:
+    with connection.cursor() as cursor:
+        cursor.execute(f"SELECT count(*) FROM {DeviceToken.CLAIMS_TABLE}")
+        return cursor.fetchone()[0]
+
+
+@pytest.mark.parametrize("big", [False, True], ids=["delete", "truncate"])
+def test_either_flush_empties_the_claims_with_the_devices(monkeypatch, big):
+    app = App.objects.create(slug="flush-claims", name="flush-claims")
+    DeviceToken.objects.create(app=app, device_id=uuid.uuid4(), platform="ios", token="ab" * 32)
+    assert _claims() == 1
+    if big:
+        monkeypatch.setattr(conftest, "FLUSH_TRUNCATE_BYTES", 0)
+    sql = connection.ops.sql_flush(no_style(), _tables())
+    assert sql[0].startswith("TRUNCATE ") == big
+    with connection.cursor() as cursor:
+        # The insert's deferred foreign-key check would stand in TRUNCATE's way inside this test's
+        # transaction; a real flush comes after the test's commits.
+        cursor.execute("SET CONSTRAINTS ALL IMMEDIATE")
+    connection.ops.execute_sql_flush(sql)
+    assert not DeviceToken.objects.exists() and _claims() == 0
 
 
 def test_small_tables_are_emptied_with_delete():
