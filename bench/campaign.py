@@ -143,16 +143,17 @@ def db_counters() -> dict[str, int]:
         out = {"transactions": cursor.fetchone()[0]}
         cursor.execute("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn")
         out["wal_bytes"] = int(cursor.fetchone()[0])
+        # A partitioned table has no counters of its own: its partitions' (tokens_devicetoken_pN) add up.
         cursor.execute(
-            "SELECT relname, seq_scan + coalesce(idx_scan, 0), n_tup_ins, n_tup_upd, n_tup_del "
-            "FROM pg_stat_user_tables WHERE relname IN "
-            "('tokens_devicetoken', 'campaigns_campaign', 'campaigns_shard', 'campaigns_outcometally',"
-            " 'delivery_deadletter')"
+            "SELECT t.name, sum(seq_scan + coalesce(idx_scan, 0)), sum(n_tup_ins), sum(n_tup_upd), "
+            "sum(n_tup_del) FROM pg_stat_user_tables, regexp_replace(relname, '_p[0-9]+$', '') AS t(name) "
+            "WHERE t.name IN ('tokens_devicetoken', 'campaigns_campaign', 'campaigns_shard', "
+            "'campaigns_outcometally', 'delivery_deadletter') GROUP BY t.name"
         )
         for rel, scans, ins, upd, dele in cursor.fetchall():
             # PostgreSQL counts an `id IN (...)` index scan once per list element.
-            out[f"{rel}.scans (an IN list counts per element)"] = scans
-            out[f"{rel}.rows_written"] = ins + upd + dele
+            out[f"{rel}.scans (an IN list counts per element)"] = int(scans)
+            out[f"{rel}.rows_written"] = int(ins + upd + dele)
     return out
 
 
