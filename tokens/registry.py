@@ -3,7 +3,8 @@
 One transaction of two raw statements, portable between PostgreSQL and SQLite:
 
 1. the same (app, platform, token) on another device_id is deleted: the token moved to a new
-   device (reinstall, restore, a shared web browser profile) and must never be pushed twice;
+   device (reinstall, restore, a shared web browser profile) and must never be pushed twice (on
+   PostgreSQL's partitioned table the token's claim names that device: tokens 0007);
 2. `INSERT ... ON CONFLICT (app_id, device_id) DO UPDATE ... RETURNING`: a new device is
    created; a known one takes the new token (rotation), is re-activated if hygiene or an
    unregister had deactivated it, moves to the new user and gets last_seen and updated_at set to
@@ -11,7 +12,8 @@ One transaction of two raw statements, portable between PostgreSQL and SQLite:
 
 Concurrency: two upserts of one device are serialized by the (app, device_id) arbiter of
 ON CONFLICT and never make two rows. Two devices racing for one token could both pass step 1
-before either commits, and the loser's insert would violate (app, platform, token_hash): on
+before either commits, and the loser's insert would violate (app, platform, token_hash) (the
+claim's primary key on the partitioned table): on
 PostgreSQL a transaction-scoped advisory lock on the token makes them take turns, so the second
 one's step 1 sees and removes the first one's row. What still loses a race (a deadlock when two
 devices swap tokens, a unique violation on SQLite or with another writer) is retried whole.
@@ -83,12 +85,6 @@ _UPSERT = _INSERT + "\nRETURNING id, created_at, last_success_at"
 # for one token the unlucky one could otherwise lose round after round).
 _PG_LOCK_TOKEN = "SELECT pg_advisory_xact_lock(%s, %s)"
 _LOCK_NAMESPACE = 0x70757368  # "push": keeps these locks apart from other advisory-lock users
-# A multi-statement simple query runs as one implicit transaction: one round trip instead of
-# five (BEGIN, lock, DELETE, INSERT, COMMIT) on the hottest path of the API.
-# Its commit does not wait for the WAL flush (synchronous_commit off, for this transaction only):
-# a crash of PostgreSQL can lose the last fraction of a second of registrations, never corrupt
-# anything, and every app registers again on its next launch. Waiting for the flush costs more
-# than the whole rest of the request on a busy disk.
 
 
 @functools.cache
@@ -106,6 +102,12 @@ def _delete_moved() -> str:
     return _DELETE_MOVED_CLAIMED if claims_in_use() else _DELETE_MOVED
 
 
+# A multi-statement simple query runs as one implicit transaction: one round trip instead of
+# five (BEGIN, lock, DELETE, INSERT, COMMIT) on the hottest path of the API.
+# Its commit does not wait for the WAL flush (synchronous_commit off, for this transaction only):
+# a crash of PostgreSQL can lose the last fraction of a second of registrations, never corrupt
+# anything, and every app registers again on its next launch. Waiting for the flush costs more
+# than the whole rest of the request on a busy disk.
 def _one_trip(delete: str) -> str:
     return ";\n".join((_PG_LOCK_TOKEN + ", set_config('synchronous_commit', %s, true)", delete, _UPSERT))
 
