@@ -84,8 +84,8 @@ class ShardResults:
     deadline: int | None = None
     sent: int = 0
     delivered: list[int] = field(default_factory=list)
-    # (device pk, hash of the token sent to, reason, APNs 410 timestamp, when the answer came)
-    # (pk, token_hash, reason, invalid_since, observed_at, device_id)
+    # (device pk, hash of the token sent to, reason, APNs 410 timestamp, when the answer came,
+    # the device's device_id: its partition key)
     invalid: list[tuple[int, str, str, datetime | None, datetime, object]] = field(default_factory=list)
     rejected: list[tuple[int, str]] = field(default_factory=list)
     dead: list[tuple[Device, str, int | None, str]] = field(default_factory=list)  # + provider message id
