@@ -1,11 +1,12 @@
 """The Celery application. Queues, routes and retry policy live in settings (CELERY_*)."""
 
+import gc
 import math
 import os
 from typing import Any
 
 from celery import Celery
-from celery.signals import task_prerun, worker_init
+from celery.signals import task_prerun, worker_init, worker_process_init
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "pushsvc.settings")
 
@@ -33,6 +34,25 @@ def _broker_is_rabbitmq() -> bool:
 app = PushsvcCelery("pushsvc")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+
+# A send allocates a few dozen short-lived objects per device; with CPython's default thresholds
+# the collector ran a full pass over the whole Django heap every couple of thousand requests
+# (15 % of a worker's CPU, perf). Everything alive once the worker is ready is frozen out of the
+# collector's sight, and the youngest generation is collected every 50,000 allocations, not 700.
+_GC_THRESHOLDS = (50_000, 20, 20)
+
+
+@worker_init.connect
+def _tune_collector(**_: object) -> None:
+    # In the parent, before a prefork pool forks: the children inherit both.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*_GC_THRESHOLDS)
+
+
+@worker_process_init.connect
+def _freeze_child_startup(**_: object) -> None:
+    gc.freeze()
 
 
 @task_prerun.connect
