@@ -14,8 +14,9 @@ processes serve the default, apns and fcm queues. Printed: time per phase (load,
 attempts, retries), deliveries/s from launch to completed, peak RSS per worker process (VmHWM),
 Redis memory, and the database work (transactions, rows read/written per table).
 
-CPU per delivered device adds the workers, every PostgreSQL process and Redis (from /proc, the
-simulator excluded); "rows_written" of tokens_devicetoken is what a campaign rewrites of the registry.
+CPU per delivered device adds the workers, every PostgreSQL process and Redis from launch to
+completed (from /proc; the simulator and the workers' start-up excluded); "rows_written" of
+tokens_devicetoken is what a campaign rewrites of the registry.
 
 `--plan-only` loads the devices and times planning alone (shards written and their tasks
 enqueued; nothing is sent).
@@ -269,6 +270,9 @@ def main() -> None:
         before = db_counters()
         redis_before_counts = redis_counters(client)
         services_before = service_cpu_seconds()
+        # From launch: the workers' start (Django, imports, fork) is not a cost per device.
+        workers_before = cpu_seconds(worker_pids())
+        sim_before = cpu_seconds([sim.proc.pid]) if sim.proc else 0.0
         redis_before = client.info("memory")["used_memory"]
         try:
             campaign = Campaign.objects.create(
@@ -297,9 +301,9 @@ def main() -> None:
                     break
             finished = time.perf_counter()
             redis_counts = {k: v - redis_before_counts[k] for k, v in redis_counters(client).items()}
-            worker_cpu = cpu_seconds(worker_pids())
+            worker_cpu = cpu_seconds(worker_pids()) - workers_before
             services = {k: v - services_before[k] for k, v in service_cpu_seconds().items()}
-            sim_cpu = cpu_seconds([sim.proc.pid]) if sim.proc else 0.0
+            sim_cpu = (cpu_seconds([sim.proc.pid]) if sim.proc else 0.0) - sim_before
         finally:
             stop.set()
             sampler.join()

@@ -19,7 +19,7 @@ import pytest
 
 from delivery.engine import Engine, HttpRequest, HttpResponse, TransportError, create_engine
 from delivery.engine.base import LATENCY_BOUNDS
-from delivery.engine.curl import _parse_headers
+from delivery.engine.base import parse_headers as _parse_headers
 from simulator.testing import SimulatorProcess
 
 T = TypeVar("T")
@@ -468,6 +468,65 @@ def test_cancelled_request_frees_its_slot(sim, loop, engines):
     assert loop.run_until_complete(scenario()).status == 200
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_request_many_answers_each_request_in_its_place(kind, sim, loop, engines):
+    """A chunk's answers, a provider error and a timeout among them, each where its request was."""
+    engine = make_engine(engines, sim, kind)
+    sim.configure(slow_ms=3000)
+    tokens = [device_token(), device_token("01"), device_token("07"), device_token()]
+    requests = [apns_request(sim, t) for t in tokens]
+    requests[2] = apns_request(sim, tokens[2], timeout=0.5)
+    answers = loop.run_until_complete(engine.request_many(requests))
+    assert [getattr(a, "status", None) for a in answers] == [200, 410, None, 200]
+    assert isinstance(answers[2], TransportError) and answers[2].may_have_reached
+    assert answers[0].header("apns-id") == answers[0].headers["apns-id"] != answers[3].header("apns-id")
+    assert sim.counts([tokens[0], tokens[3]]) == {tokens[0]: 1, tokens[3]: 1}
+    assert engine.stats().in_flight == 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_request_many_on_a_closed_engine_answers_each_never_reached(kind, sim, loop, engines):
+    engine = make_engine(engines, sim, kind)
+    loop.run_until_complete(engine.aclose())
+    answers = loop.run_until_complete(engine.request_many([apns_request(sim, device_token())] * 3))
+    assert [type(a) for a in answers] == [TransportError] * 3
+    assert not any(a.may_have_reached for a in answers)
+
+
+def test_cancelled_request_many_frees_every_slot(sim, loop, engines):
+    sim.configure(slow_ms=2000)
+    engine = make_engine(engines, sim)
+
+    async def scenario() -> list[HttpResponse | TransportError]:
+        many = engine.request_many([apns_request(sim, device_token("07")) for _ in range(5)])
+        task = asyncio.ensure_future(many)
+        deadline = time.monotonic() + 10
+        while engine.stats().in_flight != 5:
+            assert time.monotonic() < deadline, "the requests never went in flight"
+            await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert engine.stats().in_flight == 0
+        return await engine.request_many([apns_request(sim, device_token())])
+
+    assert [a.status for a in loop.run_until_complete(scenario())] == [200]
+
+
+def test_a_pooled_handle_sends_each_requests_own_headers(sim, loop, engines):
+    """Handles keep the last header list they were given: a request with another dict must not go
+    with the previous request's headers (the engine reuses a list only for the same dict)."""
+    engine = make_engine(engines, sim, max_connections=1)
+    first, second = apns_headers(sim), {**apns_headers(sim), "apns-collapse-id": "second"}
+    tokens = [device_token() for _ in range(4)]
+    requests = [HttpRequest("POST", f"/3/device/{t}", first, PAYLOAD) for t in tokens[:2]]
+    loop.run_until_complete(engine.request_many(requests))
+    requests = [HttpRequest("POST", f"/3/device/{t}", second, PAYLOAD) for t in tokens[2:]]
+    loop.run_until_complete(engine.request_many(requests))
+    seen = sim.last(tokens)
+    assert [seen[t]["headers"].get("apns-collapse-id") for t in tokens] == [None, None, "second", "second"]
+
+
 def test_lowering_max_concurrent_streams_mid_connection(sim, loop, engines):
     """APNs lowers SETTINGS_MAX_CONCURRENT_STREAMS under load; the engine follows, nothing lost."""
     engine = make_engine(engines, sim, max_connections=1)
@@ -509,6 +568,19 @@ def test_unknown_engine_kind_is_refused():
 def test_header_block_after_interim_response_is_the_one_kept():
     raw = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/2 410 \r\napns-id: X\r\ncontent-type: application/json\r\n\r\n"
     assert _parse_headers(raw) == {"apns-id": "X", "content-type": "application/json"}
+
+
+def test_one_header_is_read_without_parsing_the_block():
+    raw = b"HTTP/1.1 100 Continue\r\n\r\nHTTP/2 410 \r\napns-id: X\r\nretry-after: 7\r\n\r\n"
+    response = HttpResponse(410, raw_headers=raw)
+    assert (response.header("apns-id"), response.header("retry-after"), response.header("location")) == (
+        "X",
+        "7",
+        "",
+    )
+    assert response.headers == _parse_headers(raw)
+    http11 = HttpResponse(201, raw_headers=b"HTTP/1.1 201 Created\r\nLocation:  /wp/1 \r\n\r\n")
+    assert http11.header("location") == "/wp/1"
 
 
 def test_http11_header_names_are_lower_cased_and_values_trimmed():

@@ -1,17 +1,19 @@
 """The HTTP engine interface under the provider adapters.
 
-An adapter builds an HttpRequest and awaits `Engine.request`; it never sees the transport. An
-engine multiplexes as many requests over its connections as the server's SETTINGS allow and
-re-sends on its own only what the server provably did not process (streams refused, or above a
-GOAWAY's last-stream-id). Anything else that fails without a response raises TransportError,
-which says whether the request may have reached the server, so the caller can count possible
-duplicates instead of hiding them.
+An adapter builds HttpRequests and awaits `Engine.request` (or `request_many` for a chunk); it
+never sees the transport. An engine multiplexes as many requests over its connections as the
+server's SETTINGS allow and re-sends on its own only what the server provably did not process
+(streams refused, or above a GOAWAY's last-stream-id). Anything else that fails without a
+response raises TransportError, which says whether the request may have reached the server, so
+the caller can count possible duplicates instead of hiding them.
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
 import bisect
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 # Upper bounds (seconds) of the per-request latency histogram: from the request handed to a ready
@@ -30,14 +32,73 @@ class HttpRequest:
     timeout: float | None = None
 
 
-@dataclass(slots=True)
 class HttpResponse:
-    status: int
-    headers: dict[str, str]  # names lower-cased
-    body: bytes
-    # The engine re-sent the request after its connection failed with it in flight: the server
-    # may have processed the first copy too (a possible duplicate, to be counted by the caller).
-    maybe_duplicate: bool = False
+    """A provider's answer. Header names are lower-cased; an engine may hand the raw header block
+    instead of a dict (`raw_headers`), parsed on first use: a delivered send reads at most one
+    header, and parsing every answer's block cost 4 % of a sending worker."""
+
+    __slots__ = ("_headers", "_raw", "body", "maybe_duplicate", "status")
+
+    def __init__(
+        self,
+        status: int,
+        headers: dict[str, str] | None = None,
+        body: bytes = b"",
+        maybe_duplicate: bool = False,
+        *,
+        raw_headers: bytes = b"",
+    ) -> None:
+        self.status = status
+        self._headers = headers
+        self._raw = raw_headers
+        self.body = body
+        # The engine re-sent the request after its connection failed with it in flight: the server
+        # may have processed the first copy too (a possible duplicate, to be counted by the caller).
+        self.maybe_duplicate = maybe_duplicate
+
+    @property
+    def headers(self) -> dict[str, str]:
+        if self._headers is None:
+            self._headers = parse_headers(self._raw)
+        return self._headers
+
+    def header(self, name: str) -> str:
+        """One header's value ("" when absent); `name` lower-case. Without parsing the block when
+        the answer came over HTTP/2 (names lower-case, one "name: value" per line)."""
+        if self._headers is None and self._raw.startswith(b"HTTP/2"):
+            raw = self._raw
+            start = raw.rfind(b"\r\n\r\n", 0, len(raw) - 4)  # after interim (1xx) blocks
+            found = raw.find(b"\r\n" + name.encode() + b": ", max(start, 0))
+            if found < 0:
+                return ""
+            found += len(name) + 4
+            return raw[found : raw.index(b"\r\n", found)].decode("latin-1")
+        return self.headers.get(name, "")
+
+    def __repr__(self) -> str:
+        return f"HttpResponse({self.status}, {self.headers!r}, {self.body!r}, {self.maybe_duplicate})"
+
+
+def parse_headers(raw: bytes) -> dict[str, str]:
+    """The last header block (earlier ones are interim 1xx responses), names lower-cased."""
+    text = raw.decode("latin-1")
+    start = text.rfind("\r\n\r\n", 0, len(text) - 4)
+    if start >= 0:
+        text = text[start + 4 :]
+    lines = text.split("\r\n")
+    headers: dict[str, str] = {}
+    if text.startswith("HTTP/2") and text.endswith("\r\n\r\n"):
+        # HTTP/2 names are lower-case and values carry no surrounding whitespace; libcurl writes
+        # each field as "name: value". The common case, parsed without per-field normalising.
+        for line in lines[1:-2]:
+            name, _, value = line.partition(": ")
+            headers[name] = value
+        return headers
+    for line in lines[1:]:  # HTTP/1.1 (no h2 from ALPN): any case, optional whitespace
+        name, sep, value = line.partition(":")
+        if sep:
+            headers[name.strip().lower()] = value.strip()
+    return headers
 
 
 class TransportError(Exception):
@@ -80,6 +141,19 @@ class Engine(abc.ABC):
     @abc.abstractmethod
     async def request(self, req: HttpRequest) -> HttpResponse:
         """Send one request; raise TransportError when no response arrives."""
+
+    async def request_many(self, reqs: Sequence[HttpRequest]) -> list[HttpResponse | TransportError]:
+        """Send them all at once; each one's answer, or its TransportError, in the order of `reqs`.
+        The engine may keep a request's header dict for its next requests: never modify one after
+        handing it over."""
+
+        async def one(req: HttpRequest) -> HttpResponse | TransportError:
+            try:
+                return await self.request(req)
+            except TransportError as exc:
+                return exc
+
+        return list(await asyncio.gather(*(one(req) for req in reqs)))
 
     @abc.abstractmethod
     async def aclose(self) -> None:

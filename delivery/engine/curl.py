@@ -36,7 +36,8 @@ import io
 import os
 import random
 import ssl
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import pycurl
 
@@ -116,6 +117,7 @@ class _Transfer:
         "deadline",
         "engine",
         "future",
+        "header_dict",
         "headers",
         "method",
         "parked",
@@ -123,6 +125,7 @@ class _Transfer:
         "prev_ports",
         "resubmits",
         "timeout_ms",
+        "url",
     )
 
     def __init__(self, engine: CurlEngine) -> None:
@@ -130,7 +133,9 @@ class _Transfer:
         self.curl = curl = pycurl.Curl()
         self.body = io.BytesIO()
         self.headers = io.BytesIO()
-        self.future: asyncio.Future[HttpResponse] | None = None
+        self.future: _Outcome | None = None
+        self.url = ""  # URL and header dict currently set on the handle
+        self.header_dict: dict[str, str] | None = None
         self.attempts = 0  # since the last (re-)submission
         self.deadline = 0.0  # loop time
         self.port = 0  # local port of the connection the current attempt runs on
@@ -151,6 +156,59 @@ class _Transfer:
     def _prereq(self, remote_ip: str, local_ip: str, remote_port: int, local_port: int) -> int:
         self.engine._on_attempt(self, local_port)
         return _PREREQ_OK
+
+
+class _Outcome(Protocol):
+    """Where a transfer's answer goes: an asyncio Future, or a request_many batch's slot."""
+
+    def done(self) -> bool: ...
+    def set_result(self, result: HttpResponse, /) -> None: ...
+    def set_exception(self, exception: BaseException, /) -> None: ...
+    def get_loop(self) -> asyncio.AbstractEventLoop: ...
+
+
+class _Batch:
+    """A request_many call's answers; its future resolves with the last one."""
+
+    __slots__ = ("future", "left", "outcomes")
+
+    def __init__(self, future: asyncio.Future[None], size: int) -> None:
+        self.future = future
+        self.left = size
+        self.outcomes: list[Any] = [None] * size
+
+    def put(self, index: int, outcome: HttpResponse | TransportError) -> None:
+        self.outcomes[index] = outcome
+        self.left -= 1
+        if not self.left and not self.future.done():
+            self.future.set_result(None)
+
+
+class _BatchSlot:
+    """One request's place in a _Batch, resolved like a Future (the engine's code paths do not
+    tell them apart)."""
+
+    __slots__ = ("batch", "index", "resolved")
+
+    def __init__(self, batch: _Batch, index: int) -> None:
+        self.batch = batch
+        self.index = index
+        self.resolved = False
+
+    def done(self) -> bool:
+        return self.resolved
+
+    def set_result(self, result: HttpResponse, /) -> None:
+        self.resolved = True
+        self.batch.put(self.index, result)
+
+    def set_exception(self, exception: BaseException, /) -> None:
+        assert isinstance(exception, TransportError)  # the engine fails transfers with nothing else
+        self.resolved = True
+        self.batch.put(self.index, exception)
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        return self.batch.future.get_loop()
 
 
 class CurlEngine(Engine):
@@ -200,11 +258,57 @@ class CurlEngine(Engine):
 
     # --- public interface ------------------------------------------------------------------
     async def request(self, req: HttpRequest) -> HttpResponse:
+        loop = self._running_loop()
+        if len(self._active) >= self._max_active:
+            await self._stream_slot(loop)
+        future: asyncio.Future[HttpResponse] = loop.create_future()
+        transfer = self._submit(req, loop, future)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if transfer.future is future:  # still ours: not finished and handed to another request
+                self._abandon(transfer)
+            raise
+
+    async def request_many(self, reqs: Sequence[HttpRequest]) -> list[HttpResponse | TransportError]:
+        """All of `reqs` handed to libcurl at once, and one wake-up when the last is answered: none of
+        request()'s task, coroutine frames, future and wake-ups per request."""
+        try:
+            loop = self._running_loop()
+        except TransportError as exc:  # closed: as request() would answer each
+            return [TransportError(str(exc), may_have_reached=False) for _ in reqs]
+        batch = _Batch(loop.create_future(), len(reqs))
+        submitted: list[tuple[_Transfer, _BatchSlot]] = []
+        try:
+            for index, req in enumerate(reqs):
+                if len(self._active) >= self._max_active:
+                    try:
+                        await self._stream_slot(loop)
+                    except TransportError as exc:  # closed meanwhile: the rest never left
+                        for rest in range(index, len(reqs)):
+                            batch.put(rest, TransportError(str(exc), may_have_reached=False))
+                        break
+                slot = _BatchSlot(batch, index)
+                submitted.append((self._submit(req, loop, slot), slot))
+            if batch.left:
+                await batch.future
+        except BaseException:  # cancelled, or a request the engine cannot send (ValueError)
+            for transfer, slot in submitted:
+                if transfer.future is slot:
+                    self._abandon(transfer)
+            raise
+        return batch.outcomes
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
         if self._closed:
             raise TransportError("engine is closed", may_have_reached=False)
         loop = asyncio.get_running_loop()
         if loop is not self._loop:
             self._bind(loop)
+        return loop
+
+    async def _stream_slot(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Wait until fewer than _max_active requests are in libcurl's hands."""
         while len(self._active) >= self._max_active:
             waiter = loop.create_future()
             self._waiters.append(waiter)
@@ -216,11 +320,19 @@ class CurlEngine(Engine):
             if self._closed:
                 raise TransportError("engine is closed", may_have_reached=False)
 
+    def _submit(self, req: HttpRequest, loop: asyncio.AbstractEventLoop, future: _Outcome) -> _Transfer:
+        """Hand `req` to libcurl on a pooled handle; its answer or failure goes to `future`."""
         transfer = self._pool.pop() if self._pool else _Transfer(self)
         curl = transfer.curl
         url = req.url if "://" in req.url else self._base_url + req.url
-        curl.setopt(pycurl.URL, url)
-        curl.setopt(pycurl.HTTPHEADER, _header_lines(req.headers))
+        if url != transfer.url:
+            curl.setopt(pycurl.URL, url)
+            transfer.url = url
+        if req.headers is not transfer.header_dict:
+            # An adapter sends one header dict for a whole chunk (Engine.request_many): converted
+            # to libcurl's list once per handle, not once per request.
+            curl.setopt(pycurl.HTTPHEADER, _header_lines(req.headers))
+            transfer.header_dict = req.headers
         method = req.method.upper()
         if method != transfer.method:
             if method not in _METHODS:
@@ -239,7 +351,7 @@ class CurlEngine(Engine):
         transfer.port = 0
         transfer.prev_ports = _NO_PORTS
         transfer.resubmits = 0
-        future = transfer.future = loop.create_future()
+        transfer.future = future
         self._multi.add_handle(curl)
         self._active.add(transfer)
         if self._scan is None:
@@ -250,12 +362,7 @@ class CurlEngine(Engine):
         stats.in_flight = n
         if n > stats.peak_in_flight:
             stats.peak_in_flight = n
-        try:
-            return await future
-        except asyncio.CancelledError:
-            if transfer.future is future:  # still ours: not finished and handed to another request
-                self._abandon(transfer)
-            raise
+        return transfer
 
     async def aclose(self) -> None:
         if self._closed:
@@ -498,9 +605,9 @@ class CurlEngine(Engine):
             future.set_result(
                 HttpResponse(
                     curl.getinfo(_RESPONSE_CODE),
-                    _parse_headers(transfer.headers.getvalue()),
-                    transfer.body.getvalue(),
-                    maybe_duplicate,
+                    body=transfer.body.getvalue(),
+                    maybe_duplicate=maybe_duplicate,
+                    raw_headers=transfer.headers.getvalue(),
                 )
             )
         elif (
@@ -581,9 +688,7 @@ class CurlEngine(Engine):
         self._loop.call_later(delay, self._unpark, transfer, transfer.future, self._multi)
         return True
 
-    def _unpark(
-        self, transfer: _Transfer, future: asyncio.Future[HttpResponse] | None, multi: pycurl.CurlMulti | None
-    ) -> None:
+    def _unpark(self, transfer: _Transfer, future: _Outcome | None, multi: pycurl.CurlMulti | None) -> None:
         if not transfer.parked or transfer.future is not future or self._multi is not multi or multi is None:
             return  # cancelled, torn down or handed to another request meanwhile
         transfer.parked = False
@@ -715,25 +820,3 @@ def _set_method(curl: pycurl.Curl, method: str) -> None:
     else:
         curl.setopt(pycurl.POST, 1)
         curl.setopt(pycurl.CUSTOMREQUEST, method)
-
-
-def _parse_headers(raw: bytes) -> dict[str, str]:
-    """The last header block (earlier ones are interim 1xx responses), names lower-cased."""
-    text = raw.decode("latin-1")
-    start = text.rfind("\r\n\r\n", 0, len(text) - 4)
-    if start >= 0:
-        text = text[start + 4 :]
-    lines = text.split("\r\n")
-    headers: dict[str, str] = {}
-    if text.startswith("HTTP/2") and text.endswith("\r\n\r\n"):
-        # HTTP/2 names are lower-case and values carry no surrounding whitespace; libcurl writes
-        # each field as "name: value". The common case, parsed without per-field normalising.
-        for line in lines[1:-2]:
-            name, _, value = line.partition(": ")
-            headers[name] = value
-        return headers
-    for line in lines[1:]:  # HTTP/1.1 (no h2 from ALPN): any case, optional whitespace
-        name, sep, value = line.partition(":")
-        if sep:
-            headers[name.strip().lower()] = value.strip()
-    return headers

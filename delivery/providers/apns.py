@@ -25,10 +25,10 @@ import orjson
 from django.conf import settings
 
 from delivery.credentials import ApnsTokens, Clock, CredentialError, IssuedToken, shared_cache
-from delivery.engine.base import Engine, HttpRequest, TransportError
+from delivery.engine.base import Engine, HttpRequest, HttpResponse, TransportError
 from delivery.payload import PushMessage, fit_message
 from delivery.providers import mapping as m
-from delivery.providers.auth import AuthToken
+from delivery.providers.auth import AuthToken, Pending, send_authorized
 from delivery.providers.base import (
     Outcome,
     Provider,
@@ -202,26 +202,23 @@ class ApnsProvider(Provider):
         return rendered
 
     async def send(self, target: Target, message: PushMessage) -> Result:
-        if not target.token.isalnum():
-            # The registry only stores hex tokens; anything else must never be spliced into the path.
-            return Result(target, Outcome.REJECTED, reason="not a hex APNs device token")
-        message = message.localized(target.locale)  # the device's language; cached on the message
-        rendered = self._renders.get(message.render_key)
-        if rendered is None or (rendered.message is not message and rendered.message != message):
-            rendered = self._render(message)
-        try:
-            token = await self._auth.current()
-        except CredentialError as exc:
-            return m.credential_result(target, str(exc), transient=exc.transient)
-        result, reason = await self._attempt(target, rendered, token.value)
-        if reason is not None and m.lookup(APNS_TABLE, result.status or 0, reason).refresh_credential:
-            try:
-                newer = await self._auth.refresh(token)
-            except CredentialError as exc:
-                return m.credential_result(target, str(exc), transient=exc.transient)
-            if newer is not None:
-                result, _ = await self._attempt(target, rendered, newer.value)
-        return result
+        return (await self.send_many([target], message))[0]
+
+    async def send_many(self, targets: list[Target], message: PushMessage) -> list[Result]:
+        results: list[Result | None] = [None] * len(targets)
+        pending: Pending[_Rendered] = []
+        renders = self._renders
+        for index, target in enumerate(targets):
+            if not target.token.isalnum():
+                # The registry only stores hex tokens; anything else must never be spliced into the path.
+                results[index] = Result(target, Outcome.REJECTED, reason="not a hex APNs device token")
+                continue
+            localized = message.localized(target.locale)  # the device's language; cached on the message
+            rendered = renders.get(localized.render_key)
+            if rendered is None or (rendered.message is not localized and rendered.message != localized):
+                rendered = self._render(localized)
+            pending.append((index, target, rendered))
+        return await send_authorized(self._auth, results, pending, self._attempt)
 
     def _headers(self, rendered: _Rendered, jwt: str) -> dict[str, str]:
         deadline = rendered.message.expires_at
@@ -241,37 +238,37 @@ class ApnsProvider(Provider):
         self._headers_cache = (rendered, jwt, second, headers)
         return headers
 
-    async def _attempt(self, target: Target, rendered: _Rendered, jwt: str) -> tuple[Result, str | None]:
-        headers = self._headers(rendered, jwt)  # shared by concurrent sends: never modified after this
-        try:
-            resp = await self._engine.request(
-                HttpRequest("POST", self._path + target.token, headers, rendered.body)
-            )
-        except TransportError as exc:
-            if self._certificate and _certificate_refused(str(exc)):
+    async def _attempt(self, pending: Pending[_Rendered], token: IssuedToken) -> list[tuple[Result, bool]]:
+        jwt = token.value
+        path = self._path
+        requests = [
+            # The header dict is shared by the chunk's sends: never modified after this.
+            HttpRequest("POST", path + target.token, self._headers(rendered, jwt), rendered.body)
+            for _, target, rendered in pending
+        ]
+        answers = await self._engine.request_many(requests)
+        return [self._answer(target, answer) for (_, target, _), answer in zip(pending, answers, strict=True)]
+
+    def _answer(self, target: Target, resp: HttpResponse | TransportError) -> tuple[Result, bool]:
+        """The send's result, and whether APNs rejected the provider token (refresh and resend)."""
+        if isinstance(resp, TransportError):
+            if self._certificate and _certificate_refused(str(resp)):
                 # APNs refuses a certificate it does not accept (revoked, expired, not Apple's) in
                 # the TLS handshake: nothing was processed, and retrying cannot help.
-                return Result(target, Outcome.AUTH_FAILURE, reason=f"BadCertificate: {exc}"), None
-            return m.transport_result(target, exc), None
+                return Result(target, Outcome.AUTH_FAILURE, reason=f"BadCertificate: {resp}"), False
+            return m.transport_result(target, resp), False
         if resp.status == 200:
-            apns_id_ = resp.headers.get("apns-id", "")
-            return Result(
-                target, Outcome.DELIVERED, 200, "", apns_id_, maybe_duplicate=resp.maybe_duplicate
-            ), None
+            delivered = Result(target, Outcome.DELIVERED, 200, "", resp.header("apns-id"))
+            delivered.maybe_duplicate = resp.maybe_duplicate
+            return delivered, False
         reason, timestamp = _error_body(resp.body)
         row = m.lookup(APNS_TABLE, resp.status, reason)
         result = m.make_result(
-            target,
-            row,
-            resp.status,
-            reason,
-            resp.headers,
-            resp.headers.get("apns-id", ""),
-            resp.maybe_duplicate,
+            target, row, resp.status, reason, resp.headers, resp.header("apns-id"), resp.maybe_duplicate
         )
         if resp.status == 410 and timestamp is not None:
             result.invalid_since = datetime.fromtimestamp(timestamp / 1000, tz=UTC)
-        return result, reason
+        return result, row.refresh_credential
 
     async def aclose(self) -> None:
         await self._engine.aclose()

@@ -10,9 +10,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Protocol
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from delivery.credentials import Clock, CredentialError, IssuedToken
+from delivery.providers.mapping import credential_result
+
+if TYPE_CHECKING:
+    from delivery.providers.base import Result, Target
 
 FAILURE_HOLD = 30.0  # the credentials were refused: re-check this often, not per send
 TRANSIENT_HOLD = 2.0  # the token endpoint is unreachable
@@ -92,3 +97,43 @@ class AuthToken:
             self._lock = asyncio.Lock()
             self._lock_loop = loop
         return self._lock
+
+
+_P = TypeVar("_P")
+# (position in the chunk, target, what the adapter prepared to send it)
+Pending = list[tuple[int, "Target", _P]]
+# One answer per pending send: its result, and whether the provider rejected the auth token.
+Attempt = Callable[[Pending[_P], IssuedToken], Awaitable[list[tuple["Result", bool]]]]
+
+
+async def send_authorized(
+    auth: AuthToken, results: list[Result | None], pending: Pending[_P], attempt: Attempt[_P]
+) -> list[Result]:
+    """Fill `results` with the answers to a chunk's `pending` sends, made with the current auth
+    token. Sends the provider answered with "token rejected" go once more with a refreshed token:
+    one refresh for the whole chunk, as for concurrent single sends."""
+    if pending:
+        try:
+            token = await auth.current()
+        except CredentialError as exc:
+            for index, target, _ in pending:
+                results[index] = credential_result(target, str(exc), transient=exc.transient)
+            pending = []
+        else:
+            rejected: Pending[_P] = []
+            for item, (result, refresh) in zip(pending, await attempt(pending, token), strict=True):
+                results[item[0]] = result
+                if refresh:
+                    rejected.append(item)
+            if rejected:
+                try:
+                    newer = await auth.refresh(token)
+                except CredentialError as exc:
+                    for index, target, _ in rejected:
+                        results[index] = credential_result(target, str(exc), transient=exc.transient)
+                else:
+                    if newer is not None:
+                        for item, (result, _) in zip(rejected, await attempt(rejected, newer), strict=True):
+                            results[item[0]] = result
+    assert all(result is not None for result in results)
+    return results  # type: ignore[return-value]

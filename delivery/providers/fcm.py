@@ -26,10 +26,10 @@ import orjson
 from django.conf import settings
 
 from delivery.credentials import CredentialError, FcmTokens, IssuedToken, ServiceAccount, shared_cache
-from delivery.engine.base import Engine, HttpRequest, TransportError
+from delivery.engine.base import Engine, HttpRequest, HttpResponse, TransportError
 from delivery.payload import PushMessage, fit_message
 from delivery.providers import mapping as m
-from delivery.providers.auth import AuthToken
+from delivery.providers.auth import AuthToken, Pending, send_authorized
 from delivery.providers.base import (
     TOPIC_KINDS,
     Outcome,
@@ -176,27 +176,23 @@ class FcmProvider(Provider):
         return rendered
 
     async def send(self, target: Target, message: PushMessage) -> Result:
-        if target.kind in TOPIC_KINDS:
-            body = self._topic_body(target, message)
-        else:
-            message = message.localized(target.locale)  # the device's language; cached on the message
-            rendered = self._renders.get(message.render_key)
-            if rendered is None or (rendered.message is not message and rendered.message != message):
-                rendered = self._render(message)
-            body = b"".join((_PREFIX, orjson.dumps(target.token), rendered.suffix))
-        try:
-            token = await self._auth.current()
-        except CredentialError as exc:
-            return m.credential_result(target, str(exc), transient=exc.transient)
-        result, reason = await self._attempt(target, body, token)
-        if reason is not None and m.lookup(FCM_TABLE, result.status or 0, reason).refresh_credential:
-            try:
-                newer = await self._auth.refresh(token)
-            except CredentialError as exc:
-                return m.credential_result(target, str(exc), transient=exc.transient)
-            if newer is not None:
-                result, _ = await self._attempt(target, body, newer)
-        return result
+        return (await self.send_many([target], message))[0]
+
+    async def send_many(self, targets: list[Target], message: PushMessage) -> list[Result]:
+        pending: Pending[bytes] = []
+        renders = self._renders
+        for index, target in enumerate(targets):
+            if target.kind in TOPIC_KINDS:
+                body = self._topic_body(target, message)
+            else:
+                localized = message.localized(target.locale)  # the device's language; cached on the message
+                rendered = renders.get(localized.render_key)
+                if rendered is None or (rendered.message is not localized and rendered.message != localized):
+                    rendered = self._render(localized)
+                body = b"".join((_PREFIX, orjson.dumps(target.token), rendered.suffix))
+            pending.append((index, target, body))
+        results: list[Result | None] = [None] * len(targets)
+        return await send_authorized(self._auth, results, pending, self._attempt)
 
     def _topic_body(self, target: Target, message: PushMessage) -> bytes:
         """`{"message": {"topic" | "condition": ..., ...}}`: one request per topic send, so it is
@@ -206,26 +202,34 @@ class FcmProvider(Provider):
         head = b'{"message":{' + orjson.dumps(target.kind) + b":" + orjson.dumps(target.token) + b","
         return head + rest[1:] + b"}"
 
-    async def _attempt(self, target: Target, body: bytes, token: IssuedToken) -> tuple[Result, str | None]:
+    async def _attempt(self, pending: Pending[bytes], token: IssuedToken) -> list[tuple[Result, bool]]:
         if self._headers_for is not token:
+            # One dict per token, shared by every send with it: never modified after this.
             self._headers = {"authorization": "Bearer " + token.value, "content-type": "application/json"}
             self._headers_for = token
+        headers, path = self._headers, self._path
+        requests = [HttpRequest("POST", path, headers, body) for _, _, body in pending]
+        answers = await self._engine.request_many(requests)
+        return [_answer(target, answer) for (_, target, _), answer in zip(pending, answers, strict=True)]
+
+
+def _answer(target: Target, resp: HttpResponse | TransportError) -> tuple[Result, bool]:
+    """The send's result, and whether FCM rejected the access token (refresh and resend)."""
+    if isinstance(resp, TransportError):
+        return m.transport_result(target, resp), False
+    if resp.status == 200:
         try:
-            resp = await self._engine.request(HttpRequest("POST", self._path, self._headers, body))
-        except TransportError as exc:
-            return m.transport_result(target, exc), None
-        if resp.status == 200:
-            try:
-                name = orjson.loads(resp.body).get("name", "")
-            except (orjson.JSONDecodeError, AttributeError):
-                name = ""
-            return Result(
-                target, Outcome.DELIVERED, 200, "", name, maybe_duplicate=resp.maybe_duplicate
-            ), None
-        code, text = _error(resp.body)
-        row = m.lookup(FCM_TABLE, resp.status, code)
-        reason = f"{code}: {text}" if text else code
-        return m.make_result(target, row, resp.status, reason, resp.headers, "", resp.maybe_duplicate), code
+            name = orjson.loads(resp.body).get("name", "")
+        except (orjson.JSONDecodeError, AttributeError):
+            name = ""
+        delivered = Result(target, Outcome.DELIVERED, 200, "", name)
+        delivered.maybe_duplicate = resp.maybe_duplicate
+        return delivered, False
+    code, text = _error(resp.body)
+    row = m.lookup(FCM_TABLE, resp.status, code)
+    reason = f"{code}: {text}" if text else code
+    result = m.make_result(target, row, resp.status, reason, resp.headers, "", resp.maybe_duplicate)
+    return result, row.refresh_credential
 
 
 def _error(body: bytes) -> tuple[str, str]:
