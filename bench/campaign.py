@@ -1,7 +1,7 @@
 """Benchmark: one campaign end to end, launch -> completed, against the provider simulator.
 
     .venv/bin/python bench/campaign.py [--devices 200000] [--workers 2] [--concurrency 1]
-        [--front fast|strict] [--loop uvloop|asyncio]
+        [--front fast|strict] [--loop uvloop|asyncio] [--invalid-pct 10] [--throttled-pct 3]
         [--database postgres://postgres@127.0.0.1:5432/bench_campaign] [--redis redis://127.0.0.1:6379/5]
         [--broker amqp://guest:guest@127.0.0.1:5672/VHOST]   (default: the --redis database)
     .venv/bin/python bench/campaign.py --plan-only --devices 10000000
@@ -9,10 +9,11 @@
 The database is recreated and migrated, the Redis database flushed. Devices are generated inside
 PostgreSQL (INSERT ... SELECT generate_series): 60 % iOS, 40 % Android, 10 % answering
 unregistered forever (fault 01: deactivated), 3 % answering 429 once (fault 03: retried), spread
-evenly over the id space. The simulator runs as a subprocess, `--workers` Celery worker
-processes serve the default, apns and fcm queues. Printed: time per phase (load, plan, first
-attempts, retries), deliveries/s from launch to completed, peak RSS per worker process (VmHWM),
-Redis memory, and the database work (transactions, rows read/written per table).
+evenly over the id space (the two shares are options: issue 12's scenario is 5 % uninstalled).
+The simulator runs as a subprocess, `--workers` Celery worker processes serve the default, apns
+and fcm queues. Printed: time per phase (load, plan, first attempts, retries), deliveries/s from
+launch to completed, peak RSS per worker process (VmHWM), Redis memory, and the database work
+(transactions, rows read/written per table).
 
 CPU per delivered device adds the workers, every PostgreSQL process and Redis from launch to
 completed (from /proc; the simulator and the workers' start-up excluded); "rows_written" of
@@ -52,7 +53,9 @@ def recreate_database(url: str) -> None:
     conn.close()
 
 
-def generate_devices(app_id: int, n: int, first: int = 1) -> None:
+def generate_devices(
+    app_id: int, n: int, first: int = 1, invalid_pct: int = 10, throttled_pct: int = 3
+) -> None:
     """n devices generated server side (g = first, first + 1, ...); device g's kind is decided by
     g % 100, its token by g (so apps loaded from different `first` share no token)."""
     from django.db import connection
@@ -68,7 +71,8 @@ def generate_devices(app_id: int, n: int, first: int = 1) -> None:
         '', '', '1.0', '', now(), true, '', now() - interval '1 day', now() - interval '1 day'
     FROM generate_series(%s, %s) AS g,
     LATERAL (SELECT CASE WHEN g %% 10 < 6 THEN 'ios' ELSE 'android' END AS platform,
-                    CASE WHEN g %% 100 < 10 THEN 'fa017501' WHEN g %% 100 < 13 THEN 'fa017503' ELSE '' END
+                    CASE WHEN g %% 100 < {invalid_pct:d} THEN 'fa017501'
+                         WHEN g %% 100 < {invalid_pct + throttled_pct:d} THEN 'fa017503' ELSE '' END
                         AS prefix) k,
     LATERAL (SELECT k.platform,
                     CASE WHEN k.platform = 'ios'
@@ -168,6 +172,8 @@ def main() -> None:
     parser.add_argument("--front", default="fast", choices=("fast", "strict"))
     parser.add_argument("--loop", default="uvloop", choices=("asyncio", "uvloop"))
     parser.add_argument("--plan-only", action="store_true")
+    parser.add_argument("--invalid-pct", type=int, default=10, help="devices answering unregistered")
+    parser.add_argument("--throttled-pct", type=int, default=3, help="devices answering 429 once")
     parser.add_argument("--database", default="postgres://postgres@127.0.0.1:5432/bench_campaign")
     parser.add_argument("--redis", default="redis://127.0.0.1:6379/5")
     parser.add_argument("--broker", default="", help="default: --redis; amqp://: RabbitMQ")
@@ -206,11 +212,14 @@ def main() -> None:
         purge_rabbitmq()  # the vhost's pushsvc queues: an earlier run's messages
     print(f"broker: {'RabbitMQ (quorum queues, confirms)' if settings.BROKER_IS_RABBITMQ else 'Redis'}")
 
-    print(f"devices: {args.devices:,} (60% iOS / 40% Android, 10% invalid, 3% throttled once)")
+    print(
+        f"devices: {args.devices:,} (60% iOS / 40% Android, {args.invalid_pct}% invalid, "
+        f"{args.throttled_pct}% throttled once)"
+    )
     if args.plan_only:
         app = App.objects.create(slug="bench", name="bench")
         t0 = time.perf_counter()
-        generate_devices(app.pk, args.devices)
+        generate_devices(app.pk, args.devices, invalid_pct=args.invalid_pct, throttled_pct=args.throttled_pct)
         print(f"load (generate_series + VACUUM ANALYZE): {time.perf_counter() - t0:.1f} s")
         campaign = Campaign.objects.create(app=app, message={"title": "plan"})
         control.start(campaign.pk)
@@ -235,7 +244,7 @@ def main() -> None:
     with SimulatorProcess(front=args.front, tls=True, record_payloads=False) as sim:
         app = simulator_app(sim, slug="bench")
         t0 = time.perf_counter()
-        generate_devices(app.pk, args.devices)
+        generate_devices(app.pk, args.devices, invalid_pct=args.invalid_pct, throttled_pct=args.throttled_pct)
         load_s = time.perf_counter() - t0
         print(f"load (generate_series + VACUUM ANALYZE): {load_s:.1f} s")
 
