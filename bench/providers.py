@@ -1,15 +1,17 @@
 """Sends per second from one process, per HTTP/2 engine and per adapter, against the simulator.
 
     REDIS_URL=redis://127.0.0.1:6379/3 .venv/bin/python bench/providers.py \\
-        [--n 100000] [--level engine|adapter|all] [--engines curl,httpx] [--concurrency 1000]
+        [--n 100000] [--level engine|adapter|all] [--engines curl,httpx] [--concurrency 1000] \\
+        [--chunk 500]
 
 The simulator (fast front, TLS unless --no-tls) runs in another process, started here with
 SimulatorProcess. Its h2load ceiling is measured in the same run (bench/simulator_ceiling.py), so
 the client figures can be read against what the server side can take at all on this machine.
 
 Each case keeps `--concurrency` requests in flight from that many coroutines, each awaiting one
-send after another, for `--n` sends after a warm-up; it prints sends/s, the client's CPU time
-per send (process_time: user + system of this process), p50/p99 latency per send, the
+send after another (with `--chunk`, the adapter cases send chunks with send_many, as a shard run
+does, from concurrency / chunk coroutines), for `--n` sends after a warm-up; it prints sends/s,
+the client's CPU time per send (process_time: user + system of this process), p50/p99 latency per send, the
 connections the client opened and the peak streams per connection (client view and simulator
 view), and checks that the simulator counted every send exactly once.
 
@@ -147,7 +149,14 @@ def bench_engine(
 
 # --- adapter level -------------------------------------------------------------------------------
 def bench_adapter(
-    sim: SimulatorProcess, platform: str, kind: str, n: int, concurrency: int, connections: int, h2c: bool
+    sim: SimulatorProcess,
+    platform: str,
+    kind: str,
+    n: int,
+    concurrency: int,
+    connections: int,
+    h2c: bool,
+    chunk: int = 0,
 ) -> Case:
     from delivery.credentials import ApnsTokens, FcmTokens, ServiceAccount, shared_cache
     from delivery.payload import PushMessage
@@ -188,17 +197,27 @@ def bench_adapter(
                 result = await provider.send(Target(i, batch[i]), message)
                 return result.outcome is Outcome.DELIVERED
 
-            return send
+            async def send_chunk(i: int) -> bool:  # a shard run's shape: send_many per chunk
+                ids = range(i * chunk, min((i + 1) * chunk, len(batch)))
+                results = await provider.send_many([Target(j, batch[j]) for j in ids], message)
+                return all(r.outcome is Outcome.DELIVERED for r in results)
 
-        await drive(sender(warm), len(warm), concurrency)
-        figures = await drive(sender(tokens), n, concurrency)
+            return send_chunk if chunk else send
+
+        if chunk:
+            loops = max(1, concurrency // chunk)
+            await drive(sender(warm), -(-len(warm) // chunk), loops)
+            figures = await drive(sender(tokens), -(-n // chunk), loops)
+        else:
+            await drive(sender(warm), len(warm), concurrency)
+            figures = await drive(sender(tokens), n, concurrency)
         await engine.aclose()
         return engine, figures
 
     shared_cache().forget_local()
     sim.reset()
     engine, (seconds, cpu, latencies, failures) = asyncio.run(run())
-    label = f"adapter {'apns' if platform == 'ios' else 'fcm'} ({kind})"
+    label = f"adapter {'apns' if platform == 'ios' else 'fcm'} ({kind}{f', x{chunk}' if chunk else ''})"
     return finish_case(sim, label, n, seconds, cpu, latencies, failures, tokens, engine.stats())
 
 
@@ -249,6 +268,9 @@ def main() -> None:
     parser.add_argument("--no-ceiling", dest="ceiling", action="store_false")
     parser.add_argument("--ceiling-n", type=int, default=200_000)
     parser.add_argument("--uvloop", action="store_true", help="run the client on uvloop")
+    parser.add_argument(
+        "--chunk", type=int, default=0, help="adapter cases: send_many of this many targets (a shard's chunk)"
+    )
     parser.add_argument("--repeat", type=int, default=1, help="runs per case; the median run is reported")
     args = parser.parse_args()
     kinds = [k.strip() for k in args.engines.split(",") if k.strip()]
@@ -275,7 +297,7 @@ def main() -> None:
                 runs.append(functools.partial(bench_engine, sim, kind, *common))
             if args.level in ("adapter", "all"):
                 for platform in ("ios", "android"):
-                    runs.append(functools.partial(bench_adapter, sim, platform, kind, *common))
+                    runs.append(functools.partial(bench_adapter, sim, platform, kind, *common, args.chunk))
         for run in runs:
             repeats = []
             for _ in range(args.repeat):
