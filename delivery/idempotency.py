@@ -11,7 +11,8 @@ waiting for a retry have no bit either: their retry shard sends them.
 
 Device ids are bigints; the bitmap is split into blocks of 2^24 ids (2 MiB each at most) so that
 ids beyond BITFIELD's 2^32 offsets work and a sparse id space costs only the blocks it touches.
-One pipeline (one round trip) checks or marks a whole shard.
+One pipeline (one round trip) checks or marks a whole shard: dense ids as a byte range of the
+block (GETRANGE, or an OR script), sparse ones bit by bit (BITFIELD). Both address the same bits.
 """
 
 from __future__ import annotations
@@ -38,22 +39,62 @@ def _by_block(device_ids: Iterable[int]) -> dict[int, list[int]]:
     return blocks
 
 
+def _span(ids: list[int]) -> tuple[int, int] | None:
+    """The first and last byte of the block holding `ids`, when they are dense enough (at least one
+    id per byte on average, as a range shard's are) to be read and written as that byte range:
+    one short string instead of 3-4 BITFIELD arguments per id (docs/scaling.md: Redis's CPU is the
+    first central ceiling). None for sparse ids (a retry shard's), which keep BITFIELD."""
+    first = min(ids) & BLOCK_MASK
+    last = max(ids) & BLOCK_MASK
+    if (last >> 3) - (first >> 3) + 1 > len(ids):
+        return None
+    return first >> 3, last >> 3
+
+
+# ORs a run of bytes into the bitmap, atomically (a script runs alone), so a concurrent run's bits
+# in the same bytes (a neighbouring shard's, a retry's) are kept: a plain SETRANGE would drop them.
+# For a dense chunk of 500 devices it costs Redis less than half of BITFIELD's 500 SETs (measured).
+_OR_SPAN = """
+local first = tonumber(ARGV[1])
+local bits = ARGV[2]
+local old = redis.call('GETRANGE', KEYS[1], first, first + #bits - 1)
+local out = {}
+for i = 1, #bits do
+  out[i] = string.char(bit.bor(string.byte(bits, i), string.byte(old, i) or 0))
+end
+redis.call('SETRANGE', KEYS[1], first, table.concat(out))
+return 1
+"""
+
+
 def finished(client: redis.Redis, campaign_id: int, device_ids: list[int]) -> set[int]:
     """The subset of `device_ids` this campaign already finished."""
     if not device_ids:
         return set()
-    blocks = _by_block(device_ids)
     pipe = client.pipeline(transaction=False)
-    order: list[list[int]] = []
-    for block, ids in blocks.items():
-        args: list[object] = []
-        for device_id in ids:
-            args += ["GET", "u1", device_id & BLOCK_MASK]
-        pipe.execute_command("BITFIELD_RO", _key(campaign_id, block), *args)
-        order.append(ids)
+    order: list[tuple[list[int], int | None]] = []
+    for block, ids in _by_block(device_ids).items():
+        span = _span(ids)
+        if span is None:
+            args: list[object] = []
+            for device_id in ids:
+                args += ["GET", "u1", device_id & BLOCK_MASK]
+            pipe.execute_command("BITFIELD_RO", _key(campaign_id, block), *args)
+        else:
+            pipe.getrange(_key(campaign_id, block), *span)
+        order.append((ids, span and span[0]))
     done: set[int] = set()
-    for ids, bits in zip(order, pipe.execute(), strict=True):
-        done.update(device_id for device_id, bit in zip(ids, bits, strict=True) if bit)
+    for (ids, first), bits in zip(order, pipe.execute(), strict=True):
+        if first is None:
+            done.update(device_id for device_id, bit in zip(ids, bits, strict=True) if bit)
+            continue
+        # Bit 0 is the most significant bit of byte 0 (SETBIT's order); GETRANGE stops at the
+        # string's end, and the bytes past it hold no bits.
+        for device_id in ids:
+            offset = device_id & BLOCK_MASK
+            at = (offset >> 3) - first
+            if at < len(bits) and bits[at] & (0x80 >> (offset & 7)):
+                done.add(device_id)
     return done
 
 
@@ -63,10 +104,19 @@ def mark_finished(client: redis.Redis, campaign_id: int, device_ids: Iterable[in
         return
     pipe = client.pipeline(transaction=False)
     for block, ids in blocks.items():
-        args: list[object] = []
+        span = _span(ids)
+        if span is None:
+            args: list[object] = []
+            for device_id in ids:
+                args += ["SET", "u1", device_id & BLOCK_MASK, 1]
+            pipe.execute_command("BITFIELD", _key(campaign_id, block), *args)
+            continue
+        first, last = span
+        bits = bytearray(last - first + 1)
         for device_id in ids:
-            args += ["SET", "u1", device_id & BLOCK_MASK, 1]
-        pipe.execute_command("BITFIELD", _key(campaign_id, block), *args)
+            offset = device_id & BLOCK_MASK
+            bits[(offset >> 3) - first] |= 0x80 >> (offset & 7)
+        pipe.eval(_OR_SPAN, 1, _key(campaign_id, block), first, bytes(bits))
     pipe.execute()
 
 

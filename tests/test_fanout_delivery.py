@@ -84,6 +84,26 @@ def test_idempotency_bitmap_round_trip(redis_client) -> None:
     assert idempotency.finished(redis_client, 10, ids) == set()
 
 
+def test_idempotency_dense_and_sparse_encodings_set_and_read_the_same_bits(redis_client) -> None:
+    base = (3 << 24) + 1001  # not byte-aligned, in a block of its own
+    dense = list(range(base, base + 400))
+    sparse = [base + 7, base + 5_000, base + 90_000]  # BITFIELD, bit by bit
+    # A bitmap written bit by bit (by the code before the byte ranges: campaigns in flight during
+    # an upgrade) reads the same through GETRANGE.
+    idempotency.mark_finished(redis_client, 1, sparse)
+    assert idempotency.finished(redis_client, 1, dense) == {base + 7}
+    # The OR script keeps the bits already set in the bytes it writes (a neighbour's, a retry's).
+    idempotency.mark_finished(redis_client, 1, dense[10::3])
+    assert idempotency.finished(redis_client, 1, dense) == {base + 7, *dense[10::3]}
+    assert idempotency.finished(redis_client, 1, sparse) == set(sparse)
+    # The same bits as BITFIELD sets, bit for bit (SETBIT's order: bit 0 is byte 0's highest).
+    for device_id in dense[10::3]:
+        redis_client.setbit("check", device_id & idempotency.BLOCK_MASK, 1)
+    for device_id in sparse:
+        redis_client.setbit("check", device_id & idempotency.BLOCK_MASK, 1)
+    assert redis_client.get("check") == redis_client.get(idempotency._key(1, 3))
+
+
 def test_a_worker_killed_mid_shard_repeats_at_most_the_requests_in_flight(fresh_sim, start_worker) -> None:
     app = simulator_app(fresh_sim)
     population = load_devices(app, build_population({"ios": 1000}, {}))

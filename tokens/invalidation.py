@@ -25,7 +25,7 @@ from django.db import connection, transaction
 from django.utils import timezone
 
 from . import webhooks
-from .models import DeviceToken
+from .models import App, DeviceToken
 
 AUDIT_TABLE = "tokens_deactivation_audit"
 _TOKENS = DeviceToken._meta.db_table
@@ -46,8 +46,9 @@ class Invalidation:
     campaign_id: int | None = None
     observed_at: datetime | None = None  # when the answer arrived; apply_invalidations fills in now
     # The device's device_id: with it PostgreSQL finds the row in its one partition of the device
-    # table (tokens 0007) instead of probing every partition's id index (docs/scaling.md).
-    device_key: uuid.UUID | None = None
+    # table (tokens 0007) instead of probing every partition's id index (docs/scaling.md). A UUID
+    # or its text (a shard's devices are loaded with it as text: campaigns/sending/run.py _load).
+    device_key: uuid.UUID | str | None = None
 
 
 @dataclass(slots=True)
@@ -107,9 +108,14 @@ ins AS (
 SELECT (SELECT count(*) FROM upd), (SELECT count(*) FROM ins),
        {{devices}}
 """
-# What the token.invalidated webhook reports of each deactivated device; only built when one of
-# the batch's apps has a webhook (tokens/webhooks.py).
-_PG_DEVICES = "(SELECT json_agg(json_build_array(app_id, device_id, user_id, platform, reason)) FROM upd)"
+# What the token.invalidated webhook reports of each deactivated device of an app with a webhook
+# (tokens/webhooks.py apps_with_webhooks' rule, in the statement: asking first was an ORM query per
+# batch, as much CPU as the rest of a shard's invalidations).
+_PG_DEVICES = f"""(
+    SELECT json_agg(json_build_array(upd.app_id, upd.device_id, upd.user_id, upd.platform, upd.reason))
+      FROM upd JOIN {App._meta.db_table} AS a ON a.id = upd.app_id
+     WHERE a.webhook_url <> ''
+)"""
 _PG_MATCH_BY_KEY = "d.app_id = v.app_id AND d.device_id = v.device_key AND d.id = v.device_id"
 _PG_MATCH_BY_ID = "d.id = v.device_id"
 
@@ -117,7 +123,8 @@ _PG_MATCH_BY_ID = "d.id = v.device_id"
 Deactivated = list[tuple[int, str, str, str, str]]  # (app_id, device_id, user_id, platform, reason)
 
 
-def _apply_postgresql(rows: list[_Row], now: datetime, report: bool) -> tuple[int, int, Deactivated]:
+def _apply_postgresql(rows: list[_Row], now: datetime) -> tuple[int, int, Deactivated]:
+    """One statement; reports the deactivations of the apps with a webhook only."""
     # Id order: the nested loop then walks the table and its indexes in order (far fewer page
     # reads on a big table), and concurrent shards lock rows in the same order (no deadlocks).
     document = [
@@ -137,10 +144,10 @@ def _apply_postgresql(rows: list[_Row], now: datetime, report: bool) -> tuple[in
         for row in sorted(rows, key=lambda r: r.item.device_id)
     ]
     keyed = all(row.item.device_key is not None for row in rows)
-    sql = _PG_APPLY.replace("{devices}", _PG_DEVICES if report else "NULL").replace(
+    sql = _PG_APPLY.replace("{devices}", _PG_DEVICES).replace(
         "{match}", _PG_MATCH_BY_KEY if keyed else _PG_MATCH_BY_ID
     )
-    with transaction.atomic(), connection.cursor() as cursor:
+    with connection.cursor() as cursor:  # one statement: apply_invalidations' savepoint is enough
         cursor.execute(sql, [orjson.dumps(document).decode(), now, now])
         deactivated, audited, devices = cursor.fetchone()
     if isinstance(devices, str):  # psycopg2 decodes json; a driver that does not gives text
@@ -233,10 +240,13 @@ def apply_invalidations(items: Sequence[Invalidation], *, now: datetime | None =
     ]
     _mark_kept(rows)
     # Apps with a webhook hear of their deactivated devices, in this same transaction (the outbox).
-    hooked = webhooks.apps_with_webhooks(item.app_id for item in items)
-    apply = _apply_postgresql if connection.vendor == "postgresql" else _apply_portable
     with transaction.atomic():
-        deactivated, audited, devices = apply(rows, now, bool(hooked))
+        if connection.vendor == "postgresql":
+            deactivated, audited, devices = _apply_postgresql(rows, now)
+            hooked = {app_id for app_id, *_ in devices}
+        else:
+            hooked = webhooks.apps_with_webhooks(item.app_id for item in items)
+            deactivated, audited, devices = _apply_portable(rows, now, bool(hooked))
         if hooked and devices:
             _emit(hooked, devices, now)
     return deactivated, audited

@@ -15,7 +15,7 @@ them in one transaction:
 4. per-reason tallies (one upsert),
 5. the follow-up shards: retries (one per Retry-After floor, with their backoff and the
    message's deadline) and held devices (one INSERT),
-6. the shard itself, 7. the campaign's counters and outstanding shards (one UPDATE with F()),
+6. the shard itself, 7. the campaign's counters and outstanding shards (one UPDATE, RETURNING the row),
 8. completion or an error-rate halt, decided on the row this transaction just updated.
 
 A second run of an already recorded shard (the broker redelivered it) finds it no longer pending
@@ -37,11 +37,12 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any, NamedTuple
 
+import orjson
 import redis
 from django.conf import settings
-from django.db import transaction
-from django.db.models import F
+from django.db import connection, transaction
 from django.utils import timezone
 
 from campaigns import canary, series
@@ -60,6 +61,8 @@ logger = logging.getLogger(__name__)
 DEAD_LETTER = "dead_letter"
 EXPIRED = "expired"  # the message's TTL ran out before the device's retry could go
 TTL_EXPIRED = "ttl_expired"
+_DELIVERED = Outcome.DELIVERED
+_DELIVERED_ANSWER = str(Outcome.DELIVERED)
 
 
 @dataclass(slots=True)
@@ -70,7 +73,7 @@ class Device:
     token: str
     p256dh: str
     auth: str
-    device_id: object  # UUID
+    device_id: object  # UUID, or its text (campaigns/sending/run.py _load reads it as text)
     app_version: str = ""  # per-version figures (pushsvc/metrics.py, campaigns/series.py)
     locale: str = ""  # picks the message's localization (delivery/payload.py localized)
 
@@ -118,19 +121,21 @@ class ShardResults:
         last_attempt = self.attempt + 1 >= self.max_attempts and not outage
         self.sent += len(results)
         observed_at = timezone.now()
+        # Deliveries, nearly every answer, take the short path: no reason text, no enum lookups
+        # (an enum member's attribute costs a descriptor call), versions counted by Counter in C
+        # and named once per chunk.
+        versions = Counter(zip((d.app_version for d in devices), (r.outcome for r in results), strict=True))
         for device, result in zip(devices, results, strict=True):
             outcome = result.outcome
-            self.versions[(device.app_version, str(outcome))] += 1
+            if outcome == _DELIVERED:
+                delivered.append(device.pk)
+                self._answer(device, _DELIVERED_ANSWER, "", result)
+                continue
             detail = (result.reason or str(result.status or ""))[:128]
             # Tallies and deactivations group by the provider's code ("UNREGISTERED: Requested
             # entity was not found." -> "UNREGISTERED"); dead letters keep the full text.
             reason = detail.split(": ", 1)[0]
             final = str(outcome)
-            if outcome == Outcome.DELIVERED:
-                self.delivered.append(device.pk)
-                delivered.append(device.pk)
-                self._answer(device, final, "", result)
-                continue
             if outcome == Outcome.INVALID_TOKEN:
                 if hold_invalid:
                     self.held.append(device.pk)
@@ -167,6 +172,9 @@ class ShardResults:
             self.tallies[(str(outcome), reason)] += 1
             if final:
                 self._answer(device, final, detail, result)
+        self.delivered += delivered
+        for (version, outcome), n in versions.items():
+            self.versions[(version, str(outcome))] += n
         return delivered
 
     def _past_deadline(self, delay: float) -> bool:
@@ -239,22 +247,18 @@ def apply_shard_run(
     campaign_id = shard.campaign_id
     applied = Applied(recorded=True)
     with transaction.atomic():
-        locked = (
-            Shard.objects.select_for_update()
-            .filter(pk=shard.pk, status__in=(Shard.Status.PENDING, Shard.Status.CANCELLED))
-            .first()
-        )
+        locked = _lock_shard(shard.pk)
         if locked is None or (locked.lo, locked.device_ids) != (shard.lo, shard.device_ids):
             # Done, or another run recorded part of it since this one loaded it (this run's lease ran
             # out while it was alive): what this run delivered is in the bitmap for the next run.
             return Applied(recorded=False)
+        app_id = locked.app_id
         if locked.status == Shard.Status.CANCELLED:
             # The campaign was cancelled while this run was sending: record what it sent, start nothing.
             park = Shard.Status.CANCELLED
             results.retry.clear()
             results.retry_outage.clear()
             results.held.clear()
-        app_id = Campaign.objects.filter(pk=campaign_id).values_list("app_id", flat=True).get()
 
         deactivated = _deactivate(app_id, shard.platform, campaign_id, results.invalid, now)
         if results.dead:
@@ -320,39 +324,24 @@ def apply_shard_run(
                 shard_update["device_ids"] = rest_ids or []
             if defer_s:
                 shard_update["not_before"] = now + timedelta(seconds=defer_s)
-        Shard.objects.filter(pk=shard.pk).update(**shard_update)
+        _update_shard(shard.pk, shard_update)
 
         outstanding_delta = len(follow_ups) - (1 if park is None else 0)
-        counters: dict[str, object] = {
-            "sent": F("sent") + results.sent,
-            "delivered": F("delivered") + len(results.delivered),
-            "failed": F("failed") + results.failed,
-            "invalidated": F("invalidated") + deactivated,
-            "invalid_kept": F("invalid_kept") + len(results.invalid) - deactivated,
-            "expired": F("expired") + len(results.expired),
-            "retried": F("retried") + results.retried,
-            "skipped_duplicate": F("skipped_duplicate") + results.recovered,
-            "outstanding": F("outstanding") + outstanding_delta,
-        }
-        if results.attempt > 0:
-            counters["delivered_after_retry"] = F("delivered_after_retry") + len(results.delivered)
-        if loaded is not None:
+        state = _add_counters(
+            campaign_id,
+            sent=results.sent,
+            delivered=len(results.delivered),
+            failed=results.failed,
+            invalidated=deactivated,
+            invalid_kept=len(results.invalid) - deactivated,
+            expired=len(results.expired),
+            retried=results.retried,
+            skipped_duplicate=results.recovered,
+            outstanding=outstanding_delta,
+            delivered_after_retry=len(results.delivered) if results.attempt > 0 else 0,
             # First run of a planned shard: devices deactivated or registered since planning.
-            counters["targeted"] = F("targeted") + (loaded - shard.planned)
-        Campaign.objects.filter(pk=campaign_id).update(**counters)
-
-        state = Campaign.objects.filter(pk=campaign_id).values(
-            "status",
-            "outstanding",
-            "sent",
-            "delivered",
-            "failed",
-            "invalidated",
-            "invalid_kept",
-            "halt_error_rate",
-            "canary",
-            "canary_phase",
-        )[0]
+            targeted=loaded - shard.planned if loaded is not None else 0,
+        )
         # The campaign page's chart and per-version answers, in this transaction: a page that
         # reads "completed" must also read every run's figures (it stops polling then).
         series.record_run(campaign_id, shard.platform, results)
@@ -383,6 +372,75 @@ def apply_shard_run(
     except redis.RedisError:
         logger.warning("shard %s: metrics not recorded (Redis unreachable)", shard.pk)
     return applied
+
+
+# Statements of every run in raw SQL: compiling their ORM querysets (and building a Shard model for
+# the lock) cost more CPU than the statements themselves. Same rows, same locks, same order: the
+# shard row first (FOR UPDATE OF s: the campaign row is locked only by the counters' UPDATE, after).
+_SHARDS = Shard._meta.db_table
+_CAMPAIGNS = Campaign._meta.db_table
+_LOCK_SHARD = f"""
+SELECT s.status, s.lo, s.device_ids, c.app_id
+  FROM {_SHARDS} s JOIN {_CAMPAIGNS} c ON c.id = s.campaign_id
+ WHERE s.id = %s AND s.status IN (%s, %s)
+   FOR UPDATE OF s
+"""
+# The campaign row as the counters left it, which completion and halts are decided on.
+_STATE = (
+    "status",
+    "outstanding",
+    "sent",
+    "delivered",
+    "failed",
+    "invalidated",
+    "invalid_kept",
+    "halt_error_rate",
+    "canary",
+    "canary_phase",
+)
+
+
+class _Locked(NamedTuple):
+    status: str
+    lo: int | None
+    device_ids: list[int] | None
+    app_id: int  # the campaign's
+
+
+def _lock_shard(shard_id: int) -> _Locked | None:
+    """The shard's row if pending or cancelled, locked until the transaction ends."""
+    with connection.cursor() as cursor:
+        cursor.execute(_LOCK_SHARD, [shard_id, Shard.Status.PENDING, Shard.Status.CANCELLED])
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    status, lo, device_ids, app_id = row
+    # The backend hands jsonb over as text (JSONField decodes it); NULL marks a range shard.
+    return _Locked(status, lo, device_ids if device_ids is None else orjson.loads(device_ids), app_id)
+
+
+def _update_shard(shard_id: int, values: dict[str, object]) -> None:
+    # device_ids goes as JSON text, cast to jsonb (psycopg2 would send a list as an array).
+    if "device_ids" in values:
+        values["device_ids"] = orjson.dumps(values["device_ids"]).decode()
+    sets = ", ".join(f"{name} = %s::jsonb" if name == "device_ids" else f"{name} = %s" for name in values)
+    with connection.cursor() as cursor:
+        cursor.execute(f"UPDATE {_SHARDS} SET {sets} WHERE id = %s", [*values.values(), shard_id])
+
+
+def _add_counters(campaign_id: int, **deltas: int) -> dict[str, Any]:
+    """Add `deltas` to the campaign's counters; the row as updated (one statement, not an UPDATE
+    then a SELECT)."""
+    sets = ", ".join(f"{name} = {name} + %s" for name in deltas)
+    with connection.cursor() as cursor:
+        cursor.execute(
+            f"UPDATE {_CAMPAIGNS} SET {sets} WHERE id = %s RETURNING {', '.join(_STATE)}",
+            [*deltas.values(), campaign_id],
+        )
+        state = dict(zip(_STATE, cursor.fetchone(), strict=True))
+    if isinstance(state["canary"], str):
+        state["canary"] = orjson.loads(state["canary"])
+    return state
 
 
 def _child(
