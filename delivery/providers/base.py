@@ -34,12 +34,13 @@ CONDITION = "condition"
 TOPIC_KINDS = frozenset({TOPIC, CONDITION})
 
 
-@dataclass(slots=True, frozen=True)
+@dataclass(slots=True)
 class Target:
     """Where one push goes: a DeviceToken row, reduced to what a provider call needs.
 
     `kind` leaves room for targets that are not registration tokens (e.g. FCM's Firebase
-    Installation ID) without changing the interface.
+    Installation ID) without changing the interface. Not frozen: a frozen dataclass's __init__
+    costs four times as much, and a shard run builds one per device.
     """
 
     device_id: int
