@@ -116,7 +116,8 @@ def test_error_rate_halts_the_campaign_and_says_why(fresh_sim, start_worker) -> 
     app = simulator_app(fresh_sim)
     # One device in five answers 503 forever; with one attempt allowed each is a final failure.
     load_devices(app, build_population({"ios": 4000}, {"ios": {"05": 800}}))
-    start_worker(concurrency=1, env={"CAMPAIGN_MAX_ATTEMPTS": "1"})
+    # The halt is decided as each shard is recorded: several shards, so that it stops the rest.
+    start_worker(concurrency=1, env={"CAMPAIGN_MAX_ATTEMPTS": "1", "CAMPAIGN_SHARD_SIZE": "1000"})
     client = api_client(app)
     campaign_id = _launch(client, halt_error_rate=0.05)
 
