@@ -106,6 +106,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+async def cancel_in_flight(engine: Engine, pending: Awaitable[Any], in_flight: int) -> None:
+    """Start `pending`, cancel it once the engine holds its `in_flight` requests (not after a fixed
+    sleep), and check the engine holds none after."""
+    task = asyncio.ensure_future(pending)
+    deadline = time.monotonic() + 10
+    while engine.stats().in_flight != in_flight:
+        assert time.monotonic() < deadline, "the requests never went in flight"
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert engine.stats().in_flight == 0
+
+
 def poll(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
     deadline = time.monotonic() + timeout
     while not predicate():
@@ -454,15 +468,7 @@ def test_cancelled_request_frees_its_slot(sim, loop, engines):
     engine = make_engine(engines, sim)
 
     async def scenario() -> HttpResponse:
-        task = asyncio.ensure_future(engine.request(apns_request(sim, device_token("07"))))
-        deadline = time.monotonic() + 10
-        while engine.stats().in_flight != 1:  # the engine has taken it (not a fixed sleep)
-            assert time.monotonic() < deadline, "the request never went in flight"
-            await asyncio.sleep(0.01)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert engine.stats().in_flight == 0
+        await cancel_in_flight(engine, engine.request(apns_request(sim, device_token("07"))), 1)
         return await engine.request(apns_request(sim, device_token()))
 
     assert loop.run_until_complete(scenario()).status == 200
@@ -499,15 +505,7 @@ def test_cancelled_request_many_frees_every_slot(sim, loop, engines):
 
     async def scenario() -> list[HttpResponse | TransportError]:
         many = engine.request_many([apns_request(sim, device_token("07")) for _ in range(5)])
-        task = asyncio.ensure_future(many)
-        deadline = time.monotonic() + 10
-        while engine.stats().in_flight != 5:
-            assert time.monotonic() < deadline, "the requests never went in flight"
-            await asyncio.sleep(0.01)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert engine.stats().in_flight == 0
+        await cancel_in_flight(engine, many, 5)
         return await engine.request_many([apns_request(sim, device_token())])
 
     assert [a.status for a in loop.run_until_complete(scenario())] == [200]
