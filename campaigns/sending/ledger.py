@@ -383,7 +383,6 @@ _LOCK_SHARD = f"""
 SELECT s.status, s.lo, s.device_ids, c.app_id
   FROM {_SHARDS} s JOIN {_CAMPAIGNS} c ON c.id = s.campaign_id
  WHERE s.id = %s AND s.status IN (%s, %s)
-   FOR UPDATE OF s
 """
 # The campaign row as the counters left it, which completion and halts are decided on.
 _STATE = (
@@ -409,8 +408,10 @@ class _Locked(NamedTuple):
 
 def _lock_shard(shard_id: int) -> _Locked | None:
     """The shard's row if pending or cancelled, locked until the transaction ends."""
+    # SQLite (the demo's database) has no row locks: its write transaction is the whole file's.
+    lock = " FOR UPDATE OF s" if connection.features.has_select_for_update_of else ""
     with connection.cursor() as cursor:
-        cursor.execute(_LOCK_SHARD, [shard_id, Shard.Status.PENDING, Shard.Status.CANCELLED])
+        cursor.execute(_LOCK_SHARD + lock, [shard_id, Shard.Status.PENDING, Shard.Status.CANCELLED])
         row = cursor.fetchone()
     if row is None:
         return None
