@@ -421,12 +421,13 @@ def _lock_shard(shard_id: int) -> _Locked | None:
 
 
 def _update_shard(shard_id: int, values: dict[str, object]) -> None:
-    # device_ids goes as JSON text, cast to jsonb (psycopg2 would send a list as an array).
-    if "device_ids" in values:
-        values["device_ids"] = orjson.dumps(values["device_ids"]).decode()
-    sets = ", ".join(f"{name} = %s::jsonb" if name == "device_ids" else f"{name} = %s" for name in values)
+    # Each value as its field saves it on this backend (device_ids as JSON, not an array; datetimes
+    # as SQLite stores them): a handful of fields once per run, not a compiled queryset.
+    field = Shard._meta.get_field
+    params = [field(name).get_db_prep_save(value, connection) for name, value in values.items()]
+    sets = ", ".join(f"{name} = %s" for name in values)
     with connection.cursor() as cursor:
-        cursor.execute(f"UPDATE {_SHARDS} SET {sets} WHERE id = %s", [*values.values(), shard_id])
+        cursor.execute(f"UPDATE {_SHARDS} SET {sets} WHERE id = %s", [*params, shard_id])
 
 
 def _add_counters(campaign_id: int, **deltas: int) -> dict[str, Any]:
