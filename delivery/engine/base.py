@@ -25,6 +25,8 @@ LATENCY_BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 @dataclass(slots=True)
 class HttpRequest:
+    # `headers` may be shared by many requests and kept by the engine for the next ones (the libcurl
+    # engine converts a dict once per handle): never modify a dict after handing it over.
     method: str
     url: str
     headers: dict[str, str]
@@ -143,9 +145,7 @@ class Engine(abc.ABC):
         """Send one request; raise TransportError when no response arrives."""
 
     async def request_many(self, reqs: Sequence[HttpRequest]) -> list[HttpResponse | TransportError]:
-        """Send them all at once; each one's answer, or its TransportError, in the order of `reqs`.
-        The engine may keep a request's header dict for its next requests: never modify one after
-        handing it over."""
+        """Send them all at once; each one's answer, or its TransportError, in the order of `reqs`."""
 
         async def one(req: HttpRequest) -> HttpResponse | TransportError:
             try:
