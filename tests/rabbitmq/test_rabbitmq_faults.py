@@ -72,7 +72,8 @@ def test_every_connection_closed_mid_campaign_loses_nothing(fresh_sim, start_wor
 
 
 def test_send_queues_purged_mid_campaign_loses_nothing(fresh_sim, start_worker) -> None:
-    grace = {"CAMPAIGN_RECOVERY_GRACE_S": "5"}
+    # 1,000-device shards: the 8,000 devices must leave shard messages queued behind the two running.
+    grace = {"CAMPAIGN_RECOVERY_GRACE_S": "5", "CAMPAIGN_SHARD_SIZE": "1000"}
     worker, run, launched, at = _mid_campaign(fresh_sim, start_worker, env=grace)
     tokens = run.population.of()
     dropped = sum(_purge(queue) for queue in ("apns", "fcm"))
