@@ -376,11 +376,11 @@ CELERY_BEAT_SCHEDULE["tokens-flush-webhooks"] = {
 # few transient failures make) were half the CPU per delivery at 1,000 (bench/campaign.py,
 # docs/scaling.md); a shard still takes a worker about a second, and a pause still acts per chunk.
 CAMPAIGN_SHARD_SIZE = _env_int("CAMPAIGN_SHARD_SIZE", 5000)
-# 1,000: a run waits for a chunk's last answer before the next checkpoint, so each chunk ends with
-# the connection half idle; at 500 a 1M-device campaign ran at 9,853 deliveries/s here, at 1,000 at
-# 12,342 (bench/campaign.py). The price: a worker killed outright may repeat up to a chunk per pool
-# process (the requests in flight), and a pause acts within one chunk.
-CAMPAIGN_CHUNK_SIZE = _env_int("CAMPAIGN_CHUNK_SIZE", 1000)
+# 500, not 1,000: at 1,000 a 1M campaign ran faster here (12,342 against 9,853 deliveries/s:
+# a run waits for a chunk's last answer), but with twice the requests in flight per connection a
+# provider that resets connections every 500 requests cut re-sent requests again until they
+# failed as "may have reached" and repeated (tests/reliability/test_connection_resets.py).
+CAMPAIGN_CHUNK_SIZE = _env_int("CAMPAIGN_CHUNK_SIZE", 500)
 CAMPAIGN_MAX_ATTEMPTS = _env_int("CAMPAIGN_MAX_ATTEMPTS", 5)
 CAMPAIGN_RETRY_BASE_S = _env_float("CAMPAIGN_RETRY_BASE_S", 2.0)
 CAMPAIGN_RETRY_MAX_S = _env_float("CAMPAIGN_RETRY_MAX_S", 300.0)
