@@ -258,9 +258,10 @@ class ApnsProvider(Provider):
                 return Result(target, Outcome.AUTH_FAILURE, reason=f"BadCertificate: {resp}"), False
             return m.transport_result(target, resp), False
         if resp.status == 200:
-            delivered = Result(target, Outcome.DELIVERED, 200, "", resp.header("apns-id"))
-            delivered.maybe_duplicate = resp.maybe_duplicate
-            return delivered, False
+            apns_id = resp.header("apns-id")
+            return Result(
+                target, Outcome.DELIVERED, 200, "", apns_id, maybe_duplicate=resp.maybe_duplicate
+            ), False
         reason, timestamp = _error_body(resp.body)
         row = m.lookup(APNS_TABLE, resp.status, reason)
         result = m.make_result(

@@ -222,9 +222,7 @@ def _answer(target: Target, resp: HttpResponse | TransportError) -> tuple[Result
             name = orjson.loads(resp.body).get("name", "")
         except (orjson.JSONDecodeError, AttributeError):
             name = ""
-        delivered = Result(target, Outcome.DELIVERED, 200, "", name)
-        delivered.maybe_duplicate = resp.maybe_duplicate
-        return delivered, False
+        return Result(target, Outcome.DELIVERED, 200, "", name, maybe_duplicate=resp.maybe_duplicate), False
     code, text = _error(resp.body)
     row = m.lookup(FCM_TABLE, resp.status, code)
     reason = f"{code}: {text}" if text else code
