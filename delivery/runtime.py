@@ -12,6 +12,7 @@ of the same app opened; a credential change gives a new fingerprint and a fresh 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hashlib
 import os
 import threading
@@ -73,8 +74,12 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 def run(coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
     """Run `coro` on this process's send loop and wait for its result (from a sync task)."""
-    future = asyncio.run_coroutine_threadsafe(coro, _ensure_loop())
-    return future.result(timeout)
+    return submit(coro).result(timeout)
+
+
+def submit(coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
+    """Start `coro` on this process's send loop; the caller collects its result when it needs it."""
+    return asyncio.run_coroutine_threadsafe(coro, _ensure_loop())
 
 
 def credential_fingerprint(app: App, platform: str) -> str:

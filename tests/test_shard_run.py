@@ -7,11 +7,13 @@ row (status, the devices left to send), the campaign's counters and state, and w
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import hashlib
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field, replace
 from datetime import timedelta
 from typing import Any
@@ -81,6 +83,17 @@ class FakeProvider(Provider):
 
     def all_sent(self) -> list[int]:
         return [pk for chunk in self.chunks for pk in chunk]
+
+
+def at_once(coro: Coroutine[Any, Any, list[Result]]) -> concurrent.futures.Future[list[Result]]:
+    """The run's `submit` for these tests: the chunk is sent when handed over, so the provider's
+    script runs in the order the run hands chunks out (the worker's loop thread would race it)."""
+    future: concurrent.futures.Future[list[Result]] = concurrent.futures.Future()
+    try:
+        future.set_result(asyncio.run(coro))
+    except Exception as exc:  # handed to the run as the send's failure
+        future.set_exception(exc)
+    return future
 
 
 @dataclass
@@ -159,6 +172,7 @@ class Setup:
             publish_shard=self.published,
             run_settings=replace(SETTINGS, **settings),
             keeper=self.keeper,
+            submit=at_once,
         ).run()
 
     def refresh(self) -> None:
@@ -336,11 +350,11 @@ def test_the_lease_is_registered_and_kept_alive_while_the_run_sends_then_release
 OPERATOR_MEANWHILE = pytest.mark.django_db(transaction=True)
 
 
-def _then(first: Script, action: Callable[[], None]) -> Script:
-    """Answer the first chunk with `first`, doing `action` meanwhile (an operator, a crash)."""
+def _then(first: Script, action: Callable[[], None], at: int = 0) -> Script:
+    """Answer with `first`, doing `action` while chunk `at` is sent (an operator, a crash)."""
 
     def script(chunk: int, targets: list[Target]) -> list[Result]:
-        if chunk == 0:
+        if chunk == at:
             _elsewhere(action)
         return first(chunk, targets)
 
@@ -422,6 +436,73 @@ def test_credentials_rejected_pause_the_campaign_and_touch_no_token(make) -> Non
     assert s.campaign.status == Campaign.Status.PAUSED and "credentials" in s.campaign.status_reason
     assert s.shard.status == Shard.Status.PAUSED and s.shard.device_ids == sorted(s.pks()[20:])
     assert DeviceToken.objects.filter(pk__in=s.pks(), is_active=True).count() == 60
+
+
+# --- chunks in flight -----------------------------------------------------------------------------
+# Once the prune guard has passed, a chunk goes out while the one before it still drains; each
+# stop sorts what is in flight first. prune_confirmed: an operator confirmed the campaign's invalid
+# tokens, so the guard never holds (the same as a guard whose first results are in).
+def _sorted_when_sent(s: Setup) -> list[int]:
+    """Per chunk, how many of the shard's devices were already sorted when it was sent."""
+    seen: list[int] = []
+
+    def script(chunk: int, targets: list[Target]) -> list[Result]:
+        seen.append(len(idempotency.finished(s.client, s.campaign.pk, s.pks())))
+        return deliver(chunk, targets)
+
+    s.provider.script = script
+    return seen
+
+
+def test_once_the_guard_has_passed_each_chunk_goes_out_before_the_one_before_is_sorted(make) -> None:
+    s = make(60, prune_confirmed=True)
+    seen = _sorted_when_sent(s)
+    assert s.run() == StopReason.DONE
+    assert seen == [0, 0, 20]
+    s.refresh()
+    assert s.shard.status == Shard.Status.DONE and (s.campaign.sent, s.campaign.delivered) == (60, 60)
+
+
+def test_while_the_guard_judges_the_first_answers_each_chunk_waits_for_the_one_before(make) -> None:
+    s = make(60)  # CAMPAIGN_PRUNE_GUARD_MIN (200) is more than the campaign: the guard judges all run
+    seen = _sorted_when_sent(s)
+    assert s.run() == StopReason.DONE
+    assert seen == [0, 20, 40]
+
+
+@OPERATOR_MEANWHILE
+def test_a_pause_with_a_chunk_in_flight_sorts_it_and_sends_nothing_more(make) -> None:
+    s = make(60, prune_confirmed=True)
+    s.provider.script = _then(deliver, lambda: control.pause(s.client, s.campaign.pk, "by request"), at=1)
+    assert s.run() == StopReason.PAUSED
+    assert len(s.provider.chunks) == 2
+    s.refresh()
+    assert s.shard.status == Shard.Status.PAUSED and s.shard.device_ids == sorted(s.pks()[40:])
+    assert s.campaign.delivered == 40
+
+
+def test_credentials_rejected_with_a_chunk_in_flight_sort_both_and_pause(make) -> None:
+    s = make(60, answer(Outcome.AUTH_FAILURE, 401, "THIRD_PARTY_AUTH_ERROR"), prune_confirmed=True)
+    assert s.run() == StopReason.AUTH_FAILED
+    assert len(s.provider.chunks) == 2, "the chunk sent before the first answers came is the only extra"
+    s.refresh()
+    assert s.campaign.status == Campaign.Status.PAUSED and "credentials" in s.campaign.status_reason
+    assert s.shard.status == Shard.Status.PAUSED and s.shard.device_ids == sorted(s.pks()[40:])
+    held = Shard.objects.get(campaign=s.campaign, is_child=True)
+    assert held.device_ids == sorted(s.pks()[:40]), "both chunks are sent again on resume"
+    assert s.campaign.delivered == 0 and s.campaign.failed == 0
+    assert DeviceToken.objects.filter(pk__in=s.pks(), is_active=True).count() == 60
+
+
+def test_redis_lost_with_a_chunk_in_flight_records_both(make) -> None:
+    s = make(60, prune_confirmed=True)
+    flaky = FlakyRedis(s.client)
+    s.provider.script = _then(deliver, lambda: setattr(flaky, "down", True), at=1)
+    assert s.run(client=flaky) == StopReason.REDIS_LOST
+    assert len(s.provider.chunks) == 2
+    s.refresh()
+    assert s.shard.status == Shard.Status.PENDING and s.shard.device_ids == sorted(s.pks()[40:])
+    assert (s.campaign.sent, s.campaign.delivered) == (40, 40), "recorded in PostgreSQL"
 
 
 # --- waits: slept briefly, deferred when long -----------------------------------------------------
