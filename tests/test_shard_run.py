@@ -26,6 +26,7 @@ from django.utils import timezone
 from campaigns import control
 from campaigns.models import Campaign, Shard
 from campaigns.sending import policy
+from campaigns.sending.ledger import apply_shard_run
 from campaigns.sending.run import RunSettings, ShardRun, StopReason
 from delivery import idempotency, leases
 from delivery.payload import PushMessage
@@ -159,7 +160,9 @@ class Setup:
     built: list[tuple[int, str]] = field(default_factory=list)  # (app, platform) providers asked for
     keeper: leases.LeaseKeeper | None = None  # the run's lease heartbeat, driven by hand (no thread)
 
-    def run(self, client: Any = None, **settings: Any) -> StopReason:
+    def run(
+        self, client: Any = None, record: Callable[..., Any] | None = None, **settings: Any
+    ) -> StopReason:
         def providers(app: Any, platform: str) -> Provider:
             self.built.append((app.pk, platform))
             return self.provider
@@ -172,6 +175,7 @@ class Setup:
             publish_shard=self.published,
             run_settings=replace(SETTINGS, **settings),
             keeper=self.keeper,
+            record=record,
             submit=at_once,
         ).run()
 
@@ -503,6 +507,24 @@ def test_redis_lost_with_a_chunk_in_flight_records_both(make) -> None:
     s.refresh()
     assert s.shard.status == Shard.Status.PENDING and s.shard.device_ids == sorted(s.pks()[40:])
     assert (s.campaign.sent, s.campaign.delivered) == (40, 40), "recorded in PostgreSQL"
+
+
+def test_a_resume_before_the_record_sends_the_held_devices_again(make) -> None:
+    # The operator resumed between the run's pause and its record (found by the fault suite: the
+    # held devices' shard, written after the resume had unparked everything, stayed parked).
+    s = make(60, answer(Outcome.AUTH_FAILURE, 401, "THIRD_PARTY_AUTH_ERROR"))
+
+    def resumed_then_recorded(*args: Any, **kwargs: Any) -> Any:
+        Campaign.objects.filter(pk=s.campaign.pk).update(status=Campaign.Status.RUNNING, status_reason="")
+        control.set_flag(s.client, s.campaign.pk, control.RUNNING)
+        return apply_shard_run(*args, **kwargs)
+
+    assert s.run(record=resumed_then_recorded) == StopReason.AUTH_FAILED
+    held = Shard.objects.get(campaign=s.campaign, is_child=True)
+    assert held.status == Shard.Status.PENDING and held.device_ids == sorted(s.pks()[:20])
+    s.refresh()
+    assert s.shard.status == Shard.Status.PENDING
+    assert {shard for shard, _, _ in s.published} == {s.shard.pk, held.pk}
 
 
 # --- waits: slept briefly, deferred when long -----------------------------------------------------

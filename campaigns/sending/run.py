@@ -330,7 +330,9 @@ class ShardRun:
             # No wait asked for: decide now rather than at the next sweep (campaigns/canary.py).
             canary.decide(self.client, campaign.pk)
         if _PARK[stop.reason] == control.PAUSED or results.held:
-            self._requeue_if_resumed(campaign.pk, shard.pk if _PARK[stop.reason] else None)
+            # Every parked shard of the campaign, not only this one: the held devices' shard this
+            # record just wrote is parked too, and a resume that ran before it existed missed it.
+            self._requeue_if_resumed(campaign.pk, None)
 
     def _park(self, shard: Shard, state: str) -> None:
         status = Shard.Status.CANCELLED if state == control.CANCELLED else Shard.Status.PAUSED
