@@ -72,7 +72,7 @@ REQUEST_SECONDS = PREFIX + "request_seconds"  # the same, per answered provider 
 PROCS = PREFIX + "procs"  # zset: per-process hash key -> last report (unix time)
 PROC_TTL_S = 120
 SEP = "|"
-# A shard is ~1,000 devices: tens of milliseconds against a fast provider, minutes when throttled.
+# A shard is ~5,000 devices: tens of milliseconds against a fast provider, minutes when throttled.
 SHARD_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 # A chunk is up to CAMPAIGN_CHUNK_SIZE requests in flight together: its round trip is about the
 # slowest answer among them (per request: REQUEST_SECONDS, timed by the engines).

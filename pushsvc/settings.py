@@ -363,24 +363,28 @@ CELERY_BEAT_SCHEDULE["tokens-flush-webhooks"] = {
 
 # --- Campaigns and fan-out (campaigns/planning.py, campaigns/sending/, campaigns/tasks.py) -------
 # CAMPAIGN_SHARD_SIZE: active devices per shard (one send task). CAMPAIGN_CHUNK_SIZE: devices sent
-# between two checks of the campaign's pause/cancel flag and the rate limiter, so a pause takes
-# effect within one chunk. CAMPAIGN_MAX_ATTEMPTS: sends per device before a transient failure is
-# dead-lettered; retries wait CAMPAIGN_RETRY_BASE_S * 2^(attempt-1) (jittered, at least the
-# provider's Retry-After) up to CAMPAIGN_RETRY_MAX_S. CAMPAIGN_HALT_MIN_SENDS: sends before the
-# error-rate halt is checked. Mass-prune guard: once CAMPAIGN_PRUNE_GUARD_MIN of the first
-# CAMPAIGN_PRUNE_GUARD_WINDOW results of one provider are in, an invalid-token share above
-# CAMPAIGN_PRUNE_GUARD_RATIO pauses the campaign instead of deactivating tokens.
+# between two checks of the campaign's pause/cancel flag and the rate limiter; a run keeps two
+# chunks in flight (it sends one while it sorts the answers of the one before), so a pause takes
+# effect within two chunks and a worker killed mid-run repeats at most two chunks per process.
+# CAMPAIGN_MAX_ATTEMPTS: sends per device before a transient failure is dead-lettered; retries
+# wait CAMPAIGN_RETRY_BASE_S * 2^(attempt-1) (jittered, at least the provider's Retry-After) up to
+# CAMPAIGN_RETRY_MAX_S. CAMPAIGN_HALT_MIN_SENDS: sends before the error-rate halt is checked.
+# Mass-prune guard: once CAMPAIGN_PRUNE_GUARD_MIN of the first CAMPAIGN_PRUNE_GUARD_WINDOW results
+# of one provider are in, an invalid-token share above CAMPAIGN_PRUNE_GUARD_RATIO pauses the
+# campaign instead of deactivating tokens.
 # CAMPAIGN_SCHEDULER_INTERVAL_S: how often beat launches campaigns whose send_at has passed.
 # DIRECT_SEND_MAX_RECIPIENTS: user_ids/device_ids accepted by POST /api/v1/notifications/.
 # 5,000: a shard's fixed costs (its task, fetch, load, ledger transaction, and the retry shard its
 # few transient failures make) were half the CPU per delivery at 1,000 (bench/campaign.py,
 # docs/scaling.md); a shard still takes a worker about a second, and a pause still acts per chunk.
 CAMPAIGN_SHARD_SIZE = _env_int("CAMPAIGN_SHARD_SIZE", 5000)
-# 500, not 1,000: at 1,000 a 1M campaign ran faster here (12,342 against 9,853 deliveries/s:
-# a run waits for a chunk's last answer), but with twice the requests in flight per connection a
-# provider that resets connections every 500 requests cut re-sent requests again until they
-# failed as "may have reached" and repeated (tests/reliability/test_connection_resets.py).
-CAMPAIGN_CHUNK_SIZE = _env_int("CAMPAIGN_CHUNK_SIZE", 500)
+# 250: two chunks of 250 in flight keep the requests a run has outstanding (and so what a killed
+# worker repeats, and what one connection reset cuts) where one chunk of 500 kept them, while the
+# connection no longer idles through a chunk's slowest answers and its sorting (bench/campaign.py,
+# docs/scaling.md). One chunk of 1,000 was faster still, but a provider resetting connections every
+# 500 requests then cut re-sent requests again until they failed as "may have reached" and
+# repeated (tests/reliability/test_connection_resets.py).
+CAMPAIGN_CHUNK_SIZE = _env_int("CAMPAIGN_CHUNK_SIZE", 250)
 CAMPAIGN_MAX_ATTEMPTS = _env_int("CAMPAIGN_MAX_ATTEMPTS", 5)
 CAMPAIGN_RETRY_BASE_S = _env_float("CAMPAIGN_RETRY_BASE_S", 2.0)
 CAMPAIGN_RETRY_MAX_S = _env_float("CAMPAIGN_RETRY_MAX_S", 300.0)

@@ -9,7 +9,7 @@ veth and a bridge (tests/multihost/netns.py has the layout).
    FIN, no RST, its connections just hang). Its runs' leases are no longer refreshed and run out
    (CAMPAIGN_SHARD_LEASE_S); the other host's recovery sweep finds them registered but gone
    (delivery/leases.py, campaigns/recovery.py) and publishes their shards again. Completed, 0
-   lost, repeats within what the cut host had in flight (its pool processes x
+   lost, repeats within what the cut host had in flight (its pool processes x two chunks of
    CAMPAIGN_CHUNK_SIZE). Printed: the time from the cut until the cut host's shards run elsewhere.
 
 Production settings throughout (tests/reliability/harness.py PRODUCTION). Needs root (namespaces);
@@ -40,7 +40,7 @@ from delivery import leases
 from simulator.credentials import ensure_credentials
 from simulator.testing import SimulatorProcess
 from tests.multihost.netns import Network, Unavailable, unavailable_reason
-from tests.reliability.harness import PRODUCTION, wait_delivered
+from tests.reliability.harness import IN_FLIGHT_PER_RUN, PRODUCTION, wait_delivered
 from tokens.models import ApiKey, DeviceToken
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(300)]
@@ -317,13 +317,13 @@ def test_worker_host_cut_off_mid_campaign(net, sim, web, worker_hosts, redis_cli
         wall = time.monotonic() - launched
     assert campaign.status == "completed", (campaign.status, campaign.status_reason)
     lost, duplicates = tally(sim, campaign)
-    bound = len(pool) * int(PRODUCTION["CAMPAIGN_CHUNK_SIZE"])
+    bound = len(pool) * IN_FLIGHT_PER_RUN
     per_host = seen.per_host(net)
     print(
         f"w2's link cut at {at_cut:,}/{valid:,} delivered ({len(dead)} shard(s) in progress there): "
         f"taken over {takeover:.1f} s after the cut (lease {PRODUCTION['CAMPAIGN_SHARD_LEASE_S']} s); "
         f"wall {wall:.1f} s, lost={lost} duplicates={duplicates} (bound {len(pool)} x "
-        f"{PRODUCTION['CAMPAIGN_CHUNK_SIZE']}), skipped_duplicate={campaign.skipped_duplicate}; shards run "
+        f"{IN_FLIGHT_PER_RUN}), skipped_duplicate={campaign.skipped_duplicate}; shards run "
         f"per host {per_host} (w2 by the takeover: {w2_by_takeover}), load {load()}"
     )
     assert lost == 0

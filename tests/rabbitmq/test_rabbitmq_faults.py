@@ -24,7 +24,7 @@ import pytest
 from django.conf import settings
 
 from campaigns.testing import rabbitmq_vhost, rabbitmqctl
-from tests.reliability.harness import PRODUCTION, launch, tally, wait_delivered
+from tests.reliability.harness import IN_FLIGHT_PER_RUN, PRODUCTION, launch, tally, wait_delivered
 from tests.reliability.services import PrivateRabbitMQ
 from tests.reliability.test_restarts import _scenario
 
@@ -58,12 +58,12 @@ def test_every_connection_closed_mid_campaign_loses_nothing(fresh_sim, start_wor
     assert campaign.status == "completed", (campaign.status, campaign.status_reason, worker.log_tail())
     result = tally(fresh_sim, tokens)
     reconnects = worker.log_file.read_text(errors="replace").count("Connection to broker lost")
-    bound = 2 * int(PRODUCTION["CAMPAIGN_CHUNK_SIZE"])
+    bound = 2 * IN_FLIGHT_PER_RUN
     print(
         f"\nRabbitMQ closed {len(listed.split())} connection(s) at {at}/{len(tokens)} delivered: worker "
         f"reconnected ({reconnects} 'Connection to broker lost'); completed {done - cut:.1f} s after; wall "
         f"{done - launched:.1f} s; lost={len(result.lost)} duplicates={result.extra_deliveries} (bound 2 x "
-        f"{PRODUCTION['CAMPAIGN_CHUNK_SIZE']}); skipped_duplicate={campaign.skipped_duplicate}"
+        f"{IN_FLIGHT_PER_RUN}); skipped_duplicate={campaign.skipped_duplicate}"
     )
     assert reconnects >= 1, "the worker's consumer connection was among those closed"
     assert result.lost == []

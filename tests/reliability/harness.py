@@ -32,6 +32,10 @@ PRODUCTION = {
         "PUSH_REQUEST_TIMEOUT",
     )
 }
+# What one run may have sent and not yet marked delivered in the idempotency bitmap, so what a
+# process that dies may repeat: two chunks (a run sends the next chunk while it sorts the answers
+# of the one before: campaigns/sending/run.py).
+IN_FLIGHT_PER_RUN = 2 * int(PRODUCTION["CAMPAIGN_CHUNK_SIZE"])
 
 
 @dataclass

@@ -9,7 +9,7 @@ the dead run's lease still holds looks again a few seconds later.) Each run's le
 dead pool stops refreshing, its leases run out, and the surviving worker's recovery thread finds
 them registered but gone (delivery/leases.py) and publishes those shards again at once
 (campaigns/recovery.py republish_orphans). The idempotency bitmap makes the re-runs skip what the
-dead runs delivered; only the chunks in flight in the dead pool may repeat. The hour-late
+dead runs delivered; only the chunks in flight in the dead pool (two per run) may repeat. The hour-late
 redeliveries find the shards done and send nothing.
 
 Printed, not asserted (timing depends on the machine's load): the seconds from the kill until
@@ -30,7 +30,7 @@ from django.conf import settings
 from campaigns.models import Shard
 from campaigns.testing import wait_for
 from delivery import leases
-from tests.reliability.harness import PRODUCTION, launch, tally, wait_delivered
+from tests.reliability.harness import IN_FLIGHT_PER_RUN, PRODUCTION, launch, tally, wait_delivered
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.timeout(300)]
 
@@ -110,12 +110,12 @@ def test_sigkill_of_a_whole_worker_mid_campaign_loses_nothing(fresh_sim, start_w
     wall_s = time.monotonic() - launched
     assert campaign.status == "completed", (campaign.status, campaign.status_reason, survivor.log_tail())
     result = tally(fresh_sim, tokens)
-    bound = len(pool) * int(PRODUCTION["CAMPAIGN_CHUNK_SIZE"])
+    bound = len(pool) * IN_FLIGHT_PER_RUN
     print(
         f"\nkill -9 worker ({len(pool)} pool processes, {len(dead)} shard(s) in progress) at "
         f"{at_kill}/{len(tokens)} delivered: taken over {takeover_s:.1f} s after the kill "
         f"(lease {PRODUCTION['CAMPAIGN_SHARD_LEASE_S']} s); wall {wall_s:.1f} s; lost={len(result.lost)} "
-        f"duplicates={result.extra_deliveries} (bound {len(pool)} x {PRODUCTION['CAMPAIGN_CHUNK_SIZE']}); "
+        f"duplicates={result.extra_deliveries} (bound {len(pool)} x {IN_FLIGHT_PER_RUN}); "
         f"skipped_duplicate={campaign.skipped_duplicate}"
     )
     assert result.lost == []
