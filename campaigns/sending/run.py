@@ -366,10 +366,15 @@ class _Sender:
         self.circuit = breaker.Breaker(self.client)
         self.provider_key = provider_key(campaign.app_id, shard.platform)
         self.rollout = bool(campaign.rollout_start_rate or campaign.rollout_max_rate)
-        # The previous chunk's rate report and its breaker report ride on the next checkpoint
+        # A sorted chunk's rate report and its breaker report ride on the next checkpoint
         # (delivery/ratelimit.py, delivery/breaker.py); the last chunk's go out on their own.
         self.rate_report: Report = NO_REPORT
         self.report: tuple[str, float] = ("", 0.0)
+        self.flight: _Flight | None = None  # the chunk handed to the provider, not yet sorted
+        self.message = PushMessage.from_dict(campaign.message)
+        self.guard = PruneGuard(self.client)
+        self.guard_armed = not campaign.prune_confirmed  # until the guard has judged the first answers
+        self.provider = run.providers(campaign.app, shard.platform)
 
     def send(self, todo: list[Device], results: ShardResults) -> _Stop:
         """Send `todo` chunk by chunk. Every chunk goes only after a checkpoint found the campaign
@@ -378,19 +383,12 @@ class _Sender:
         reserved tokens go back to the bucket.
 
         Chunks overlap: the next one goes out as soon as its checkpoint allows, while the one before
-        it still drains, and its answers are sorted after that; so the connection never idles
-        through a chunk's slowest answers and its sorting (a run spent a fifth of its time so at 500
-        devices a chunk), and streams in flight per connection are capped by the engine, not by the
-        chunk. Not while the prune guard still judges the campaign's first answers, nor for a
-        breaker probe: those answers decide whether another chunk may go. Every stop lands the chunk
-        in flight first, so `done` counts devices sent and sorted; a pause stops what was not yet
-        sent, as before."""
-        self.message = PushMessage.from_dict(self.campaign.message)
-        self.provider = self.run.providers(self.campaign.app, self.shard.platform)
-        self.guard = PruneGuard(self.client)
-        self.guard_armed = not self.campaign.prune_confirmed
+        it still drains, and the one before is sorted meanwhile; so the connection does not idle
+        through a chunk's slowest answers and its sorting. Not while the prune guard still judges
+        the campaign's first answers, nor for a breaker probe: those answers decide whether another
+        chunk may go. Every stop lands the chunk in flight first, so `done` counts devices sent and
+        sorted."""
         cfg = self.cfg
-        flight: _Flight | None = None
         start = 0  # devices handed to the provider; all of them sorted whenever the loop stops
         try:
             while start < len(todo):
@@ -401,12 +399,10 @@ class _Sender:
                     verdict = point.verdict
                     probing = verdict.action == breaker.PROBE
                     running = point.leased and point.state == control.RUNNING
-                    if flight is not None and (
-                        not running or verdict.action != breaker.GO or point.wait > cfg.sleep_max_s
-                    ):
+                    if not running or verdict.action != breaker.GO or point.wait > cfg.sleep_max_s:
                         # Anything but "send now": what is in flight is sorted first (a probe's answer
                         # must be the next report the breaker hears).
-                        flight, landed = None, self._land(flight, results)
+                        landed = self._land(results)
                         if landed is not None:
                             self._refund(reserved)
                             return _Stop(landed, start)
@@ -433,23 +429,21 @@ class _Sender:
                         self.clock.sleep(point.wait)
                         stopped = self._still_ours()
                         if stopped is not None:
-                            flight, landed = None, self._land(flight, results)
+                            landed = self._land(results)
                             self._release_probe(probing)
                             return _Stop(landed or stopped, start)
                 except redis.RedisError:
-                    flight, landed = None, self._land(flight, results)
-                    return _Stop(landed or StopReason.REDIS_LOST, start)
+                    return _Stop(self._land(results) or StopReason.REDIS_LOST, start)
                 launched = self._launch(chunk, results, probing)
                 start += len(chunk)
-                landed = self._land(flight, results)
-                flight = launched
+                landed = self._land(results)  # the chunk before, while this one is on the wire
+                self.flight = launched
                 if landed is None and (probing or self.guard_armed):
-                    flight, landed = None, self._land(launched, results)
+                    landed = self._land(results)
                 if landed is not None:
-                    flight, _ = None, self._land(flight, results)
+                    self._land(results)
                     return _Stop(landed, start)
-            flight, landed = None, self._land(flight, results)
-            return _Stop(landed or StopReason.DONE, len(todo))
+            return _Stop(self._land(results) or StopReason.DONE, len(todo))
         finally:
             self._last_reports()
 
@@ -472,10 +466,11 @@ class _Sender:
         answers = self.run.submit(self.provider.send_many(targets, chunk_message))
         return _Flight(chunk, answers, self.clock.monotonic(), probing)
 
-    def _land(self, flight: _Flight | None, results: ShardResults) -> StopReason | None:
-        """Wait for a chunk's answers and sort them: the ledger's tally, the idempotency bitmap, the
-        prune guard, the breaker's and the rate limiter's reports. A reason if the run must stop
-        (credentials rejected, Redis lost)."""
+    def _land(self, results: ShardResults) -> StopReason | None:
+        """Wait for the answers of the chunk in flight, if any, and sort them: the ledger's tally,
+        the idempotency bitmap, the prune guard, the breaker's and the rate limiter's reports. A
+        reason if the run must stop (credentials rejected, Redis lost)."""
+        flight, self.flight = self.flight, None  # taken first: a chunk is never sorted twice
         if flight is None:
             return None
         shard, campaign, chunk = self.shard, self.campaign, flight.chunk
