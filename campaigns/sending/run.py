@@ -404,6 +404,7 @@ class _Sender:
                         # must be the next report the breaker hears).
                         landed = self._land(results)
                         if landed is not None:
+                            self._release_probe(probing)
                             self._refund(reserved)
                             return _Stop(landed, start)
                     if not running:
