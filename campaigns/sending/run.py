@@ -375,6 +375,9 @@ class _Sender:
         self.guard = PruneGuard(self.client)
         self.guard_armed = not campaign.prune_confirmed  # until the guard has judged the first answers
         self.provider = run.providers(campaign.app, shard.platform)
+        self.web = shard.platform == Platform.WEB
+        # Only first sends of a broadcast can show provider-wide throttling (delivery/ratelimit.py).
+        self.sample = shard.attempt == 0 and not shard.is_child and campaign.kind == Campaign.Kind.BROADCAST
 
     def send(self, todo: list[Device], results: ShardResults) -> _Stop:
         """Send `todo` chunk by chunk. Every chunk goes only after a checkpoint found the campaign
@@ -452,7 +455,7 @@ class _Sender:
         """Hand a chunk to the provider without waiting for its answers."""
         if results.deadline is None and self.message.ttl is not None:
             results.deadline = int(self.clock.time()) + self.message.ttl  # fixed at the shard's first send
-        web = self.shard.platform == Platform.WEB
+        web = self.web
         targets = [
             Target(
                 device_id=d.pk,
@@ -488,9 +491,7 @@ class _Sender:
                     answer.provider_message_id,
                 )
         invalid = sum(1 for a in answers if a.outcome == Outcome.INVALID_TOKEN)
-        # Only first sends of a broadcast can show provider-wide throttling (delivery/ratelimit.py).
-        sample = shard.attempt == 0 and not shard.is_child and campaign.kind == Campaign.Kind.BROADCAST
-        self.rate_report = policy.rate_report(answers, sample)
+        self.rate_report = policy.rate_report(answers, self.sample)
         # A retry shard's devices failed before: a biased sample that must not open the breaker for
         # the whole app (a few devices a provider keeps failing are dead-lettered instead). Its
         # probe, and first sends, speak for the provider.
