@@ -14,7 +14,7 @@ import logging
 
 import redis
 from django.db import connection, transaction
-from django.db.models import Q
+from django.db.models import F, Q
 from django.utils import timezone
 
 from campaigns import publish
@@ -54,12 +54,21 @@ def current_state(client: redis.Redis, campaign_id: int) -> str:
     return status
 
 
-def pause(client: redis.Redis, campaign_id: int, reason: str = "", *, to: str = PAUSED) -> bool:
-    """Pause (or halt, with `to=HALTED`) a running campaign; False when it was not running."""
+def pause(
+    client: redis.Redis,
+    campaign_id: int,
+    reason: str = "",
+    *,
+    to: str = PAUSED,
+    resumes: int | None = None,
+) -> bool:
+    """Pause (or halt, with `to=HALTED`) a running campaign; False when it was not running, or
+    when given `resumes` (the count its caller saw) and the campaign was resumed since."""
+    running = Campaign.objects.filter(pk=campaign_id, status=RUNNING)
+    if resumes is not None:
+        running = running.filter(resumes=resumes)
     with transaction.atomic():
-        changed = Campaign.objects.filter(pk=campaign_id, status=RUNNING).update(
-            status=to, status_reason=reason
-        )
+        changed = running.update(status=to, status_reason=reason)
         if changed:
             campaign_changed(campaign_id, to)  # the webhook event, in the same transaction
     if changed:
@@ -77,7 +86,7 @@ def resume(
 ) -> None:
     """Resume a paused or halted campaign and re-enqueue its parked shards. A halted campaign
     halts again at its next shard unless `halt_error_rate` raises the limit."""
-    updates: dict[str, object] = {"status": RUNNING, "status_reason": ""}
+    updates: dict[str, object] = {"status": RUNNING, "status_reason": "", "resumes": F("resumes") + 1}
     if confirm_prune:
         updates["prune_confirmed"] = True
     if halt_error_rate is not None:

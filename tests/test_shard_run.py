@@ -527,6 +527,33 @@ def test_a_resume_before_the_record_sends_the_held_devices_again(make) -> None:
     assert {shard for shard, _, _ in s.published} == {s.shard.pk, held.pk}
 
 
+@OPERATOR_MEANWHILE
+def test_credentials_rejected_before_a_resume_do_not_pause_the_resumed_campaign(make) -> None:
+    # Another run paused the campaign for its credentials and the operator fixed them and resumed,
+    # all while this run's chunk was on the wire with the old ones (found by the fault suite: the
+    # late answer paused the campaign again).
+    s = make(60, answer(Outcome.AUTH_FAILURE, 401, "THIRD_PARTY_AUTH_ERROR"))
+
+    def paused_and_resumed() -> None:
+        control.pause(s.client, s.campaign.pk, "credentials rejected elsewhere")
+        control.resume(s.client, s.campaign.pk)
+
+    s.provider.script = _then(s.provider.script, paused_and_resumed)
+    assert s.run() == StopReason.AUTH_FAILED
+    s.refresh()
+    assert s.campaign.status == Campaign.Status.RUNNING and s.campaign.resumes == 1
+    held = Shard.objects.get(campaign=s.campaign, is_child=True)
+    assert held.status == Shard.Status.PENDING and held.device_ids == sorted(s.pks()[:20])
+    assert s.shard.status == Shard.Status.PENDING, "handed back at once, to be sent with the new credentials"
+    assert {shard for shard, _, _ in s.published} == {s.shard.pk, held.pk}
+
+    # A run that loaded the resumed campaign and meets rejected credentials pauses it as before.
+    s.provider.script = answer(Outcome.AUTH_FAILURE, 401, "THIRD_PARTY_AUTH_ERROR")
+    assert s.run() == StopReason.AUTH_FAILED
+    s.refresh()
+    assert s.campaign.status == Campaign.Status.PAUSED and "credentials" in s.campaign.status_reason
+
+
 # --- waits: slept briefly, deferred when long -----------------------------------------------------
 def test_an_open_breaker_defers_the_shard_instead_of_sleeping(make, settings) -> None:
     settings.BREAKER_OPEN_S = 2.0

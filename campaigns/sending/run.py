@@ -522,11 +522,14 @@ class _Sender:
             control.pause(self.client, campaign.pk, describe(shard.platform, invalid, len(answers), reason))
             self.run.guard_paused = True
         if results.auth_reason:
+            # Not if the campaign was resumed since this run loaded it: these answers may predate
+            # the operator's fix. The shard parks and, the campaign running, goes again at once.
             control.pause(
                 self.client,
                 campaign.pk,
                 f"Provider credentials rejected ({shard.platform}: {results.auth_reason}). "
                 "No token was changed; fix the app's credentials and resume.",
+                resumes=campaign.resumes,
             )
             return StopReason.AUTH_FAILED
         return None
@@ -664,6 +667,7 @@ _RUN_FIELDS = (
             "rollout_max_rate",
             "rollout_ramp_minutes",
             "started_at",
+            "resumes",
         )
     ),
 )
