@@ -658,7 +658,12 @@ class CurlEngine(Engine):
                 stats.resent_maybe_processed += resends
             future.set_exception(
                 TransportError(
-                    f"curl error {code}: {message}",
+                    f"curl error {code}: {message}"
+                    + (
+                        f" (re-submitted {transfer.resubmits}x after connection loss)"
+                        if transfer.resubmits
+                        else ""
+                    ),
                     may_have_reached=transfer.attempts > 0 or transfer.resubmits > 0,
                 )
             )
