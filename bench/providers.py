@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "pushsvc.settings")
 
 import django
+import redis
 
 django.setup()
 
@@ -158,7 +159,7 @@ def bench_adapter(
     h2c: bool,
     chunk: int = 0,
 ) -> Case:
-    from delivery.credentials import ApnsTokens, FcmTokens, ServiceAccount, shared_cache
+    from delivery.credentials import KEY_PREFIX, ApnsTokens, FcmTokens, ServiceAccount, shared_cache
     from delivery.payload import PushMessage
     from delivery.providers.apns import ApnsProvider
     from delivery.providers.auth import AuthToken
@@ -214,6 +215,12 @@ def bench_adapter(
         await engine.aclose()
         return engine, figures
 
+    # Provider tokens minted in an earlier run were issued by that run's simulator; this one would
+    # reject them (120 failed FCM sends when two runs came within OAUTH_MIN_INTERVAL).
+    client = redis.Redis.from_url(settings.REDIS_URL)
+    stale = list(client.scan_iter(match=KEY_PREFIX + "*"))
+    if stale:
+        client.delete(*stale)
     shared_cache().forget_local()
     sim.reset()
     engine, (seconds, cpu, latencies, failures) = asyncio.run(run())
