@@ -18,6 +18,7 @@ import jwt
 import pytest
 
 from delivery.engine import Engine, HttpRequest, HttpResponse, TransportError, create_engine
+from delivery.engine import curl as curl_engine
 from delivery.engine.base import LATENCY_BOUNDS
 from delivery.engine.base import parse_headers as _parse_headers
 from simulator.testing import SimulatorProcess
@@ -295,20 +296,29 @@ def test_connection_dropped_with_requests_in_flight(sim, loop, engines):
     assert engine.stats().in_flight == 0
 
 
-def test_connection_reset_under_load_is_resubmitted_not_failed(sim, loop, engines):
+def test_connection_reset_under_load_is_resubmitted_up_to_a_cap(sim, loop, engines):
     """A connection reset with streams open (`reset_every`: the cut streams were never processed):
-    every request is answered, none fails back to the caller, nothing is delivered twice."""
+    the cut requests are re-submitted on fresh connections and answered, nothing is delivered
+    twice. How often one request is cut depends on the machine's load (a re-submission can land on
+    a connection already doomed), so a request may fail back after the engine's cap of
+    re-submissions, never processed; any other failure fails the test."""
     sim.configure(reset_every=200)
     engine = make_engine(engines, sim, max_connections=2, timeout=30)
     loop.run_until_complete(engine.request(apns_request(sim, device_token())))  # past the cold start
     tokens = [device_token() for _ in range(1000)]
     results = loop.run_until_complete(gather_settled([engine.request(apns_request(sim, t)) for t in tokens]))
-    server = sim.stats()
-    failed = [r for r in results if not isinstance(r, HttpResponse)]
+    server, stats = sim.stats(), engine.stats()
     assert server["connections_reset"] >= 1 and server["requests_cut_by_reset"] >= 1, server
-    assert failed == [], (failed[:3], engine.stats(), server)
-    assert [r.status for r in results] == [200] * len(tokens)
-    assert set(sim.counts(tokens).values()) == {1} and server["duplicates"] == 0
+    answered = [t for t, r in zip(tokens, results, strict=True) if isinstance(r, HttpResponse)]
+    failed = [(t, r) for t, r in zip(tokens, results, strict=True) if not isinstance(r, HttpResponse)]
+    capped = f"re-submitted {curl_engine._CONNECTION_LOSS_RESUBMITS}x after connection loss"
+    assert all(isinstance(r, TransportError) and capped in str(r) for _, r in failed), (failed[:3], stats)
+    assert len(failed) < len(tokens) // 10, (len(failed), stats, server)
+    assert all(r.status == 200 for r in results if isinstance(r, HttpResponse))
+    assert stats.extra["resubmitted_after_connection_loss"] >= 1, stats
+    counts = sim.counts(tokens)
+    assert {counts[t] for t in answered} == {1} and server["duplicates"] == 0
+    assert all(counts[t] == 0 for t, _ in failed), "a cut request was never processed"
 
 
 # --- idle connections ----------------------------------------------------------------------------
