@@ -4,15 +4,14 @@ from django.db import migrations, models
 
 
 class Migration(migrations.Migration):
-
     dependencies = [
-        ('campaigns', '0008_canary_cohorts'),
+        ("campaigns", "0008_canary_cohorts"),
     ]
 
     operations = [
         migrations.AddField(
-            model_name='campaign',
-            name='resumes',
+            model_name="campaign",
+            name="resumes",
             field=models.PositiveIntegerField(default=0),
         ),
     ]
