@@ -69,8 +69,8 @@ class Campaign(models.Model):
     halt_error_rate = models.FloatField(default=0.05)
     # Set by an operator who checked a mass-prune pause: invalid answers are applied from then on.
     prune_confirmed = models.BooleanField(default=False)
-    # Counts resumes: a pause decided from a chunk's answers applies only if no resume came after
-    # the run that sent it loaded the campaign (a stale answer must not undo the operator's resume).
+    # Counts resumes: a credentials pause decided from a chunk's answers applies only if no resume
+    # came after the run that sent it loaded the campaign (a late answer must not undo the fix).
     resumes = models.PositiveIntegerField(default=0)
     # Canary cohort (campaigns/canary.py): {"size": n, "wait_s": s, "max_error_rate": r}; null = none.
     canary = models.JSONField(null=True, blank=True)
