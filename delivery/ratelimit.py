@@ -26,7 +26,13 @@ window's accepted share, times ADAPT_MARGIN; it keeps at most ADAPT_MAX_KEEP and
 ADAPT_MIN_KEEP of the rate (half when the share is unknown), and never goes below a floor: a
 quarter of the rate the provider accepted over the last ADAPT_FLOOR_TAU_S (an exponentially
 decayed count), and at least ADAPT_FLOOR_MIN/s, so an idle second can never pin the rate at 1/s.
-One cut per ADAPT_HOLD_S. The bucket is paused for the Retry-After (capped at PAUSE_MAX_S: the
+One cut per throttling event: each reservation is told the bucket's epoch (the time of its last
+cut) and its chunk's report carries it back; throttled answers of chunks reserved before the last
+cut were sent at the rate just cut and count toward no further cut. (A one-second hold did this
+by the clock; on a slow machine an event's reports came later than that and cut again and again,
+toward the floor.) A cut forgives the bucket's debt: those tokens were taken at the rate just
+found too high, and re-priced at the cut rate they stalled every sender (2,000 tokens at 10/s:
+200 s). The bucket is paused for the Retry-After instead (capped at PAUSE_MAX_S: the
 adapters default a missing header to a minute, which the throttled devices' own retry honours).
 The limit then grows back linearly, by ADAPT_INCREASE of the throttled rate (at least the floor)
 per second, and is dropped once it reaches the configured rate (or, for an unlimited bucket,
@@ -44,7 +50,6 @@ ADAPT_INCREASE = 0.05  # of the throttled rate, per second: from half back to fu
 ADAPT_MARGIN = 0.9  # of the accepted rate: where a cut lands
 ADAPT_MIN_KEEP = 0.25  # a cut keeps at least this share of the rate (a provider refusing nearly all)
 ADAPT_MAX_KEEP = 0.8  # and at most this: a throttling event always slows the sender noticeably
-ADAPT_HOLD_S = 1.0  # one cut per throttling event, not one per chunk that was in flight
 ADAPT_WINDOW_S = 5.0  # throttled answers are summed over this long before they can show a cut
 ADAPT_FLOOR_TAU_S = 30.0  # accepted answers are averaged over about this long for the floor
 ADAPT_FLOOR_MIN = 10.0  # messages/s: no cut goes below this
@@ -54,7 +59,8 @@ PAUSE_MAX_S = 10.0
 
 # KEYS[1] bucket. ARGV: configured rate (0 = unlimited), burst (0 = one second, at least n), n,
 # throttled and answered (the caller's previous chunk, when it can speak for the provider),
-# retry_after (s), accepted (the previous chunk's accepted answers), then the constants.
+# retry_after (s), accepted (the previous chunk's accepted answers), the epoch that chunk's
+# reservation was told, then the constants. Returns {seconds to wait, the bucket's epoch}.
 _RESERVE = """
 local key = KEYS[1]
 local configured = tonumber(ARGV[1])
@@ -64,7 +70,8 @@ local throttled = tonumber(ARGV[4])
 local answered = tonumber(ARGV[5])
 local retry_after = tonumber(ARGV[6])
 local accepted = tonumber(ARGV[7])
-local increase, hold, pause_max = tonumber(ARGV[8]), tonumber(ARGV[9]), tonumber(ARGV[10])
+local seen_epoch = tonumber(ARGV[8])
+local increase, pause_max = tonumber(ARGV[9]), tonumber(ARGV[10])
 local margin, min_keep, max_keep = tonumber(ARGV[11]), tonumber(ARGV[12]), tonumber(ARGV[13])
 local window, tau, floor_min = tonumber(ARGV[14]), tonumber(ARGV[15]), tonumber(ARGV[16])
 local min_devices, min_share = tonumber(ARGV[17]), tonumber(ARGV[18])
@@ -97,10 +104,13 @@ acc = acc * math.exp(-math.max(now - acc_ts, 0) / tau) + math.max(accepted, 0)
 acc_ts = now
 local floor = math.max(floor_min, acc / tau * min_keep)
 
--- throttled answers of distinct devices, summed over a window
+-- throttled answers of distinct devices, summed over a window; not those of chunks reserved
+-- before the last cut (the epoch their reservation was told): that event was answered already
 if w_ts == nil or now - w_ts > window then w_ts, w_hit, w_ans = now, 0, 0 end
-w_hit = w_hit + math.max(throttled, 0)
-w_ans = w_ans + math.max(answered, 0)
+if cut_at == nil or seen_epoch >= cut_at then
+  w_hit = w_hit + math.max(throttled, 0)
+  w_ans = w_ans + math.max(answered, 0)
+end
 local provider_throttling = w_hit >= min_devices and w_hit >= min_share * w_ans
 
 -- additive increase
@@ -110,8 +120,8 @@ if limit ~= nil then
   if limit >= ceiling then limit = nil end
 end
 
--- multiplicative decrease, once per event
-if provider_throttling and (cut_at == nil or now - cut_at >= hold) then
+-- multiplicative decrease
+if provider_throttling then
   local base = limit
   if measured ~= nil and (base == nil or measured < base) then base = measured end
   if configured > 0 and (base == nil or configured < base) then base = configured end
@@ -125,17 +135,19 @@ if provider_throttling and (cut_at == nil or now - cut_at >= hold) then
   lim_ts, cut_at = now, now
   slope = base * increase
   if configured > 0 then ceiling = configured else ceiling = base * 2 end
-  if tokens == nil or tokens > 0 then tokens = 0 end
+  tokens = 0
   ts = now + math.min(math.max(retry_after, 0), pause_max)
   w_ts, w_hit, w_ans = now, 0, 0
 end
 
+local epoch = '0'
+if cut_at ~= nil then epoch = tostring(cut_at) end
 if limit ~= nil then
   redis.call('HSET', key, 'limit', tostring(limit), 'lim_ts', tostring(lim_ts), 'slope', tostring(slope),
-             'ceiling', tostring(ceiling), 'cut_at', tostring(cut_at))
+             'ceiling', tostring(ceiling), 'cut_at', epoch)
 else
   redis.call('HDEL', key, 'limit', 'lim_ts', 'slope', 'ceiling')
-  if cut_at ~= nil then redis.call('HSET', key, 'cut_at', tostring(cut_at)) end
+  if cut_at ~= nil then redis.call('HSET', key, 'cut_at', epoch) end
 end
 
 local rate = limit
@@ -152,9 +164,9 @@ if rate == nil then
   redis.call('HDEL', key, 'tokens', 'ts')
   if ts ~= nil and ts > now then
     redis.call('HSET', key, 'tokens', '0', 'ts', tostring(ts))
-    return tostring(ts - now)
+    return {tostring(ts - now), epoch}
   end
-  return '0'
+  return {'0', epoch}
 end
 local burst = burst_arg
 if burst <= 0 then burst = rate end
@@ -166,9 +178,9 @@ end
 tokens = math.min(burst, tokens + (now - ts) * rate) - n
 redis.call('HSET', key, 'tokens', tostring(tokens), 'ts', tostring(now))
 if tokens >= 0 then
-  return '0'
+  return {'0', epoch}
 end
-return tostring(-tokens / rate)
+return {tostring(-tokens / rate), epoch}
 """
 
 
@@ -179,9 +191,18 @@ class Report(NamedTuple):
     answered: int = 0  # sampled answers in all (first attempts of a broadcast)
     retry_after: float = 0.0  # the throttled answers' largest Retry-After
     accepted: int = 0  # answers the provider accepted, sampled or not
+    epoch: str = "0"  # the bucket's epoch when the chunk was reserved (`Grant.epoch`)
 
 
 NO_REPORT = Report()
+
+
+class Grant(NamedTuple):
+    """A reservation's answer: when its tokens may be used, and the bucket's epoch (the time of
+    its last cut, "0" before any) for the report of the chunk they send."""
+
+    wait: float
+    epoch: str
 
 
 class TokenBucket:
@@ -206,7 +227,7 @@ class TokenBucket:
         args = self._args(rate, n, burst, adaptive, report)
         if args is None:
             return 0.0
-        return float(self._script(keys=[key], args=args))
+        return self.parse(self._script(keys=[key], args=args)).wait
 
     def refund(self, key: str, rate: float, n: int, *, adaptive: bool = False) -> None:
         """Give back `n` tokens reserved for sends that did not happen (the provider's breaker
@@ -225,7 +246,7 @@ class TokenBucket:
         adaptive: bool = False,
         report: Report = NO_REPORT,
     ) -> bool:
-        """`reserve` as one command of the caller's pipeline (its reply: the wait, as a string).
+        """`reserve` as one command of the caller's pipeline (its reply: `parse` makes it a Grant).
         False (nothing queued) when the bucket is unlimited and not adaptive."""
         args = self._args(rate, n, burst, adaptive, report)
         if args is None:
@@ -234,7 +255,14 @@ class TokenBucket:
         return True
 
     @staticmethod
-    def _args(rate: float, n: int, burst: float | None, adaptive: bool, report: Report) -> list[float] | None:
+    def parse(reply: list[bytes]) -> Grant:
+        wait, epoch = reply
+        return Grant(float(wait), epoch.decode())
+
+    @staticmethod
+    def _args(
+        rate: float, n: int, burst: float | None, adaptive: bool, report: Report
+    ) -> list[float | str] | None:
         if not adaptive and (rate <= 0 or n == 0):
             return None
         # Burst: a second's worth at the bucket's rate of the moment, at least one chunk (0 = that).
@@ -246,8 +274,8 @@ class TokenBucket:
             max(report.answered, 0),
             max(report.retry_after, 0.0),
             max(report.accepted, 0),
+            report.epoch,
             ADAPT_INCREASE,
-            ADAPT_HOLD_S,
             PAUSE_MAX_S,
             ADAPT_MARGIN,
             ADAPT_MIN_KEEP,

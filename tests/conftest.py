@@ -112,7 +112,6 @@ def _flush_by_delete() -> None:
     DatabaseOperations.sql_flush = sql_flush
 
 
-
 # --- the broker: Redis (`make test`) or RabbitMQ (`make test-rabbitmq`, CELERY_BROKER_URL=amqp://) ---
 # Under RabbitMQ the run fails at once, never skips, when the broker does not answer. Its vhost is
 # the run's own (like the Redis database: emptied before each worker test); a missing one is created

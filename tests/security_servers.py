@@ -28,6 +28,7 @@ class _QuickStopWSGIServer(ThreadedWSGIServer):
 class _LiveServerThread(LiveServerThread):
     server_class = _QuickStopWSGIServer
 
+
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "te", "trailer", "upgrade", "host"}
 
 

@@ -1,6 +1,7 @@
 """The adaptive provider bucket (delivery/ratelimit.py) on a real Redis: throttling of many
 distinct devices cuts the rate to just under what was accepted and pauses for the Retry-After; one
-event cuts once; one device's 429 cuts nothing; a cut never lands below the floor, and grows back."""
+event cuts once, however late its reports come; a cut forgives the debt; one device's 429 cuts
+nothing; a cut never lands below the floor, and grows back."""
 
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ def test_chunks_in_flight_for_one_event_cut_once_and_the_pause_is_capped(redis_c
     first = _state(redis_client)
     assert first["limit"] == pytest.approx(rate / 2)
     assert first["ceiling"] == rate
-    # Two more reports of the same event (the other chunks in flight) within ADAPT_HOLD_S.
+    # Two more reports of the same event: the other chunks in flight, reserved before the cut.
     bucket.reserve(KEY, rate, 0, adaptive=True, report=Report(throttled=50, retry_after=60))
     bucket.reserve(KEY, rate, 0, adaptive=True, report=Report(throttled=50, retry_after=60))
     again = _state(redis_client)
@@ -51,6 +52,55 @@ def test_chunks_in_flight_for_one_event_cut_once_and_the_pause_is_capped(redis_c
     # A missing Retry-After defaults to a minute in the adapters: the bucket pauses at most PAUSE_MAX_S.
     wait = bucket.reserve(KEY, rate, 100, adaptive=True)
     assert wait <= ratelimit.PAUSE_MAX_S + 100 / first["limit"] + 0.5
+
+
+def _epoch(redis_client) -> str:
+    """What the bucket tells a reservation made now (TokenBucket.parse: Grant.epoch)."""
+    pipe = redis_client.pipeline()
+    TokenBucket(redis_client).queue_reserve(pipe, KEY, 1000.0, 0, adaptive=True)
+    return TokenBucket.parse(pipe.execute()[0]).epoch
+
+
+def test_only_chunks_reserved_after_a_cut_can_cut_again(redis_client) -> None:
+    """The reports of one event arrive as late as the chunks in flight are sorted (seconds on a
+    loaded machine). They carry the epoch their reservation was told: those from before the last
+    cut were sent at the rate already cut and cut nothing more, so the rate does not cascade to the
+    floor; throttling of chunks sent at the cut rate is a new event and cuts at once."""
+    bucket = TokenBucket(redis_client)
+    rate = 1000.0
+    before = _epoch(redis_client)
+    assert before == "0"
+    bucket.reserve(KEY, rate, 200, adaptive=True)
+    throttled = Report(throttled=200, answered=200, retry_after=1, epoch=before)
+    bucket.reserve(KEY, rate, 0, adaptive=True, report=throttled)
+    first = _state(redis_client)
+    cut = _epoch(redis_client)
+    assert cut != before and float(cut) == first["cut_at"]
+    for _ in range(5):  # the rest of that event's chunks, whenever they are sorted
+        bucket.reserve(KEY, rate, 0, adaptive=True, report=throttled)
+    assert _state(redis_client)["cut_at"] == first["cut_at"]
+    assert _state(redis_client)["limit"] >= first["limit"]
+
+    bucket.reserve(KEY, rate, 0, adaptive=True, report=throttled._replace(epoch=cut))
+    second = _state(redis_client)
+    assert second["cut_at"] > first["cut_at"]
+    assert second["limit"] == pytest.approx(first["limit"] * ratelimit.ADAPT_MIN_KEEP, rel=0.05)
+
+
+def test_a_cut_forgives_the_debt_and_pauses_instead(redis_client) -> None:
+    """Tokens taken at the rate just found too high are not re-priced at the cut rate: the next
+    chunk waits the Retry-After and its own share, not the debt at a quarter of the rate."""
+    bucket = TokenBucket(redis_client)
+    rate = 1000.0
+    for _ in range(10):  # 2,000 tokens reserved: ~1 s of debt at 1,000/s
+        bucket.reserve(KEY, rate, 200, adaptive=True)
+    assert _state(redis_client)["tokens"] < -900
+    report = Report(throttled=200, answered=200, retry_after=1)
+    bucket.reserve(KEY, rate, 0, adaptive=True, report=report)
+    limit = _state(redis_client)["limit"]
+    assert limit == pytest.approx(rate * ratelimit.ADAPT_MIN_KEEP)
+    wait = bucket.reserve(KEY, rate, 100, adaptive=True)
+    assert wait == pytest.approx(1 + 100 / limit, rel=0.05)  # not ~(1,000 + 100) / 250 s
 
 
 def test_a_rollout_bucket_is_not_adaptive(redis_client) -> None:

@@ -31,6 +31,7 @@ from campaigns.sending.run import RunSettings, ShardRun, StopReason
 from delivery import idempotency, leases
 from delivery.payload import PushMessage
 from delivery.providers.base import Outcome, Provider, Result, Target
+from delivery.ratelimit import provider_key
 from tokens.models import DeviceToken
 from tokens.testing import fcm_token, make_app
 
@@ -251,6 +252,37 @@ def test_devices_an_earlier_run_delivered_are_counted_not_sent_again(make) -> No
     assert sorted(s.provider.all_sent()) == sorted(s.pks()[10:])
     s.refresh()
     assert (s.campaign.delivered, s.campaign.skipped_duplicate) == (30, 10)
+
+
+def test_throttled_overlapping_chunks_cut_the_provider_rate_once_per_event(make, redis_client) -> None:
+    """Two chunks are in flight when a report arrives, so each throttling event is reported twice:
+    the chunk reserved before the cut must not cut again (delivery/ratelimit.py, the epoch), while
+    the next chunk throttled at the cut rate is a new event. The last two chunks' reports both
+    reach the bucket, though no checkpoint follows them."""
+    bucket: dict[str, str] = {}
+    cut_at_send: list[bytes | None] = []
+
+    def throttled(chunk: int, targets: list[Target]) -> list[Result]:
+        cut_at_send.append(redis_client.hget(bucket["key"], "cut_at"))
+        if chunk == 5:  # F: accepted, so its report is seen arriving
+            return deliver(chunk, targets)
+        return [Result(t, Outcome.RETRY, 429, "TooManyRequests") for t in targets]
+
+    s = make(7 * 60, throttled, prune_confirmed=True)  # judged already: chunks overlap from the start
+    bucket["key"] = provider_key(s.campaign.app_id, "android")
+    # 60 a chunk: over THROTTLE_MIN_DEVICES, so each report alone shows provider throttling.
+    assert s.run(chunk_size=60, sleep_max_s=600.0) == StopReason.DONE
+    a, b, c, d, e, f, g = cut_at_send
+    assert a is None and b is None, "sent before any answer"
+    # A's report cut before C; B's (reserved before that cut) did not cut before D; C's did before E.
+    assert c is not None and d == c
+    assert e is not None and e != d and f == e
+    assert g is not None and g != f
+    # G's report, sent on its own after the loop, cut once more; F's went before it (no checkpoint
+    # carried it either): its 60 accepted answers are the only ones the bucket heard.
+    last = redis_client.hget(bucket["key"], "cut_at")
+    assert last is not None and last != g
+    assert float(redis_client.hget(bucket["key"], "acc")) == pytest.approx(60, rel=0.01)
 
 
 def test_retries_become_a_follow_up_shard_published_with_its_backoff(make, settings) -> None:

@@ -56,11 +56,11 @@ def defer_delay(wait_s: float) -> float:
     return wait_s + random.uniform(0, min(wait_s / 2, DEFER_SPREAD_MAX_S))
 
 
-def rate_report(answers: list[Result], sample: bool) -> Report:
+def rate_report(answers: list[Result], sample: bool, epoch: str) -> Report:
     """The chunk's report for the provider's adaptive bucket: what it accepted, and, when the
-    chunk can speak for the provider (`sample`: first sends of a broadcast), its 429s. The bucket
-    decides from many chunks whether the provider throttles the app or a few devices were pushed
-    too often (delivery/ratelimit.py)."""
+    chunk can speak for the provider (`sample`: first sends of a broadcast), its 429s, with the
+    bucket's `epoch` its reservation was told. The bucket decides from many chunks whether the
+    provider throttles the app or a few devices were pushed too often (delivery/ratelimit.py)."""
     accepted = sum(1 for a in answers if a.outcome not in (Outcome.RETRY, Outcome.AUTH_FAILURE))
     if not sample:
         return Report(accepted=accepted)
@@ -74,4 +74,5 @@ def rate_report(answers: list[Result], sample: bool) -> Report:
         answered=len(answers),
         retry_after=max((a.retry_after or 0.0 for a in hits), default=0.0),
         accepted=accepted,
+        epoch=epoch,
     )

@@ -132,6 +132,7 @@ class Checkpoint(NamedTuple):
     leased: bool  # the lease is still this run's
     wait: float  # seconds before the reserved tokens may be used
     verdict: breaker.Verdict
+    epoch: str  # the provider bucket's, for the report of the chunk these tokens send
 
 
 class _Stop(NamedTuple):
@@ -147,6 +148,7 @@ class _Flight(NamedTuple):
     answers: concurrent.futures.Future[list[Result]]
     sent_at: float  # monotonic
     probing: bool  # the breaker's probe
+    epoch: str  # the provider bucket's when the chunk was reserved (delivery/ratelimit.py)
 
 
 def run_shard(shard_id: int) -> StopReason:
@@ -438,7 +440,7 @@ class _Sender:
                             return _Stop(landed or stopped, start)
                 except redis.RedisError:
                     return _Stop(self._land(results) or StopReason.REDIS_LOST, start)
-                launched = self._launch(chunk, results, probing)
+                launched = self._launch(chunk, results, probing, point.epoch)
                 start += len(chunk)
                 landed = self._land(results)  # the chunk before, while this one is on the wire
                 self.flight = launched
@@ -449,9 +451,9 @@ class _Sender:
                     return _Stop(landed, start)
             return _Stop(self._land(results) or StopReason.DONE, len(todo))
         finally:
-            self._last_reports()
+            self._send_reports()
 
-    def _launch(self, chunk: list[Device], results: ShardResults, probing: bool) -> _Flight:
+    def _launch(self, chunk: list[Device], results: ShardResults, probing: bool, epoch: str) -> _Flight:
         """Hand a chunk to the provider without waiting for its answers."""
         if results.deadline is None and self.message.ttl is not None:
             results.deadline = int(self.clock.time()) + self.message.ttl  # fixed at the shard's first send
@@ -468,7 +470,7 @@ class _Sender:
         ]
         chunk_message = policy.remaining(self.message, results.deadline, self.clock.time())
         answers = self.run.submit(self.provider.send_many(targets, chunk_message))
-        return _Flight(chunk, answers, self.clock.monotonic(), probing)
+        return _Flight(chunk, answers, self.clock.monotonic(), probing, epoch)
 
     def _land(self, results: ShardResults) -> StopReason | None:
         """Wait for the answers of the chunk in flight, if any, and sort them: the ledger's tally,
@@ -491,7 +493,11 @@ class _Sender:
                     answer.provider_message_id,
                 )
         invalid = sum(1 for a in answers if a.outcome == Outcome.INVALID_TOKEN)
-        self.rate_report = policy.rate_report(answers, self.sample)
+        if self.rate_report != NO_REPORT:
+            # The chunk before's, when no checkpoint came between (a run's last two chunks). Its
+            # breaker report is replaced, as before: a probe's must be the next one the breaker hears.
+            self._send_reports(breaker_too=False)
+        self.rate_report = policy.rate_report(answers, self.sample, flight.epoch)
         # A retry shard's devices failed before: a biased sample that must not open the breaker for
         # the whole app (a few devices a provider keeps failing are dead-lettered instead). Its
         # probe, and first sends, speak for the provider.
@@ -577,10 +583,11 @@ class _Sender:
         )
         if self.rollout:
             self.bucket.queue_reserve(pipe, campaign_key(campaign.pk), self._rollout_now(), n)
-        flag, leased, verdict, *waits = pipe.execute()
+        flag, leased, verdict, *replies = pipe.execute()
+        grants = [TokenBucket.parse(reply) for reply in replies]  # the provider's first
         state = flag.decode() if flag is not None else control.current_state(self.client, campaign.pk)
         return Checkpoint(
-            state, bool(leased), max((float(w) for w in waits), default=0.0), breaker.parse(verdict)
+            state, bool(leased), max(g.wait for g in grants), breaker.parse(verdict), grants[0].epoch
         )
 
     def _still_ours(self) -> StopReason | None:
@@ -624,16 +631,17 @@ class _Sender:
         if self.rollout:
             self.bucket.refund(campaign_key(self.campaign.pk), self._rollout_now(), n)
 
-    def _last_reports(self) -> None:
-        """The last chunk's rate and breaker reports, which had no next checkpoint to ride on.
-        Best effort: with Redis away they are lost, and the bucket and breaker heal on their own."""
+    def _send_reports(self, *, breaker_too: bool = True) -> None:
+        """The rate (and breaker) reports no checkpoint carried, on their own. Best effort: with
+        Redis away they are lost, and the bucket and breaker heal on their own."""
         with contextlib.suppress(redis.RedisError):
             if self.rate_report != NO_REPORT:
                 self.bucket.reserve(
                     self.provider_key, self.cfg.provider_rate, 0, adaptive=True, report=self.rate_report
                 )
-            if self.report[0]:
+            if breaker_too and self.report[0]:
                 self.circuit.report(self.campaign.app_id, self.shard.platform, self.lease, *self.report)
+        self.rate_report = NO_REPORT
 
     def _rollout_now(self) -> float:
         campaign = self.campaign
