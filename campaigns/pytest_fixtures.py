@@ -18,6 +18,10 @@ from campaigns.testing import CeleryWorker, database_url, purge_rabbitmq, simula
 from simulator.testing import SimulatorProcess
 from tokens.models import ApiKey, App
 
+# Set by tests/conftest.py when a test's call failed: its workers' logs are printed at teardown,
+# which pytest shows with the failure (a CI run's clone, and var/workers with it, is gone after).
+CALL_FAILED = pytest.StashKey[bool]()
+
 # Fast retries so a test sees a device through all its attempts in seconds.
 TEST_WORKER_SETTINGS = {
     "CAMPAIGN_RETRY_BASE_S": "0.2",
@@ -58,8 +62,11 @@ def worker_env(fresh_sim: SimulatorProcess, redis_client: Any) -> dict[str, str]
 
 
 @pytest.fixture
-def start_worker(worker_env: dict[str, str]) -> Iterator[Callable[..., CeleryWorker]]:
-    """start_worker(queues=..., concurrency=..., env=...) -> a started worker, stopped at teardown."""
+def start_worker(
+    worker_env: dict[str, str], request: pytest.FixtureRequest
+) -> Iterator[Callable[..., CeleryWorker]]:
+    """start_worker(queues=..., concurrency=..., env=...) -> a started worker, stopped at teardown
+    (its log's tail printed when the test failed)."""
     started: list[CeleryWorker] = []
 
     def start(**kwargs: Any) -> CeleryWorker:
@@ -71,6 +78,8 @@ def start_worker(worker_env: dict[str, str]) -> Iterator[Callable[..., CeleryWor
     yield start
     for worker in started:
         worker.stop()
+        if request.node.stash.get(CALL_FAILED, False):
+            print(f"\n--- worker {worker.name} ({worker.log_file}), last lines ---\n{worker.log_tail(60)}")
 
 
 def api_client(app: App) -> APIClient:

@@ -7,9 +7,11 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import redis
 from django.conf import settings
+from django.db.models import Count
 
-from campaigns.models import Campaign
+from campaigns.models import Campaign, Shard
 from campaigns.pytest_fixtures import api_client
 from campaigns.testing import Population, build_population, load_devices, sim_counts, simulator_app, wait_for
 from tokens.models import App, DeviceToken
@@ -53,7 +55,33 @@ class Run:
         return campaign if campaign.status in statuses else None
 
     def wait_status(self, *statuses: str, timeout: float = 120) -> Campaign:
-        return wait_for(lambda: self.status(*statuses), timeout, 0.2, f"campaign in {statuses}")
+        try:
+            return wait_for(lambda: self.status(*statuses), timeout, 0.2, f"campaign in {statuses}")
+        except TimeoutError as exc:
+            raise TimeoutError(f"{exc}\n{self.describe()}") from None
+
+    def describe(self) -> str:
+        """Where a campaign that did not finish stands: its counters, its shards by status, the
+        pending ones, and the app's rate buckets and breakers in Redis."""
+        c = self.campaign()
+        lines = [
+            f"campaign {c.pk}: {c.status} ({c.status_reason!r}) targeted={c.targeted} sent={c.sent} "
+            f"delivered={c.delivered} retried={c.retried} failed={c.failed} outstanding={c.outstanding}",
+            "shards: "
+            + ", ".join(f"{r['status']}={r['n']}" for r in c.shards.values("status").annotate(n=Count("pk"))),
+        ]
+        pending = c.shards.filter(status=Shard.Status.PENDING).order_by("pk")[:10]
+        lines += [
+            f"  pending {s.pk} {s.platform} attempt={s.attempt} not_before={s.not_before} "
+            f"failures={s.failures} {s.last_error[:200]}"
+            for s in pending
+        ]
+        client = redis.Redis.from_url(settings.REDIS_URL)
+        for key in sorted(client.scan_iter(f"pushsvc:*:app:{self.app.pk}:*")):
+            kind = client.type(key).decode()
+            value = client.hgetall(key) if kind == "hash" else kind
+            lines.append(f"  {key.decode()}: {value}")
+        return "\n".join(lines)
 
     def wait_done(self, timeout: float = 180) -> Campaign:
         # Paused and halted end the wait too: a test that expects completion fails with the reason.
