@@ -451,7 +451,8 @@ class _Sender:
                     return _Stop(landed, start)
             return _Stop(self._land(results) or StopReason.DONE, len(todo))
         finally:
-            self._send_reports()
+            self._send_rate_report()
+            self._send_breaker_report()
 
     def _launch(self, chunk: list[Device], results: ShardResults, probing: bool, epoch: str) -> _Flight:
         """Hand a chunk to the provider without waiting for its answers."""
@@ -493,10 +494,9 @@ class _Sender:
                     answer.provider_message_id,
                 )
         invalid = sum(1 for a in answers if a.outcome == Outcome.INVALID_TOKEN)
-        if self.rate_report != NO_REPORT:
-            # The chunk before's, when no checkpoint came between (a run's last two chunks). Its
-            # breaker report is replaced, as before: a probe's must be the next one the breaker hears.
-            self._send_reports(breaker_too=False)
+        # The chunk before's rate report, when no checkpoint carried it (a run's last two chunks). Its
+        # breaker report is replaced, as before: a probe's must be the next one the breaker hears.
+        self._send_rate_report()
         self.rate_report = policy.rate_report(answers, self.sample, flight.epoch)
         # A retry shard's devices failed before: a biased sample that must not open the breaker for
         # the whole app (a few devices a provider keeps failing are dead-lettered instead). Its
@@ -631,17 +631,20 @@ class _Sender:
         if self.rollout:
             self.bucket.refund(campaign_key(self.campaign.pk), self._rollout_now(), n)
 
-    def _send_reports(self, *, breaker_too: bool = True) -> None:
-        """The rate (and breaker) reports no checkpoint carried, on their own. Best effort: with
-        Redis away they are lost, and the bucket and breaker heal on their own."""
-        with contextlib.suppress(redis.RedisError):
-            if self.rate_report != NO_REPORT:
+    # A report no checkpoint carried goes on its own. Best effort: with Redis away it is lost, and
+    # the bucket and breaker heal on their own.
+    def _send_rate_report(self) -> None:
+        report, self.rate_report = self.rate_report, NO_REPORT
+        if report != NO_REPORT:
+            with contextlib.suppress(redis.RedisError):
                 self.bucket.reserve(
-                    self.provider_key, self.cfg.provider_rate, 0, adaptive=True, report=self.rate_report
+                    self.provider_key, self.cfg.provider_rate, 0, adaptive=True, report=report
                 )
-            if breaker_too and self.report[0]:
+
+    def _send_breaker_report(self) -> None:
+        if self.report[0]:
+            with contextlib.suppress(redis.RedisError):
                 self.circuit.report(self.campaign.app_id, self.shard.platform, self.lease, *self.report)
-        self.rate_report = NO_REPORT
 
     def _rollout_now(self) -> float:
         campaign = self.campaign

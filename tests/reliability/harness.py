@@ -7,13 +7,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import redis
 from django.conf import settings
 from django.db.models import Count
 
 from campaigns.models import Campaign, Shard
 from campaigns.pytest_fixtures import api_client
 from campaigns.testing import Population, build_population, load_devices, sim_counts, simulator_app, wait_for
+from delivery import runtime
 from tokens.models import App, DeviceToken
 
 MESSAGE = {"title": "Fault test", "body": "every device exactly once"}
@@ -76,7 +76,7 @@ class Run:
             f"failures={s.failures} {s.last_error[:200]}"
             for s in pending
         ]
-        client = redis.Redis.from_url(settings.REDIS_URL)
+        client = runtime.redis_client()
         for key in sorted(client.scan_iter(f"pushsvc:*:app:{self.app.pk}:*")):
             kind = client.type(key).decode()
             value = client.hgetall(key) if kind == "hash" else kind
